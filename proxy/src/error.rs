@@ -1,0 +1,169 @@
+//! Errors of the request path, and the one place they become HTTP responses.
+//!
+//! Every failure a request can meet is a [`ProxyError`]; [`ProxyError::into_response`] maps it to
+//! a status and a stable `code`, with a fixed message that never includes internal addresses or
+//! error chains. Server-side faults are logged once by the pipeline with their full cause.
+
+use http::{HeaderValue, Response, StatusCode, header};
+
+use crate::body::{self, Body};
+use crate::identity::IdentityError;
+use crate::router::RouteError;
+use crate::router::path::PathError;
+use crate::upstream::UpstreamError;
+
+/// Whose fault a failed request was: decides the log level and, later, metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Fault {
+    /// The client sent something we refuse (4xx). Not logged as an error.
+    Client,
+    /// An upstream service failed or was too slow (502/504).
+    Upstream,
+    /// The proxy is protecting itself (503 when at a limit).
+    Overload,
+}
+
+/// Everything that can end a request early.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ProxyError {
+    #[error("client identification failed")]
+    Identity(#[from] IdentityError),
+    #[error("invalid request path")]
+    Path(#[from] PathError),
+    #[error("routing failed")]
+    Route(#[from] RouteError),
+    #[error("upstream request failed")]
+    Upstream(#[from] UpstreamError),
+    #[error("request headers are larger than {limit} bytes")]
+    HeadersTooLarge { limit: usize },
+    #[error("request has more than {limit} headers")]
+    TooManyHeaders { limit: usize },
+    #[error("request body is larger than {limit} bytes")]
+    BodyTooLarge { limit: u64 },
+    #[error("too many requests in flight")]
+    Overloaded,
+    #[error("too many open connections")]
+    ConnectionLimit,
+}
+
+impl ProxyError {
+    /// Status, stable code and a public message safe to show any client.
+    fn parts(&self) -> (StatusCode, &'static str, &'static str) {
+        use ProxyError::*;
+        match self {
+            Identity(IdentityError::Unidentified) => (
+                StatusCode::UNAUTHORIZED,
+                "unauthenticated",
+                "the request does not identify a known client",
+            ),
+            Identity(IdentityError::InvalidApiKey) => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_api_key",
+                "the API key is not valid",
+            ),
+            Path(_) => (
+                StatusCode::BAD_REQUEST,
+                "invalid_path",
+                "the request path is malformed or ambiguous",
+            ),
+            Route(RouteError::NotFound) => (
+                StatusCode::NOT_FOUND,
+                "route_not_found",
+                "no route matches this request for this client",
+            ),
+            Route(RouteError::MethodNotAllowed { .. }) => (
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "the route does not accept this method",
+            ),
+            Upstream(UpstreamError::Connect { .. }) => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_unavailable",
+                "the upstream service could not be reached",
+            ),
+            Upstream(UpstreamError::Timeout { .. }) => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                "the upstream service did not answer in time",
+            ),
+            Upstream(UpstreamError::Failed { .. }) => (
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                "the upstream service failed to answer",
+            ),
+            Upstream(UpstreamError::RequestBodyTooLarge) | BodyTooLarge { .. } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                "the request body is larger than allowed",
+            ),
+            HeadersTooLarge { .. } => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers_too_large",
+                "the request headers are larger than allowed",
+            ),
+            TooManyHeaders { .. } => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "too_many_headers",
+                "the request has more headers than allowed",
+            ),
+            Overloaded => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "the proxy is at its concurrency limit; retry later",
+            ),
+            ConnectionLimit => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "connection_limit",
+                "the proxy is at its connection limit; retry later",
+            ),
+        }
+    }
+
+    pub(crate) fn fault(&self) -> Fault {
+        match self {
+            Self::Upstream(UpstreamError::RequestBodyTooLarge) => Fault::Client,
+            Self::Upstream(_) => Fault::Upstream,
+            Self::Overloaded | Self::ConnectionLimit => Fault::Overload,
+            _ => Fault::Client,
+        }
+    }
+
+    /// The stable error code (also used in logs).
+    pub(crate) fn code(&self) -> &'static str {
+        self.parts().1
+    }
+
+    /// The JSON error response: `{"error": {"code", "message", "request_id"}}`.
+    pub(crate) fn into_response(self, request_id: &str) -> Response<Body> {
+        let (status, code, message) = self.parts();
+        let json = serde_json::json!({
+            "error": { "code": code, "message": message, "request_id": request_id }
+        });
+        let mut resp = Response::new(body::full(json.to_string()));
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        match self {
+            Self::Route(RouteError::MethodNotAllowed { allow }) => {
+                if let Ok(v) = HeaderValue::from_str(&allow) {
+                    h.insert(header::ALLOW, v);
+                }
+            }
+            Self::Overloaded | Self::ConnectionLimit => {
+                h.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                if matches!(self, Self::ConnectionLimit) {
+                    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+            }
+            Self::Identity(_) => {
+                h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("ApiKey"));
+            }
+            _ => {}
+        }
+        resp
+    }
+}

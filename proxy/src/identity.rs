@@ -1,0 +1,345 @@
+//! Client identification: the first phase after accept. Resolves each request, once, to the
+//! [`ClientProfile`] that picks its routes (and, later, its plugin chain).
+//!
+//! Clients are tried in config order and each client's rules in order; the first rule that matches
+//! wins. API keys are stored as SHA-256 hashes and compared in constant time, so neither the config
+//! file nor response timing gives a key away.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderName};
+use regex::Regex;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::config::ConfigPath;
+use crate::config::Problems;
+
+/// `[identity]`: what happens to requests no client rule matches.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IdentityConfig {
+    /// Client that unidentified requests are served as. When unset they get
+    /// `401 unauthenticated`.
+    pub default_client: Option<String>,
+}
+
+/// `[[clients]]`: one kind of frontend (web, mobile app, voice assistant, partner...).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientConfig {
+    /// Unique name; sent upstream in the client header and used by routes.
+    pub name: String,
+    /// Free-form attributes handed to plugins with the client name.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    /// Rules tried in order; any match identifies the request as this client.
+    #[serde(default)]
+    pub identify: Vec<IdentifyRule>,
+}
+
+/// One identification rule. Exactly one form per rule:
+/// `{ header, equals }`, `{ header, regex }`, `{ user_agent }` or `{ api_key_header, sha256 }`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentifyRule {
+    /// Header to look at (with `equals` or `regex`).
+    pub header: Option<String>,
+    /// The header's value must be exactly this.
+    pub equals: Option<String>,
+    /// The header's value must match this regex.
+    pub regex: Option<String>,
+    /// The `user-agent` header must match this regex.
+    pub user_agent: Option<String>,
+    /// Header carrying an API key (with `sha256`).
+    pub api_key_header: Option<String>,
+    /// Hex SHA-256 digests of the accepted keys (`printf %s KEY | sha256sum`).
+    #[serde(default)]
+    pub sha256: Vec<String>,
+}
+
+/// Who a request comes from, resolved once per request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientProfile {
+    /// The client's configured name.
+    pub name: Arc<str>,
+    /// The client's configured attributes.
+    pub attributes: Arc<[(String, String)]>,
+}
+
+/// Why a request could not be given a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum IdentityError {
+    /// No rule matched and there is no default client.
+    #[error("no client rule matched the request")]
+    Unidentified,
+    /// The request carried an API key that no client accepts.
+    #[error("the API key presented is not valid")]
+    InvalidApiKey,
+}
+
+/// The compiled identification rules of one snapshot.
+#[derive(Debug)]
+pub(crate) struct Identifier {
+    clients: Vec<(Arc<ClientProfile>, Vec<Rule>)>,
+    default: Option<usize>,
+    /// Every header that carries an API key: stripped before the request goes upstream.
+    api_key_headers: Vec<HeaderName>,
+}
+
+#[derive(Debug)]
+enum Rule {
+    HeaderEquals(HeaderName, Vec<u8>),
+    HeaderRegex(HeaderName, Regex),
+    UserAgent(Regex),
+    ApiKey(HeaderName, Vec<[u8; 32]>),
+}
+
+impl Rule {
+    /// `Some(true)` on match; `Some(false)` when an API key was presented but rejected.
+    fn check(&self, headers: &HeaderMap) -> Option<bool> {
+        match self {
+            Rule::HeaderEquals(name, value) => headers
+                .get_all(name)
+                .iter()
+                .any(|v| v.as_bytes() == value.as_slice())
+                .then_some(true),
+            Rule::HeaderRegex(name, re) => headers
+                .get_all(name)
+                .iter()
+                .any(|v| v.to_str().is_ok_and(|s| re.is_match(s)))
+                .then_some(true),
+            Rule::UserAgent(re) => headers
+                .get(http::header::USER_AGENT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|s| re.is_match(s))
+                .then_some(true),
+            Rule::ApiKey(name, hashes) => {
+                let presented = headers.get(name)?;
+                let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+                // Compare against every hash without short-circuiting: timing stays independent
+                // of which (if any) key matched.
+                let mut matched = subtle::Choice::from(0u8);
+                for h in hashes {
+                    matched |= h.ct_eq(&digest);
+                }
+                Some(bool::from(matched))
+            }
+        }
+    }
+}
+
+impl Identifier {
+    /// Builds from a validated config (validation guarantees the unwraps below hold).
+    pub(crate) fn build(identity: &IdentityConfig, clients: &[ClientConfig]) -> Self {
+        let mut api_key_headers: Vec<HeaderName> = Vec::new();
+        let compiled = clients
+            .iter()
+            .map(|c| {
+                let profile = Arc::new(ClientProfile {
+                    name: c.name.as_str().into(),
+                    attributes: c
+                        .attributes
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                });
+                let rules = c
+                    .identify
+                    .iter()
+                    .map(|r| {
+                        let rule = compile_rule(r).expect("identify rules were validated");
+                        if let Rule::ApiKey(h, _) = &rule {
+                            if !api_key_headers.contains(h) {
+                                api_key_headers.push(h.clone());
+                            }
+                        }
+                        rule
+                    })
+                    .collect();
+                (profile, rules)
+            })
+            .collect();
+        let default = identity
+            .default_client
+            .as_ref()
+            .and_then(|d| clients.iter().position(|c| &c.name == d));
+        Self {
+            clients: compiled,
+            default,
+            api_key_headers,
+        }
+    }
+
+    /// Resolves the client of a request: its index (for the router) and profile.
+    pub(crate) fn identify(
+        &self,
+        headers: &HeaderMap,
+    ) -> Result<(usize, &Arc<ClientProfile>), IdentityError> {
+        let mut rejected_key = false;
+        for (i, (profile, rules)) in self.clients.iter().enumerate() {
+            for rule in rules {
+                match rule.check(headers) {
+                    Some(true) => return Ok((i, profile)),
+                    Some(false) => rejected_key = true,
+                    None => {}
+                }
+            }
+        }
+        // A wrong key is an error even when a default client exists: falling back would turn
+        // a typo (or a revoked key) into silently anonymous traffic.
+        if rejected_key {
+            return Err(IdentityError::InvalidApiKey);
+        }
+        match self.default {
+            Some(i) => Ok((i, &self.clients[i].0)),
+            None => Err(IdentityError::Unidentified),
+        }
+    }
+
+    pub(crate) fn api_key_headers(&self) -> &[HeaderName] {
+        &self.api_key_headers
+    }
+}
+
+fn compile_rule(r: &IdentifyRule) -> Result<Rule, String> {
+    let header = |name: &str| {
+        HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("invalid header name `{name}`"))
+    };
+    let regex = |re: &str| {
+        Regex::new(re).map_err(|e| {
+            // The regex crate's message is multi-line with a caret diagram; keep its last line.
+            let msg = e.to_string();
+            let reason = msg
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("")
+                .trim();
+            format!(
+                "invalid regex `{re}`: {}",
+                reason.trim_start_matches("error: ")
+            )
+        })
+    };
+    let forms = [
+        r.equals.is_some(),
+        r.regex.is_some(),
+        r.user_agent.is_some(),
+        r.api_key_header.is_some(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    if forms != 1 {
+        return Err(
+            "a rule needs exactly one of `equals` (with `header`), `regex` (with `header`), \
+                    `user_agent` or `api_key_header` (with `sha256`)"
+                .into(),
+        );
+    }
+    if r.header.is_some() && r.equals.is_none() && r.regex.is_none() {
+        return Err("`header` goes with `equals` or `regex`".into());
+    }
+    if !r.sha256.is_empty() && r.api_key_header.is_none() {
+        return Err("`sha256` goes with `api_key_header`".into());
+    }
+    match (r, &r.header) {
+        (
+            IdentifyRule {
+                equals: Some(v), ..
+            },
+            Some(h),
+        ) => Ok(Rule::HeaderEquals(header(h)?, v.as_bytes().to_vec())),
+        (
+            IdentifyRule {
+                regex: Some(re), ..
+            },
+            Some(h),
+        ) => Ok(Rule::HeaderRegex(header(h)?, regex(re)?)),
+        (
+            IdentifyRule {
+                equals: Some(_), ..
+            }
+            | IdentifyRule { regex: Some(_), .. },
+            None,
+        ) => Err("`equals` and `regex` need `header`".into()),
+        (
+            IdentifyRule {
+                user_agent: Some(re),
+                ..
+            },
+            _,
+        ) => Ok(Rule::UserAgent(regex(re)?)),
+        (
+            IdentifyRule {
+                api_key_header: Some(h),
+                sha256,
+                ..
+            },
+            _,
+        ) => {
+            if sha256.is_empty() {
+                return Err("`api_key_header` needs at least one `sha256` key hash".into());
+            }
+            let hashes = sha256
+                .iter()
+                .map(|hexed| {
+                    let mut out = [0u8; 32];
+                    hex::decode_to_slice(hexed, &mut out)
+                        .map(|()| out)
+                        .map_err(|_| {
+                            format!("`{hexed}` is not a SHA-256 digest (64 hex characters)")
+                        })
+                })
+                .collect::<Result<_, _>>()?;
+            Ok(Rule::ApiKey(header(h)?, hashes))
+        }
+        _ => unreachable!("exactly one form is set"),
+    }
+}
+
+/// Checks `[identity]` and `[[clients]]`.
+pub(crate) fn validate(
+    identity: &IdentityConfig,
+    clients: &[ClientConfig],
+    root: &ConfigPath,
+    problems: &mut Problems,
+) {
+    let mut seen = HashSet::new();
+    for (i, c) in clients.iter().enumerate() {
+        let at = root.key("clients").index(i);
+        if !crate::config::is_valid_name(&c.name) {
+            problems.push(at.key("name"), crate::config::NAME_RULE);
+        } else if !seen.insert(c.name.as_str()) {
+            problems.push(
+                at.key("name"),
+                format!("duplicate client name `{}`", c.name),
+            );
+        }
+        for (j, rule) in c.identify.iter().enumerate() {
+            if let Err(e) = compile_rule(rule) {
+                problems.push(at.key("identify").index(j), e);
+            }
+        }
+    }
+    if let Some(d) = &identity.default_client {
+        if !clients.iter().any(|c| &c.name == d) {
+            problems.push(
+                root.key("identity").key("default_client"),
+                format!("unknown client `{d}`"),
+            );
+        }
+    }
+    if clients.is_empty() {
+        problems.push(
+            root.key("clients"),
+            "at least one client is needed: every request is served as some client",
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests;

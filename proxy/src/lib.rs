@@ -1,0 +1,64 @@
+//! # bff-proxy
+//!
+//! A Backend-for-Frontend edge proxy: one process gives every kind of client (web, mobile app,
+//! voice assistant, partner integration) its own API built from the same microservices.
+//!
+//! The request path, one module per phase:
+//!
+//! | phase | module | decides |
+//! |---|---|---|
+//! | accept | [`listener`](crate::listener) | connection limits, timeouts, HTTP/1.1 + h2c |
+//! | identify | `identity` | which client sent the request (header, user agent, API key) |
+//! | route | `router` | the client's route for the normalized path; path params, rewrite |
+//! | upstream | `upstream` | which service URL; pooled, streamed, with timeouts |
+//! | respond | `pipeline` + `error` | headers cleaned, errors as JSON with stable codes |
+//!
+//! Live state is one immutable snapshot swapped atomically (`state`); `config` turns the TOML
+//! file into it. `main.rs` is a thin CLI over [`Proxy`] and [`Config`].
+
+mod admin;
+mod body;
+pub mod config;
+pub mod demo;
+mod error;
+mod identity;
+pub mod listener;
+mod pipeline;
+mod router;
+mod server;
+mod state;
+pub mod telemetry;
+mod upstream;
+
+pub use crate::body::Body;
+pub use crate::config::{Config, ConfigError};
+pub use crate::identity::ClientProfile;
+pub use crate::server::{Proxy, StartError};
+
+/// Resolves when the process gets SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %e, "cannot listen for Ctrl-C");
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!(signal = "SIGINT", "shutdown requested"),
+        () = term => tracing::info!(signal = "SIGTERM", "shutdown requested"),
+    }
+}

@@ -1,0 +1,268 @@
+//! Accept: the first phase. Owns the TCP listeners, connection limits and per-connection
+//! timeouts, and hands each request to the pipeline (data plane) or the admin service.
+//!
+//! One port serves HTTP/1.1 and HTTP/2 (h2c prior knowledge) via hyper-util's auto builder.
+//! Every connection is bounded: a header-read timeout, an idle timeout (no bytes either way),
+//! and a graceful close on shutdown that lets the request in flight finish.
+
+mod idle;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use serde::Deserialize;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::body::Body;
+use crate::config::{ConfigPath, Problems, check_duration, check_range};
+
+/// `[server]`: limits, timeouts and lifecycle of the data-plane listener.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Tokio worker threads; 0 means one per CPU core.
+    pub worker_threads: usize,
+    /// Time a client has to send the complete request head.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Upper bound on the wait for an upstream response head (each service's
+    /// `request_timeout` applies too; the smaller wins).
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// A connection with no bytes read or written for this long is closed (gracefully).
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// On SIGTERM/SIGINT, how long in-flight requests get to finish.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Largest request head (sum of name + value + 32 per header) before `431`.
+    pub max_header_bytes: usize,
+    /// Most request headers before `431`.
+    pub max_headers: usize,
+    /// Largest request body before `413` (checked on `content-length` and while streaming).
+    pub max_request_body_bytes: u64,
+    /// Open client connections; further ones get a `503` and are closed.
+    pub max_connections: usize,
+    /// Requests in flight; further ones get a `503` (load shedding).
+    pub max_concurrent_requests: usize,
+    /// HTTP/2 streams per client connection.
+    pub http2_max_concurrent_streams: u32,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            worker_threads: 0,
+            header_read_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(30),
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            max_request_body_bytes: 10 * 1024 * 1024,
+            max_connections: 10_000,
+            max_concurrent_requests: 10_000,
+            http2_max_concurrent_streams: 256,
+        }
+    }
+}
+
+impl ServerConfig {
+    pub(crate) fn validate(&self, at: &ConfigPath, problems: &mut Problems) {
+        let ms = Duration::from_millis;
+        let s = Duration::from_secs;
+        check_range(
+            self.worker_threads,
+            0..=1024,
+            &at.key("worker_threads"),
+            problems,
+        );
+        check_duration(
+            self.header_read_timeout,
+            ms(1)..=s(300),
+            &at.key("header_read_timeout"),
+            problems,
+        );
+        check_duration(
+            self.request_timeout,
+            ms(1)..=s(3600),
+            &at.key("request_timeout"),
+            problems,
+        );
+        check_duration(
+            self.idle_timeout,
+            ms(1)..=s(3600),
+            &at.key("idle_timeout"),
+            problems,
+        );
+        check_duration(
+            self.drain_timeout,
+            ms(0)..=s(600),
+            &at.key("drain_timeout"),
+            problems,
+        );
+        check_range(
+            self.max_header_bytes,
+            1024..=1024 * 1024,
+            &at.key("max_header_bytes"),
+            problems,
+        );
+        check_range(self.max_headers, 1..=1000, &at.key("max_headers"), problems);
+        check_range(
+            self.max_request_body_bytes,
+            0..=1 << 40,
+            &at.key("max_request_body_bytes"),
+            problems,
+        );
+        check_range(
+            self.max_connections,
+            1..=1_000_000,
+            &at.key("max_connections"),
+            problems,
+        );
+        check_range(
+            self.max_concurrent_requests,
+            1..=1_000_000,
+            &at.key("max_concurrent_requests"),
+            problems,
+        );
+        check_range(
+            self.http2_max_concurrent_streams,
+            1..=10_000,
+            &at.key("http2_max_concurrent_streams"),
+            problems,
+        );
+    }
+
+    /// The hyper connection builder for these limits. hyper's own limits sit above ours so
+    /// that ours (with JSON errors) trigger first; hyper's are the backstop against abuse.
+    pub(crate) fn builder(&self) -> auto::Builder<TokioExecutor> {
+        let mut b = auto::Builder::new(TokioExecutor::new());
+        b.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.header_read_timeout)
+            .max_buf_size((self.max_header_bytes * 2).max(8192 + 1024))
+            .max_headers(self.max_headers * 2);
+        b.http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(self.http2_max_concurrent_streams)
+            .max_header_list_size(u32::try_from(self.max_header_bytes * 2).unwrap_or(u32::MAX));
+        b
+    }
+}
+
+/// Connection-level settings for one listener.
+#[derive(Debug, Clone)]
+pub(crate) struct ConnSettings {
+    pub(crate) builder: Arc<auto::Builder<TokioExecutor>>,
+    pub(crate) idle_timeout: Duration,
+}
+
+/// Runs the accept loop until `shutdown`, spawning one task per connection on `tracker`.
+///
+/// `make_service(peer, over_limit)` builds the per-connection service; connections beyond
+/// `max_connections` get `over_limit = true` (a service that answers 503) and no keep-alive.
+pub(crate) async fn accept_loop<F, S>(
+    listener: TcpListener,
+    settings: ConnSettings,
+    max_connections: usize,
+    make_service: F,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+) where
+    F: Fn(SocketAddr, bool) -> S,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(max_connections));
+    // Over-limit connections are answered with a 503, but that costs a task each: cap them too.
+    let overflow = Arc::new(Semaphore::new(max_connections / 8 + 16));
+    loop {
+        let (stream, peer) = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let (permit, over_limit) = match permits.clone().try_acquire_owned() {
+            Ok(p) => (p, false),
+            Err(_) => match overflow.clone().try_acquire_owned() {
+                Ok(p) => (p, true),
+                Err(_) => {
+                    tracing::warn!(%peer, "connection dropped: over the connection limit");
+                    continue;
+                }
+            },
+        };
+        let service = make_service(peer, over_limit);
+        let settings = settings.clone();
+        let shutdown = shutdown.clone();
+        tracker.spawn(async move {
+            serve_connection(stream, service, settings, over_limit, shutdown).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn serve_connection<S>(
+    stream: TcpStream,
+    service: S,
+    settings: ConnSettings,
+    over_limit: bool,
+    shutdown: CancellationToken,
+) where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let (io, activity) = idle::IdleIo::new(stream);
+    let conn = settings.builder.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(conn);
+    let mut closing = over_limit;
+    if over_limit {
+        // Serve the one 503 and close.
+        conn.as_mut().graceful_shutdown();
+    }
+    loop {
+        let idle_deadline = activity.last() + settings.idle_timeout;
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                break;
+            }
+            () = shutdown.cancelled(), if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            () = tokio::time::sleep_until(idle_deadline.into()), if !closing => {
+                if activity.last() + settings.idle_timeout <= std::time::Instant::now() {
+                    tracing::debug!("closing idle connection");
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,437 @@
+//! The request path, phase by phase:
+//!
+//! ```text
+//! accept ─▶ limits ─▶ identify client ─▶ normalize path ─▶ route ─▶ upstream ─▶ respond + log
+//!            431/413      401               400              404/405    502/504
+//! ```
+//!
+//! [`handle`] loads the live snapshot once, so a request runs entirely on the config it started
+//! with even if a reload swaps the snapshot meanwhile. Each phase either continues or ends the
+//! request with a [`ProxyError`], which is turned into a response in exactly one place
+//! (`error.rs`). The last phase always runs and sees the outcome, error included.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response};
+use http_body::Body as _;
+use hyper::body::Incoming;
+use serde::Deserialize;
+use tracing::Instrument;
+
+use crate::body::{self, Body};
+use crate::config::{ConfigPath, Problems};
+use crate::error::{Fault, ProxyError};
+use crate::identity::ClientProfile;
+use crate::listener::ServerConfig;
+use crate::router::path::normalize;
+use crate::state::{Shared, Snapshot};
+
+/// `[headers]`: headers the proxy manages on upstream requests.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HeadersConfig {
+    /// Header that tells upstreams which client a request was identified as. Any copy the
+    /// client sent is removed first, so a client cannot claim another identity.
+    pub client: String,
+    /// Request id header: propagated when the client sends a sane one, generated otherwise,
+    /// and echoed on the response.
+    pub request_id: String,
+    /// Add `x-forwarded-for`, `x-forwarded-proto`, `x-forwarded-host` and `forwarded`.
+    pub forwarded: bool,
+}
+
+impl Default for HeadersConfig {
+    fn default() -> Self {
+        Self {
+            client: "x-bff-client".into(),
+            request_id: "x-request-id".into(),
+            forwarded: true,
+        }
+    }
+}
+
+impl HeadersConfig {
+    pub(crate) fn validate(&self, at: &ConfigPath, problems: &mut Problems) {
+        for (key, name) in [("client", &self.client), ("request_id", &self.request_id)] {
+            match HeaderName::from_bytes(name.as_bytes()) {
+                Err(_) => {
+                    problems.push(at.key(key), format!("`{name}` is not a valid header name"))
+                }
+                Ok(h) if is_hop_by_hop(&h) || h == header::HOST => problems.push(
+                    at.key(key),
+                    format!("`{name}` is managed by the proxy and cannot be used here"),
+                ),
+                Ok(_) => {}
+            }
+        }
+    }
+}
+
+/// Header names resolved once per snapshot.
+#[derive(Debug)]
+pub(crate) struct HeaderNames {
+    client: HeaderName,
+    request_id: HeaderName,
+    forwarded: bool,
+}
+
+impl HeaderNames {
+    pub(crate) fn build(cfg: &HeadersConfig) -> Self {
+        Self {
+            client: HeaderName::from_bytes(cfg.client.as_bytes()).expect("validated header name"),
+            request_id: HeaderName::from_bytes(cfg.request_id.as_bytes())
+                .expect("validated header name"),
+            forwarded: cfg.forwarded,
+        }
+    }
+}
+
+/// Facts about the connection a request arrived on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ConnInfo {
+    pub(crate) peer: SocketAddr,
+}
+
+/// Per-request state passed through the phases.
+#[derive(Debug)]
+struct RequestCtx {
+    request_id: HeaderValue,
+    client: Option<Arc<ClientProfile>>,
+    route: Option<Arc<str>>,
+    service: Option<Arc<str>>,
+}
+
+/// Serves one request on the current snapshot. Never fails: errors become JSON responses.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    conn: ConnInfo,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let snapshot = shared.live.load_full();
+    let started = Instant::now();
+    let mut ctx = RequestCtx {
+        request_id: request_id(req.headers(), &snapshot.headers.request_id),
+        client: None,
+        route: None,
+        service: None,
+    };
+    let span = tracing::info_span!(
+        "request",
+        method = %req.method(),
+        request_id = ?ctx.request_id,
+        client = tracing::field::Empty,
+        route = tracing::field::Empty,
+    );
+    let method = req.method().clone();
+
+    let result = async {
+        // Load shedding comes first: an overloaded proxy should spend nothing on the request.
+        let _permit = shared
+            .request_permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ProxyError::Overloaded)?;
+        proxy(&snapshot, &shared.server, conn, &mut ctx, req).await
+    }
+    .instrument(span.clone())
+    .await;
+
+    // Log phase: always runs, sees the outcome.
+    let _enter = span.enter();
+    let mut resp = match result {
+        Ok(resp) => resp,
+        Err(err) => {
+            match err.fault() {
+                Fault::Client => {
+                    tracing::debug!(code = err.code(), error = %err, "request refused");
+                }
+                Fault::Overload => tracing::warn!(code = err.code(), "request shed"),
+                Fault::Upstream => tracing::warn!(
+                    code = err.code(),
+                    service = ctx.service.as_deref().unwrap_or(""),
+                    error = %ErrorChain(&err),
+                    "upstream failed"
+                ),
+            }
+            err.into_response(ctx.request_id.to_str().unwrap_or_default())
+        }
+    };
+    resp.headers_mut()
+        .insert(snapshot.headers.request_id.clone(), ctx.request_id.clone());
+    tracing::debug!(
+        %method,
+        status = resp.status().as_u16(),
+        client = ctx.client.as_ref().map_or("", |c| &*c.name),
+        route = ctx.route.as_deref().unwrap_or(""),
+        elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+        "request finished"
+    );
+    resp
+}
+
+/// The phases between accept and respond.
+async fn proxy(
+    snap: &Snapshot,
+    server: &ServerConfig,
+    conn: ConnInfo,
+    ctx: &mut RequestCtx,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ProxyError> {
+    // Limits: checked before anything looks at the headers.
+    check_header_limits(req.headers(), server)?;
+    let declared_len = req.body().size_hint().exact();
+    if let Some(len) = declared_len.filter(|&l| l > server.max_request_body_bytes) {
+        tracing::debug!(len, "declared body too large");
+        return Err(ProxyError::BodyTooLarge {
+            limit: server.max_request_body_bytes,
+        });
+    }
+
+    // Identify: once per request.
+    let (client_idx, client) = snap.identifier.identify(req.headers())?;
+    tracing::Span::current().record("client", &*client.name);
+    ctx.client = Some(client.clone());
+
+    // Route on the normalized path; the upstream gets that same path.
+    // A cheap clone (shared bytes) so the routed path can outlive `req` being taken apart.
+    let uri = req.uri().clone();
+    let path = normalize(uri.path())?;
+    let (route, params) = snap.router.find(client_idx, req.method(), &path)?;
+    tracing::Span::current().record("route", &*route.id);
+    ctx.route = Some(route.id.clone());
+    let service = route
+        .service
+        .clone()
+        .expect("routes without a chain have a service (validated)");
+    ctx.service = Some(service.clone());
+    let upstream_path = route.upstream_path(&path, &params);
+
+    // Upstream request: same method, cleaned headers, streamed body.
+    let query = uri.query();
+    let (mut parts, incoming) = req.into_parts();
+    let original_host = parts
+        .uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        });
+    prepare_upstream_headers(
+        &mut parts.headers,
+        snap,
+        conn,
+        ctx,
+        &client,
+        original_host.as_deref(),
+    );
+    let body = if incoming.is_end_stream() {
+        body::empty()
+    } else {
+        body::stream(http_body_util::Limited::new(
+            incoming,
+            usize::try_from(server.max_request_body_bytes).unwrap_or(usize::MAX),
+        ))
+    };
+    let upstream_req = Request::from_parts(parts, body);
+    let resp = snap
+        .upstreams
+        .send(
+            &service,
+            &upstream_path,
+            query,
+            upstream_req,
+            server.request_timeout,
+        )
+        .await?;
+
+    // Response: strip hop-by-hop headers, stream the body back.
+    let (mut parts, incoming) = resp.into_parts();
+    remove_hop_by_hop(&mut parts.headers);
+    Ok(Response::from_parts(parts, body::stream(incoming)))
+}
+
+fn check_header_limits(headers: &HeaderMap, server: &ServerConfig) -> Result<(), ProxyError> {
+    if headers.len() > server.max_headers {
+        return Err(ProxyError::TooManyHeaders {
+            limit: server.max_headers,
+        });
+    }
+    // Same accounting as HTTP/2's SETTINGS_MAX_HEADER_LIST_SIZE: name + value + 32 per field.
+    let size: usize = headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 32)
+        .sum();
+    if size > server.max_header_bytes {
+        return Err(ProxyError::HeadersTooLarge {
+            limit: server.max_header_bytes,
+        });
+    }
+    Ok(())
+}
+
+/// Uses the client's request id when it is short and printable, otherwise makes a new one.
+fn request_id(headers: &HeaderMap, name: &HeaderName) -> HeaderValue {
+    if let Some(v) = headers.get(name) {
+        let b = v.as_bytes();
+        if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()) {
+            return v.clone();
+        }
+    }
+    let id = uuid::Uuid::new_v4();
+    let mut buf = [0u8; uuid::fmt::Simple::LENGTH];
+    HeaderValue::from_str(id.simple().encode_lower(&mut buf)).expect("hex is a valid header value")
+}
+
+/// RFC 9110 §7.6.1: connection-specific fields a proxy must not forward.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.contains(name)
+}
+
+/// Removes hop-by-hop fields, including any the `connection` header names.
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    // `te: trailers` is end-to-end in practice (gRPC needs it); keep only that value.
+    let te_trailers = headers
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for name in HOP_BY_HOP.iter().chain(listed.iter()) {
+        headers.remove(name);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+fn prepare_upstream_headers(
+    headers: &mut HeaderMap,
+    snap: &Snapshot,
+    conn: ConnInfo,
+    ctx: &RequestCtx,
+    client: &ClientProfile,
+    original_host: Option<&str>,
+) {
+    remove_hop_by_hop(headers);
+    // The upstream client sets `host` from the service URL (`:authority` on HTTP/2).
+    headers.remove(header::HOST);
+    for h in snap.identifier.api_key_headers() {
+        headers.remove(h);
+    }
+    let names = &snap.headers;
+    // Identity is ours to state: drop every copy the client sent, then set ours.
+    headers.remove(&names.client);
+    headers.insert(
+        names.client.clone(),
+        HeaderValue::from_str(&client.name).expect("client names are valid header values"),
+    );
+    headers.insert(names.request_id.clone(), ctx.request_id.clone());
+
+    if names.forwarded {
+        let ip = conn.peer.ip();
+        let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {ip}"),
+            None => ip.to_string(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&xff) {
+            headers.insert(X_FORWARDED_FOR, v);
+        }
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        let for_node = if ip.is_ipv6() {
+            format!("\"[{ip}]\"")
+        } else {
+            ip.to_string()
+        };
+        let mut element = format!("for={for_node};proto=http");
+        if let Some(host) =
+            original_host.filter(|h| h.bytes().all(|b| b.is_ascii_graphic() && b != b'"'))
+        {
+            element.push_str(&format!(";host=\"{host}\""));
+            if let Ok(v) = HeaderValue::from_str(host) {
+                headers.insert(X_FORWARDED_HOST, v);
+            }
+        }
+        let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
+            Some(prev) => format!("{prev}, {element}"),
+            None => element,
+        };
+        if let Ok(v) = HeaderValue::from_str(&forwarded) {
+            headers.insert(header::FORWARDED, v);
+        }
+    }
+}
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Displays an error with its causes (`a: b: c`) for the one log line a server fault gets.
+struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cur = self.0.source();
+        while let Some(e) = cur {
+            write!(f, ": {e}")?;
+            cur = e.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_listed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut h);
+        let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["te", "x-kept"]);
+    }
+
+    #[test]
+    fn request_id_is_propagated_or_generated() {
+        let name = HeaderName::from_static("x-request-id");
+        let mut h = HeaderMap::new();
+        h.insert(name.clone(), HeaderValue::from_static("abc-123"));
+        assert_eq!(request_id(&h, &name), "abc-123");
+        h.insert(name.clone(), HeaderValue::from_static("has space"));
+        let generated = request_id(&h, &name);
+        assert_eq!(generated.len(), 32);
+        assert_ne!(generated, request_id(&HeaderMap::new(), &name));
+    }
+}

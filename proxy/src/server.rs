@@ -1,0 +1,166 @@
+//! [`Proxy`]: binds the listeners, serves until told to stop, then drains.
+//!
+//! `main`, the demo, the end-to-end tests and the benchmarks all build this same type, so what
+//! is tested is what ships.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::error::ProxyError;
+use crate::listener::{ConnSettings, accept_loop};
+use crate::pipeline::{self, ConnInfo};
+use crate::state::Shared;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({what})")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// Which listener.
+        what: &'static str,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A bound, not yet serving, proxy.
+#[derive(Debug)]
+pub struct Proxy {
+    data: TcpListener,
+    admin: TcpListener,
+    shared: Arc<Shared>,
+}
+
+impl Proxy {
+    /// Binds the data-plane and admin listeners of a validated config. Must be called inside a
+    /// Tokio runtime. Port 0 picks a free port; see [`Proxy::local_addr`].
+    pub async fn bind(config: &Config) -> Result<Self, StartError> {
+        let bind = |addr: SocketAddr, what| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, what, source })
+        };
+        let data = bind(config.listen, "data plane").await?;
+        let admin = bind(config.admin.listen, "admin").await?;
+        Ok(Self {
+            data,
+            admin,
+            shared: Arc::new(Shared::new(config)),
+        })
+    }
+
+    /// The data-plane address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.data
+            .local_addr()
+            .expect("a bound TCP listener has a local address")
+    }
+
+    /// The admin address actually bound.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .local_addr()
+            .expect("a bound TCP listener has a local address")
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish
+    /// for up to `server.drain_timeout`, and returns.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
+        let Self {
+            data,
+            admin,
+            shared,
+        } = self;
+        let token = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let server = shared.server.clone();
+        let data_settings = ConnSettings {
+            builder: Arc::new(server.builder()),
+            idle_timeout: server.idle_timeout,
+        };
+        let admin_settings = ConnSettings {
+            builder: Arc::new(hyper_util::server::conn::auto::Builder::new(
+                hyper_util::rt::TokioExecutor::new(),
+            )),
+            idle_timeout: server.idle_timeout,
+        };
+
+        let data_shared = shared.clone();
+        let make_data = move |peer: SocketAddr, over_limit: bool| {
+            let shared = data_shared.clone();
+            let conn = ConnInfo { peer };
+            hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move {
+                    if over_limit {
+                        return Ok::<_, Infallible>(ProxyError::ConnectionLimit.into_response(""));
+                    }
+                    Ok(pipeline::handle(shared, conn, req).await)
+                }
+            })
+        };
+        let admin_shared = shared.clone();
+        let make_admin = move |_peer: SocketAddr, _over_limit: bool| {
+            let shared = admin_shared.clone();
+            hyper::service::service_fn(move |req| {
+                let resp = crate::admin::handle(&shared, &req);
+                async move { Ok::<_, Infallible>(resp) }
+            })
+        };
+
+        let data_loop = tokio::spawn(accept_loop(
+            data,
+            data_settings,
+            server.max_connections,
+            make_data,
+            token.clone(),
+            tracker.clone(),
+        ));
+        // The admin listener has its own small budget so probes work while the data plane is full.
+        let admin_loop = tokio::spawn(accept_loop(
+            admin,
+            admin_settings,
+            64,
+            make_admin,
+            token.clone(),
+            TaskTracker::new(),
+        ));
+        shared.ready.store(true, Ordering::Release);
+        tracing::info!("proxy ready");
+
+        shutdown.await;
+        shared.ready.store(false, Ordering::Release);
+        tracing::info!(
+            connections = tracker.len(),
+            drain_timeout = ?server.drain_timeout,
+            "shutting down: draining in-flight requests"
+        );
+        token.cancel();
+        let _ = data_loop.await;
+        let _ = admin_loop.await;
+        tracker.close();
+        if tokio::time::timeout(server.drain_timeout, tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                connections = tracker.len(),
+                "drain timeout reached; closing remaining connections"
+            );
+        } else {
+            tracing::info!("drained");
+        }
+    }
+}

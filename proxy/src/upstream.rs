@@ -1,0 +1,295 @@
+//! Upstream services: the phase after routing. Each named service has one or more base URLs
+//! (round-robin), its own pooled hyper client and its own timeouts.
+//!
+//! Requests and responses stream through: nothing here buffers a body.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use serde::Deserialize;
+
+use crate::body::Body;
+use crate::config::{ConfigPath, Problems, is_valid_name};
+
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+const DEFAULT_MAX_IDLE: usize = 64;
+/// Idle pooled connections are closed after this long; below common upstream keep-alive
+/// timeouts (nginx 75 s, Node 5 s is the outlier), so we rarely reuse a socket the peer closed.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
+/// `[services.NAME]`: one upstream service.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServiceConfig {
+    /// Base URLs (`http://host:port[/base/path]`); requests go round-robin among them.
+    pub urls: Vec<String>,
+    /// Wire protocol to the service: `http1`, or `http2` (cleartext, prior knowledge).
+    pub protocol: Protocol,
+    /// Time to establish a TCP connection.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time from sending the request to receiving the response head.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Idle keep-alive connections kept per URL.
+    pub max_idle_connections: usize,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            urls: Vec::new(),
+            protocol: Protocol::Http1,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            max_idle_connections: DEFAULT_MAX_IDLE,
+        }
+    }
+}
+
+/// Upstream wire protocol.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 with keep-alive.
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext TCP (h2c, prior knowledge).
+    Http2,
+}
+
+impl ServiceConfig {
+    pub(crate) fn validate(&self, name: &str, at: &ConfigPath, problems: &mut Problems) {
+        if !is_valid_name(name) {
+            problems.push(at.clone(), crate::config::NAME_RULE);
+        }
+        if self.urls.is_empty() {
+            problems.push(at.key("urls"), "a service needs at least one URL");
+        }
+        for (i, url) in self.urls.iter().enumerate() {
+            if let Err(e) = Endpoint::parse(url) {
+                problems.push(at.key("urls").index(i), e);
+            }
+        }
+        crate::config::check_duration(
+            self.connect_timeout,
+            Duration::from_millis(1)..=Duration::from_secs(60),
+            &at.key("connect_timeout"),
+            problems,
+        );
+        crate::config::check_duration(
+            self.request_timeout,
+            Duration::from_millis(1)..=Duration::from_secs(3600),
+            &at.key("request_timeout"),
+            problems,
+        );
+        if self.max_idle_connections > 10_000 {
+            problems.push(at.key("max_idle_connections"), "must be at most 10000");
+        }
+    }
+}
+
+/// One base URL of a service.
+#[derive(Debug, Clone)]
+struct Endpoint {
+    scheme: Scheme,
+    authority: Authority,
+    /// Path prefix without a trailing slash (`""` for the root).
+    base_path: String,
+}
+
+impl Endpoint {
+    fn parse(url: &str) -> Result<Self, String> {
+        let uri: Uri = url
+            .parse()
+            .map_err(|e| format!("`{url}` is not a valid URL: {e}"))?;
+        match uri.scheme_str() {
+            Some("http") => {}
+            Some("https") => {
+                return Err(format!(
+                    "`{url}`: TLS to upstream services is not supported yet; use http://"
+                ));
+            }
+            _ => return Err(format!("`{url}`: the URL must start with http://")),
+        }
+        let authority = uri
+            .authority()
+            .cloned()
+            .ok_or_else(|| format!("`{url}` has no host"))?;
+        if authority.as_str().contains('@') {
+            return Err(format!("`{url}`: credentials in URLs are not supported"));
+        }
+        if uri.query().is_some() || url.contains('#') {
+            return Err(format!(
+                "`{url}`: a base URL cannot have a query or fragment"
+            ));
+        }
+        Ok(Self {
+            scheme: Scheme::HTTP,
+            authority,
+            base_path: uri.path().trim_end_matches('/').to_owned(),
+        })
+    }
+}
+
+/// Why an upstream call failed. The request path maps these to 502/504 in `error`.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum UpstreamError {
+    /// No connection could be made (refused, unreachable, connect timeout).
+    #[error("cannot connect to upstream service `{service}`")]
+    Connect {
+        service: Arc<str>,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+    /// The response head did not arrive in time.
+    #[error("upstream service `{service}` did not answer within {timeout:?}")]
+    Timeout {
+        service: Arc<str>,
+        timeout: Duration,
+    },
+    /// The request body was larger than allowed (found while streaming it).
+    #[error("request body exceeds the limit")]
+    RequestBodyTooLarge,
+    /// The exchange broke after the connection was made.
+    #[error("upstream service `{service}` failed")]
+    Failed {
+        service: Arc<str>,
+        #[source]
+        source: hyper_util::client::legacy::Error,
+    },
+}
+
+#[derive(Debug)]
+struct Service {
+    name: Arc<str>,
+    endpoints: Vec<Endpoint>,
+    next: AtomicUsize,
+    version: Version,
+    client: Client<HttpConnector, Body>,
+    timeout: Duration,
+}
+
+/// Every upstream service of one snapshot.
+#[derive(Debug)]
+pub(crate) struct Upstreams {
+    services: HashMap<Arc<str>, Service>,
+}
+
+impl Upstreams {
+    /// Builds clients from validated service configs. Must run inside a Tokio runtime.
+    pub(crate) fn build<'a>(
+        services: impl IntoIterator<Item = (&'a String, &'a ServiceConfig)>,
+    ) -> Self {
+        let services = services
+            .into_iter()
+            .map(|(name, cfg)| {
+                let name: Arc<str> = name.as_str().into();
+                let mut connector = HttpConnector::new();
+                connector.set_connect_timeout(Some(cfg.connect_timeout));
+                connector.set_nodelay(true);
+                connector.enforce_http(true);
+                let mut builder = Client::builder(TokioExecutor::new());
+                builder
+                    .pool_timer(TokioTimer::new())
+                    .timer(TokioTimer::new())
+                    .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                    .pool_max_idle_per_host(cfg.max_idle_connections)
+                    .http2_only(cfg.protocol == Protocol::Http2);
+                let service = Service {
+                    name: name.clone(),
+                    endpoints: cfg
+                        .urls
+                        .iter()
+                        .map(|u| Endpoint::parse(u).expect("service URLs were validated"))
+                        .collect(),
+                    next: AtomicUsize::new(0),
+                    version: match cfg.protocol {
+                        Protocol::Http1 => Version::HTTP_11,
+                        Protocol::Http2 => Version::HTTP_2,
+                    },
+                    client: builder.build(connector),
+                    timeout: cfg.request_timeout,
+                };
+                (name, service)
+            })
+            .collect();
+        Self { services }
+    }
+
+    /// Sends `req` to `service`. `path` is the upstream path (already rewritten) and `query` the
+    /// raw query string; the service's base URL is put in front.
+    pub(crate) async fn send(
+        &self,
+        service: &str,
+        path: &str,
+        query: Option<&str>,
+        mut req: Request<Body>,
+        deadline: Duration,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let svc = self
+            .services
+            .get(service)
+            .expect("routes only name services of the same snapshot");
+        let n = svc.next.fetch_add(1, Ordering::Relaxed);
+        let ep = &svc.endpoints[n % svc.endpoints.len()];
+        let mut pq = String::with_capacity(
+            ep.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1),
+        );
+        pq.push_str(&ep.base_path);
+        pq.push_str(path);
+        if let Some(q) = query {
+            pq.push('?');
+            pq.push_str(q);
+        }
+        let pq = PathAndQuery::from_maybe_shared(pq)
+            .expect("normalized paths and the original query form a valid path-and-query");
+        *req.uri_mut() = Uri::from_parts({
+            let mut parts = http::uri::Parts::default();
+            parts.scheme = Some(ep.scheme.clone());
+            parts.authority = Some(ep.authority.clone());
+            parts.path_and_query = Some(pq);
+            parts
+        })
+        .expect("scheme, authority and path are all set");
+        *req.version_mut() = svc.version;
+
+        let timeout = deadline.min(svc.timeout);
+        match tokio::time::timeout(timeout, svc.client.request(req)).await {
+            Err(_) => Err(UpstreamError::Timeout {
+                service: svc.name.clone(),
+                timeout,
+            }),
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) if caused_by_body_limit(&e) => Err(UpstreamError::RequestBodyTooLarge),
+            Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect {
+                service: svc.name.clone(),
+                source: e,
+            }),
+            Ok(Err(e)) => Err(UpstreamError::Failed {
+                service: svc.name.clone(),
+                source: e,
+            }),
+        }
+    }
+}
+
+fn caused_by_body_limit(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
+}
