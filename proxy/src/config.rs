@@ -88,12 +88,12 @@ impl Config {
     /// (types, unknown keys) were already collected while decoding.
     fn validate(&self, problems: &mut Problems) {
         let root = ConfigPath::root();
-        if self.listen == self.admin.listen {
+        if self.listen == self.admin.listen && self.listen.port() != 0 {
             problems.push(
-                root.key("admin").key("listen"),
+                root.key("listen"),
                 format!(
-                    "the admin listener must differ from `listen` ({})",
-                    self.listen
+                    "must differ from the admin listener (`admin.listen` = {})",
+                    self.admin.listen
                 ),
             );
         }

@@ -85,7 +85,9 @@ pub(crate) enum IdentityError {
 pub(crate) struct Identifier {
     clients: Vec<(Arc<ClientProfile>, Vec<Rule>)>,
     default: Option<usize>,
-    /// Every header that carries an API key: stripped before the request goes upstream.
+    /// Every header that carries an API key, with every hash any client accepts on it.
+    /// These headers are stripped before the request goes upstream.
+    api_keys: Vec<(HeaderName, Vec<[u8; 32]>)>,
     api_key_headers: Vec<HeaderName>,
 }
 
@@ -94,39 +96,40 @@ enum Rule {
     HeaderEquals(HeaderName, Vec<u8>),
     HeaderRegex(HeaderName, Regex),
     UserAgent(Regex),
-    ApiKey(HeaderName, Vec<[u8; 32]>),
+    /// Index into `Identifier::api_keys` (the header) and this client's accepted hashes.
+    ApiKey(usize, Vec<[u8; 32]>),
+}
+
+/// SHA-256 of each API-key header the request presented, by `Identifier::api_keys` index.
+type Presented = Vec<(usize, [u8; 32])>;
+
+fn any_hash_matches(hashes: &[[u8; 32]], digest: &[u8; 32]) -> bool {
+    // No short-circuit: timing stays independent of which (if any) key matched.
+    let mut matched = subtle::Choice::from(0u8);
+    for h in hashes {
+        matched |= h.ct_eq(digest);
+    }
+    bool::from(matched)
 }
 
 impl Rule {
-    /// `Some(true)` on match; `Some(false)` when an API key was presented but rejected.
-    fn check(&self, headers: &HeaderMap) -> Option<bool> {
+    fn matches(&self, headers: &HeaderMap, presented: &Presented) -> bool {
         match self {
             Rule::HeaderEquals(name, value) => headers
                 .get_all(name)
                 .iter()
-                .any(|v| v.as_bytes() == value.as_slice())
-                .then_some(true),
+                .any(|v| v.as_bytes() == value.as_slice()),
             Rule::HeaderRegex(name, re) => headers
                 .get_all(name)
                 .iter()
-                .any(|v| v.to_str().is_ok_and(|s| re.is_match(s)))
-                .then_some(true),
+                .any(|v| v.to_str().is_ok_and(|s| re.is_match(s))),
             Rule::UserAgent(re) => headers
                 .get(http::header::USER_AGENT)
                 .and_then(|v| v.to_str().ok())
-                .is_some_and(|s| re.is_match(s))
-                .then_some(true),
-            Rule::ApiKey(name, hashes) => {
-                let presented = headers.get(name)?;
-                let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
-                // Compare against every hash without short-circuiting: timing stays independent
-                // of which (if any) key matched.
-                let mut matched = subtle::Choice::from(0u8);
-                for h in hashes {
-                    matched |= h.ct_eq(&digest);
-                }
-                Some(bool::from(matched))
-            }
+                .is_some_and(|s| re.is_match(s)),
+            Rule::ApiKey(header, hashes) => presented
+                .iter()
+                .any(|(h, digest)| h == header && any_hash_matches(hashes, digest)),
         }
     }
 }
@@ -134,7 +137,7 @@ impl Rule {
 impl Identifier {
     /// Builds from a validated config (validation guarantees the unwraps below hold).
     pub(crate) fn build(identity: &IdentityConfig, clients: &[ClientConfig]) -> Self {
-        let mut api_key_headers: Vec<HeaderName> = Vec::new();
+        let mut api_keys: Vec<(HeaderName, Vec<[u8; 32]>)> = Vec::new();
         let compiled = clients
             .iter()
             .map(|c| {
@@ -149,15 +152,22 @@ impl Identifier {
                 let rules = c
                     .identify
                     .iter()
-                    .map(|r| {
-                        let rule = compile_rule(r).expect("identify rules were validated");
-                        if let Rule::ApiKey(h, _) = &rule {
-                            if !api_key_headers.contains(h) {
-                                api_key_headers.push(h.clone());
+                    .map(
+                        |r| match compile_rule(r).expect("identify rules were validated") {
+                            Compiled::Rule(rule) => rule,
+                            Compiled::ApiKey(header, hashes) => {
+                                let idx = match api_keys.iter().position(|(h, _)| *h == header) {
+                                    Some(i) => i,
+                                    None => {
+                                        api_keys.push((header, Vec::new()));
+                                        api_keys.len() - 1
+                                    }
+                                };
+                                api_keys[idx].1.extend_from_slice(&hashes);
+                                Rule::ApiKey(idx, hashes)
                             }
-                        }
-                        rule
-                    })
+                        },
+                    )
                     .collect();
                 (profile, rules)
             })
@@ -169,7 +179,8 @@ impl Identifier {
         Self {
             clients: compiled,
             default,
-            api_key_headers,
+            api_key_headers: api_keys.iter().map(|(h, _)| h.clone()).collect(),
+            api_keys,
         }
     }
 
@@ -178,20 +189,23 @@ impl Identifier {
         &self,
         headers: &HeaderMap,
     ) -> Result<(usize, &Arc<ClientProfile>), IdentityError> {
-        let mut rejected_key = false;
-        for (i, (profile, rules)) in self.clients.iter().enumerate() {
-            for rule in rules {
-                match rule.check(headers) {
-                    Some(true) => return Ok((i, profile)),
-                    Some(false) => rejected_key = true,
-                    None => {}
+        // A presented key must be valid whatever else the request matches: falling back to
+        // another client or the default would turn a typo or a revoked key into silently
+        // different traffic.
+        let mut presented = Presented::new();
+        for (idx, (header, accepted)) in self.api_keys.iter().enumerate() {
+            if let Some(value) = headers.get(header) {
+                let digest: [u8; 32] = Sha256::digest(value.as_bytes()).into();
+                if !any_hash_matches(accepted, &digest) {
+                    return Err(IdentityError::InvalidApiKey);
                 }
+                presented.push((idx, digest));
             }
         }
-        // A wrong key is an error even when a default client exists: falling back would turn
-        // a typo (or a revoked key) into silently anonymous traffic.
-        if rejected_key {
-            return Err(IdentityError::InvalidApiKey);
+        for (i, (profile, rules)) in self.clients.iter().enumerate() {
+            if rules.iter().any(|r| r.matches(headers, &presented)) {
+                return Ok((i, profile));
+            }
         }
         match self.default {
             Some(i) => Ok((i, &self.clients[i].0)),
@@ -204,7 +218,13 @@ impl Identifier {
     }
 }
 
-fn compile_rule(r: &IdentifyRule) -> Result<Rule, String> {
+/// A compiled rule; API-key rules get their header index once all clients are known.
+enum Compiled {
+    Rule(Rule),
+    ApiKey(HeaderName, Vec<[u8; 32]>),
+}
+
+fn compile_rule(r: &IdentifyRule) -> Result<Compiled, String> {
     let header = |name: &str| {
         HeaderName::from_bytes(name.as_bytes()).map_err(|_| format!("invalid header name `{name}`"))
     };
@@ -252,13 +272,16 @@ fn compile_rule(r: &IdentifyRule) -> Result<Rule, String> {
                 equals: Some(v), ..
             },
             Some(h),
-        ) => Ok(Rule::HeaderEquals(header(h)?, v.as_bytes().to_vec())),
+        ) => Ok(Compiled::Rule(Rule::HeaderEquals(
+            header(h)?,
+            v.as_bytes().to_vec(),
+        ))),
         (
             IdentifyRule {
                 regex: Some(re), ..
             },
             Some(h),
-        ) => Ok(Rule::HeaderRegex(header(h)?, regex(re)?)),
+        ) => Ok(Compiled::Rule(Rule::HeaderRegex(header(h)?, regex(re)?))),
         (
             IdentifyRule {
                 equals: Some(_), ..
@@ -272,7 +295,7 @@ fn compile_rule(r: &IdentifyRule) -> Result<Rule, String> {
                 ..
             },
             _,
-        ) => Ok(Rule::UserAgent(regex(re)?)),
+        ) => Ok(Compiled::Rule(Rule::UserAgent(regex(re)?))),
         (
             IdentifyRule {
                 api_key_header: Some(h),
@@ -295,7 +318,7 @@ fn compile_rule(r: &IdentifyRule) -> Result<Rule, String> {
                         })
                 })
                 .collect::<Result<_, _>>()?;
-            Ok(Rule::ApiKey(header(h)?, hashes))
+            Ok(Compiled::ApiKey(header(h)?, hashes))
         }
         _ => unreachable!("exactly one form is set"),
     }
@@ -325,13 +348,13 @@ pub(crate) fn validate(
             }
         }
     }
-    if let Some(d) = &identity.default_client {
-        if !clients.iter().any(|c| &c.name == d) {
-            problems.push(
-                root.key("identity").key("default_client"),
-                format!("unknown client `{d}`"),
-            );
-        }
+    if let Some(d) = &identity.default_client
+        && !clients.iter().any(|c| &c.name == d)
+    {
+        problems.push(
+            root.key("identity").key("default_client"),
+            format!("unknown client `{d}`"),
+        );
     }
     if clients.is_empty() {
         problems.push(

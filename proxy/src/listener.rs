@@ -165,12 +165,14 @@ impl ServerConfig {
 pub(crate) struct ConnSettings {
     pub(crate) builder: Arc<auto::Builder<TokioExecutor>>,
     pub(crate) idle_timeout: Duration,
+    /// Cancelled when the drain timeout runs out: connections still open are dropped.
+    pub(crate) force_close: CancellationToken,
 }
 
 /// Runs the accept loop until `shutdown`, spawning one task per connection on `tracker`.
 ///
 /// `make_service(peer, over_limit)` builds the per-connection service; connections beyond
-/// `max_connections` get `over_limit = true` (a service that answers 503) and no keep-alive.
+/// `max_connections` get `over_limit = true`: a service that answers one 503 with `connection: close`.
 pub(crate) async fn accept_loop<F, S>(
     listener: TcpListener,
     settings: ConnSettings,
@@ -217,7 +219,7 @@ pub(crate) async fn accept_loop<F, S>(
         let settings = settings.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
-            serve_connection(stream, service, settings, over_limit, shutdown).await;
+            serve_connection(stream, service, settings, shutdown).await;
             drop(permit);
         });
     }
@@ -227,7 +229,6 @@ async fn serve_connection<S>(
     stream: TcpStream,
     service: S,
     settings: ConnSettings,
-    over_limit: bool,
     shutdown: CancellationToken,
 ) where
     S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
@@ -238,11 +239,9 @@ async fn serve_connection<S>(
     let (io, activity) = idle::IdleIo::new(stream);
     let conn = settings.builder.serve_connection(TokioIo::new(io), service);
     tokio::pin!(conn);
-    let mut closing = over_limit;
-    if over_limit {
-        // Serve the one 503 and close.
-        conn.as_mut().graceful_shutdown();
-    }
+    // Over-limit connections need no special casing here: their one response carries
+    // `connection: close`, so hyper closes them after it.
+    let mut closing = false;
     loop {
         let idle_deadline = activity.last() + settings.idle_timeout;
         tokio::select! {
@@ -250,6 +249,10 @@ async fn serve_connection<S>(
                 if let Err(e) = res {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
+                break;
+            }
+            () = settings.force_close.cancelled() => {
+                tracing::debug!("connection closed at the drain deadline");
                 break;
             }
             () = shutdown.cancelled(), if !closing => {

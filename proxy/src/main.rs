@@ -95,10 +95,7 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("error: {e:#}");
-                    match e.downcast_ref::<ConfigError>() {
-                        Some(_) => ExitCode::from(EXIT_CONFIG),
-                        None => ExitCode::from(EXIT_SOFTWARE),
-                    }
+                    ExitCode::from(demo_exit_code(&e))
                 }
             }
         }),
@@ -113,6 +110,26 @@ fn config_failed(e: &ConfigError) -> ExitCode {
             ExitCode::from(EXIT_NO_INPUT)
         }
         ConfigError::Invalid { .. } => ExitCode::from(EXIT_CONFIG),
+    }
+}
+
+/// The same exit codes as `run` and `check`, found by what the demo failed on.
+fn demo_exit_code(e: &anyhow::Error) -> u8 {
+    if let Some(c) = e.downcast_ref::<ConfigError>() {
+        return match c {
+            ConfigError::Read { .. } => EXIT_NO_INPUT,
+            ConfigError::Invalid { .. } => EXIT_CONFIG,
+        };
+    }
+    let cannot_listen = e.downcast_ref::<bff_proxy::StartError>().is_some()
+        || e.chain().any(|c| {
+            c.downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::AddrInUse)
+        });
+    if cannot_listen {
+        EXIT_UNAVAILABLE
+    } else {
+        EXIT_SOFTWARE
     }
 }
 

@@ -172,6 +172,17 @@ pub(crate) async fn handle(
     resp
 }
 
+/// Answers a request the proxy refuses before the pipeline runs (over the connection limit),
+/// with the same request-id handling as every other response.
+pub(crate) fn refuse(shared: &Shared, req: &Request<Incoming>, err: ProxyError) -> Response<Body> {
+    let snapshot = shared.live.load();
+    let id = request_id(req.headers(), &snapshot.headers.request_id);
+    let mut resp = err.into_response(id.to_str().unwrap_or_default());
+    resp.headers_mut()
+        .insert(snapshot.headers.request_id.clone(), id);
+    resp
+}
+
 /// The phases between accept and respond.
 async fn proxy(
     snap: &Snapshot,
@@ -228,7 +239,7 @@ async fn proxy(
         snap,
         conn,
         ctx,
-        &client,
+        client,
         original_host.as_deref(),
     );
     let body = if incoming.is_end_stream() {
@@ -349,6 +360,8 @@ fn prepare_upstream_headers(
     headers.insert(names.request_id.clone(), ctx.request_id.clone());
 
     if names.forwarded {
+        // Only the proxy states the original host; a client-sent copy could spoof it.
+        headers.remove(X_FORWARDED_HOST);
         let ip = conn.peer.ip();
         let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
             Some(prev) => format!("{prev}, {ip}"),

@@ -83,18 +83,25 @@ impl Proxy {
             admin,
             shared,
         } = self;
-        let token = CancellationToken::new();
+        // Three signals, in the order shutdown uses them: stop the data plane (graceful close
+        // of every connection), force-close what is left at the drain deadline, and only
+        // then stop the admin listener, so `/readyz` answers 503 throughout the drain.
+        let stop_data = CancellationToken::new();
+        let force_close = CancellationToken::new();
+        let stop_admin = CancellationToken::new();
         let tracker = TaskTracker::new();
         let server = shared.server.clone();
         let data_settings = ConnSettings {
             builder: Arc::new(server.builder()),
             idle_timeout: server.idle_timeout,
+            force_close: force_close.clone(),
         };
         let admin_settings = ConnSettings {
             builder: Arc::new(hyper_util::server::conn::auto::Builder::new(
                 hyper_util::rt::TokioExecutor::new(),
             )),
             idle_timeout: server.idle_timeout,
+            force_close: stop_admin.clone(),
         };
 
         let data_shared = shared.clone();
@@ -105,7 +112,12 @@ impl Proxy {
                 let shared = shared.clone();
                 async move {
                     if over_limit {
-                        return Ok::<_, Infallible>(ProxyError::ConnectionLimit.into_response(""));
+                        tracing::warn!(peer = %conn.peer, "connection over the limit refused");
+                        return Ok::<_, Infallible>(pipeline::refuse(
+                            &shared,
+                            &req,
+                            ProxyError::ConnectionLimit,
+                        ));
                     }
                     Ok(pipeline::handle(shared, conn, req).await)
                 }
@@ -125,17 +137,18 @@ impl Proxy {
             data_settings,
             server.max_connections,
             make_data,
-            token.clone(),
+            stop_data.clone(),
             tracker.clone(),
         ));
         // The admin listener has its own small budget so probes work while the data plane is full.
+        let admin_tracker = TaskTracker::new();
         let admin_loop = tokio::spawn(accept_loop(
             admin,
             admin_settings,
             64,
             make_admin,
-            token.clone(),
-            TaskTracker::new(),
+            stop_admin.clone(),
+            admin_tracker.clone(),
         ));
         shared.ready.store(true, Ordering::Release);
         tracing::info!("proxy ready");
@@ -147,9 +160,8 @@ impl Proxy {
             drain_timeout = ?server.drain_timeout,
             "shutting down: draining in-flight requests"
         );
-        token.cancel();
+        stop_data.cancel();
         let _ = data_loop.await;
-        let _ = admin_loop.await;
         tracker.close();
         if tokio::time::timeout(server.drain_timeout, tracker.wait())
             .await
@@ -159,8 +171,14 @@ impl Proxy {
                 connections = tracker.len(),
                 "drain timeout reached; closing remaining connections"
             );
+            force_close.cancel();
+            tracker.wait().await;
         } else {
             tracing::info!("drained");
         }
+        stop_admin.cancel();
+        let _ = admin_loop.await;
+        admin_tracker.close();
+        admin_tracker.wait().await;
     }
 }

@@ -97,11 +97,6 @@ impl Problems {
     pub(crate) fn push(&mut self, path: ConfigPath, message: impl Into<String>) {
         self.0.push((path, message.into()));
     }
-
-    #[cfg(test)]
-    pub(crate) fn messages(&self) -> Vec<String> {
-        self.0.iter().map(|(p, m)| format!("{p}: {m}")).collect()
-    }
 }
 
 pub(super) fn load(text: &str, origin: &str) -> Result<Config, ConfigError> {
@@ -135,10 +130,10 @@ pub(super) fn load(text: &str, origin: &str) -> Result<Config, ConfigError> {
     let mut problems = Problems::default();
     let root = ConfigPath::root();
     let mut config = Config::default();
-    if let Some(v) = table.remove("listen") {
-        if let Some(addr) = decode(v, &root.key("listen"), &mut problems) {
-            config.listen = addr;
-        }
+    if let Some(v) = table.remove("listen")
+        && let Some(addr) = decode(v, &root.key("listen"), &mut problems)
+    {
+        config.listen = addr;
     }
     macro_rules! section {
         ($key:literal, $field:ident) => {
@@ -163,17 +158,19 @@ pub(super) fn load(text: &str, origin: &str) -> Result<Config, ConfigError> {
         config.routes = decode_list(v, &root.key("routes"), &mut problems);
     }
     for key in table.keys() {
-        problems.push(
-            root.key(key.clone()),
-            format!(
-                "unknown key `{key}`, expected one of {}",
-                TOP_LEVEL_KEYS
-                    .iter()
-                    .map(|k| format!("`{k}`"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
+        let message = format!(
+            "unknown field `{key}`, expected one of {}",
+            TOP_LEVEL_KEYS
+                .iter()
+                .map(|k| format!("`{k}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
+        let message = match suggestion(&message) {
+            Some(near) => format!("{message}; did you mean `{near}`?"),
+            None => message,
+        };
+        problems.push(root.key(key.clone()), message);
     }
 
     config.validate(&mut problems);
@@ -214,16 +211,19 @@ fn decode<T: DeserializeOwned>(
             .join_serde(err.path())
             .segments()
             .to_vec();
-        let message = err.inner().to_string().trim().to_owned();
+        let message = err.inner().message().trim().to_owned();
         // Unknown-field errors name the key in the message; point at the key itself.
         if let Some(name) = message
             .strip_prefix("unknown field `")
             .and_then(|rest| rest.split('`').next())
+            && inner.last() != Some(&Seg::Key(name.to_owned()))
         {
-            if inner.last() != Some(&Seg::Key(name.to_owned())) {
-                inner.push(Seg::Key(name.to_owned()));
-            }
+            inner.push(Seg::Key(name.to_owned()));
         }
+        let message = match suggestion(&message) {
+            Some(near) => format!("{message}; did you mean `{near}`?"),
+            None => message,
+        };
         let mut path = at.clone();
         for seg in &inner {
             path = match seg {
@@ -381,4 +381,37 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let line = before.matches('\n').count() + 1;
     let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
     (line, col)
+}
+
+/// For serde's "unknown field `x`, expected one of `a`, `b`" messages: the expected name
+/// closest to the typo, if it is close enough to be what was meant.
+fn suggestion(message: &str) -> Option<String> {
+    let rest = message.strip_prefix("unknown ")?;
+    let rest = rest
+        .strip_prefix("field `")
+        .or_else(|| rest.strip_prefix("variant `"))?;
+    let (typo, expected) = rest.split_once('`')?;
+    expected
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|cand| (edit_distance(typo, cand), cand))
+        .filter(|(d, cand)| *d <= 2.max(cand.len() / 4))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, cand)| cand.to_owned())
+}
+
+/// Levenshtein distance over chars; names here are short, so the O(n·m) table is fine.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1; b.len() + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur[j + 1] = (prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1);
+        }
+        prev = cur;
+    }
+    prev[b.len()]
 }

@@ -1,1 +1,93 @@
+//! Identification order, each rule kind, fallback and API-key handling.
 
+use http::HeaderValue;
+use sha2::{Digest, Sha256};
+
+use super::*;
+use crate::config::Config;
+
+fn identifier(extra: &str) -> Identifier {
+    let key_hash = hex::encode(Sha256::digest(b"s3cret"));
+    let text = format!(
+        r#"
+{extra}
+[services.a]
+urls = ["http://127.0.0.1:1"]
+[[clients]]
+name = "partner"
+identify = [{{ api_key_header = "x-api-key", sha256 = ["{key_hash}"] }}]
+[[clients]]
+name = "mobile"
+identify = [{{ header = "x-client", equals = "mobile" }}, {{ user_agent = "ShopApp/\\d+" }}]
+[[clients]]
+name = "voice"
+identify = [{{ header = "x-client", regex = "^(voice|alexa)$" }}]
+[[clients]]
+name = "web"
+identify = [{{ header = "x-client", equals = "web" }}]
+[[routes]]
+id = "r"
+path = "/"
+service = "a"
+"#
+    );
+    let cfg = Config::from_toml(&text, "t.toml").unwrap_or_else(|e| panic!("{e}"));
+    Identifier::build(&cfg.identity, &cfg.clients)
+}
+
+fn who(id: &Identifier, headers: &[(&'static str, &'static str)]) -> Result<String, IdentityError> {
+    let mut h = HeaderMap::new();
+    for (k, v) in headers {
+        h.append(*k, HeaderValue::from_static(v));
+    }
+    id.identify(&h).map(|(_, p)| p.name.to_string())
+}
+
+#[test]
+fn each_rule_kind() {
+    let id = identifier("");
+    assert_eq!(who(&id, &[("x-client", "mobile")]), Ok("mobile".into()));
+    assert_eq!(
+        who(&id, &[("user-agent", "ShopApp/12 (iOS)")]),
+        Ok("mobile".into())
+    );
+    assert_eq!(who(&id, &[("x-client", "alexa")]), Ok("voice".into()));
+    assert_eq!(who(&id, &[("x-client", "web")]), Ok("web".into()));
+    assert_eq!(who(&id, &[("x-api-key", "s3cret")]), Ok("partner".into()));
+    assert_eq!(
+        who(&id, &[("x-client", "alexa2")]),
+        Err(IdentityError::Unidentified)
+    );
+    assert_eq!(who(&id, &[]), Err(IdentityError::Unidentified));
+}
+
+#[test]
+fn first_client_in_config_order_wins() {
+    let id = identifier("");
+    // Matches both partner (key) and web (header): partner is listed first.
+    assert_eq!(
+        who(&id, &[("x-client", "web"), ("x-api-key", "s3cret")]),
+        Ok("partner".into())
+    );
+    // Matches mobile by user agent and web by header: mobile is listed first.
+    assert_eq!(
+        who(&id, &[("x-client", "web"), ("user-agent", "ShopApp/3")]),
+        Ok("mobile".into())
+    );
+}
+
+#[test]
+fn wrong_api_key_is_rejected_even_with_a_default() {
+    let id = identifier("[identity]\ndefault_client = \"web\"");
+    assert_eq!(who(&id, &[]), Ok("web".into()));
+    assert_eq!(
+        who(&id, &[("x-api-key", "guess")]),
+        Err(IdentityError::InvalidApiKey)
+    );
+    assert_eq!(
+        who(&id, &[("x-api-key", "guess"), ("x-client", "web")]),
+        Err(IdentityError::InvalidApiKey),
+        "a bad key is refused even when another rule matches"
+    );
+    assert_eq!(id.api_key_headers(), [HeaderName::from_static("x-api-key")]);
+}

@@ -1,0 +1,152 @@
+//! The `bff-proxy` binary's command line: `check` output and exit codes, and `run` refusing a
+//! bad config. (Lives in the proxy crate because only its tests can locate the built binary.)
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_bff-proxy"));
+    c.env_remove("RUST_LOG").current_dir(repo());
+    c
+}
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+#[test]
+fn check_accepts_valid_files_with_a_summary() {
+    let out = bin()
+        .args(["check", "--config", "config/full.toml"])
+        .output()
+        .expect("run bff-proxy");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.starts_with("config/full.toml: ok: 2 service(s), 4 client(s)"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn check_lists_every_problem_and_exits_64() {
+    let out = bin()
+        .args(["check", "--config", "config/invalid/bad-references.toml"])
+        .output()
+        .expect("run bff-proxy");
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let expected = std::fs::read_to_string(repo().join("config/invalid/bad-references.err"))
+        .expect("expected problems file");
+    assert_eq!(stderr, format!("error: {expected}"));
+}
+
+#[test]
+fn missing_file_exits_66() {
+    let out = bin()
+        .args(["check", "--config", "config/does-not-exist.toml"])
+        .output()
+        .expect("run bff-proxy");
+    assert_eq!(out.status.code(), Some(66));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot read config file config/does-not-exist.toml"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn run_refuses_an_invalid_config_before_binding() {
+    let out = bin()
+        .args(["run", "--config", "config/invalid/unknown-keys.toml"])
+        .output()
+        .expect("run bff-proxy");
+    assert_eq!(out.status.code(), Some(64));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("8 problems found"));
+}
+
+#[test]
+fn bad_usage_exits_2() {
+    let out = bin().args(["serve"]).output().expect("run bff-proxy");
+    assert_eq!(out.status.code(), Some(2));
+    let out = bin()
+        .args(["--log", "[[[", "check", "--config", "config/full.toml"])
+        .output()
+        .expect("run bff-proxy");
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn run_serves_then_exits_0_on_sigterm() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::time::{Duration, Instant};
+
+    let dir = std::env::temp_dir().join(format!("bff-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let cfg = dir.join("proxy.toml");
+    std::fs::write(
+        &cfg,
+        r#"
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+[services.none]
+urls = ["http://127.0.0.1:9"]
+[[clients]]
+name = "web"
+[[routes]]
+id = "all"
+path = "/{*rest}"
+service = "none"
+"#,
+    )
+    .expect("write config");
+    let mut child = bin()
+        .args(["--log-format", "json", "run", "--config"])
+        .arg(&cfg)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn bff-proxy");
+    let mut stderr = BufReader::new(child.stderr.take().expect("piped stderr"));
+    let mut admin = None;
+    let mut line = String::new();
+    while admin.is_none() && stderr.read_line(&mut line).expect("read log") > 0 {
+        let v: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
+        if v["message"] == "serving" {
+            admin = v["admin"].as_str().map(str::to_owned);
+        }
+        line.clear();
+    }
+    let admin = admin.expect("the proxy logs its admin address when serving");
+
+    let mut s = std::net::TcpStream::connect(&admin).expect("connect admin");
+    s.write_all(b"GET /readyz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .expect("write");
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).expect("read");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let code = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st.code();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "bff-proxy did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(code, Some(0));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,202 @@
+//! Limits end to end: 413 body_too_large (declared and streamed), 431 headers_too_large and
+//! too_many_headers, 503 overloaded and connection_limit, each with its stable JSON error.
+
+use std::time::{Duration, Instant};
+
+use bff_proxy_tests::{
+    Gate, H1Conn, RawConn, Reply, TestProxy, Upstream, body, fill, get, raw, request,
+};
+
+const LIMITS: &str = r#"
+[server]
+max_request_body_bytes = 1024
+max_headers = 20
+max_header_bytes = 1024
+{extra}
+
+[identity]
+default_client = "web"
+
+[services.main]
+urls = ["{main}"]
+
+[[clients]]
+name = "web"
+
+[[routes]]
+id = "all"
+path = "/{*rest}"
+service = "main"
+"#;
+
+async fn start(up: &Upstream, extra: &str) -> TestProxy {
+    TestProxy::start(&fill(LIMITS, &[("extra", extra), ("main", &up.url())])).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn declared_body_over_the_limit_is_413() {
+    let up = Upstream::builder("main")
+        .route("/", Reply::Sink)
+        .start()
+        .await;
+    let proxy = start(&up, "").await;
+
+    // At the limit: fine.
+    let resp = request(proxy.addr(), "POST", "/b", &[], body(vec![0u8; 1024])).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.json()["bytes"], 1024);
+
+    // One byte over, declared in content-length: refused before anything goes upstream.
+    let resp = request(proxy.addr(), "POST", "/b", &[], body(vec![0u8; 1025])).await;
+    resp.assert_error(413, "body_too_large");
+    // Declared but not even sent: the proxy does not wait for it.
+    let mut conn = RawConn::connect(proxy.addr()).await;
+    conn.write(b"POST /b HTTP/1.1\r\nHost: test\r\nContent-Length: 1000000000\r\n\r\n")
+        .await;
+    conn.read_response(false)
+        .await
+        .expect("a response")
+        .assert_error(413, "body_too_large");
+    assert_eq!(
+        up.received().len(),
+        1,
+        "only the in-limit request reached the upstream"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_body_over_the_limit_is_413_while_streaming() {
+    let up = Upstream::builder("main")
+        .route("/", Reply::Sink)
+        .start()
+        .await;
+    let proxy = start(&up, "").await;
+
+    let chunk = "x".repeat(600);
+    let chunked = |chunks: usize| {
+        let mut req = String::from(
+            "POST /b HTTP/1.1\r\nHost: test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n",
+        );
+        for _ in 0..chunks {
+            req.push_str(&format!("258\r\n{chunk}\r\n"));
+        }
+        req.push_str("0\r\n\r\n");
+        req
+    };
+    // 600 bytes: under the limit.
+    let resp = raw(proxy.addr(), &chunked(1)).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.json()["bytes"], 600);
+    // 1800 bytes, no length declared: found out while streaming.
+    raw(proxy.addr(), &chunked(3))
+        .await
+        .assert_error(413, "body_too_large");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_headers_is_431() {
+    let up = Upstream::echo("main").await;
+    let proxy = start(&up, "").await;
+
+    let names: Vec<String> = (0..25).map(|i| format!("x-h{i}")).collect();
+    let many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "1")).collect();
+    get(proxy.addr(), "/h", &many)
+        .await
+        .assert_error(431, "too_many_headers");
+    // 19 + host = 20: at the limit.
+    let resp = get(proxy.addr(), "/h", &many[..19]).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(up.received().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_too_large_is_431() {
+    let up = Upstream::echo("main").await;
+    let proxy = start(&up, "").await;
+
+    let big = "v".repeat(600);
+    get(proxy.addr(), "/h", &[("x-a", &big), ("x-b", &big)])
+        .await
+        .assert_error(431, "headers_too_large");
+    let resp = get(proxy.addr(), "/h", &[("x-a", &big)]).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(up.received().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_over_the_concurrency_limit_are_503_overloaded() {
+    let gate = Gate::new();
+    let up = Upstream::builder("main")
+        .route("/slow", Reply::Echo.gated(&gate))
+        .start()
+        .await;
+    let proxy = start(&up, "max_concurrent_requests = 1").await;
+    let addr = proxy.addr();
+
+    let in_flight = tokio::spawn(async move { get(addr, "/slow", &[]).await });
+    up.wait_for_requests(1).await;
+
+    let resp = get(addr, "/fast", &[]).await;
+    resp.assert_error(503, "overloaded");
+    assert_eq!(resp.header("retry-after"), Some("1"));
+    assert_eq!(
+        up.received().len(),
+        1,
+        "the shed request never reached the upstream"
+    );
+
+    gate.open();
+    let first = in_flight.await.expect("in-flight request task");
+    assert_eq!(first.echo().uri, "/slow");
+    // The permit is back.
+    assert_eq!(get(addr, "/fast", &[]).await.status, 200);
+}
+
+/// With `max_connections = 1` and one connection open, a second connection must get the
+/// documented `503 connection_limit` JSON (with `connection: close`) and then be closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_over_the_limit_gets_503_connection_limit() {
+    let up = Upstream::echo("main").await;
+    let proxy = start(&up, "max_connections = 1").await;
+
+    // Connection A takes the only slot (a completed request proves it was accepted).
+    let mut a = H1Conn::connect(proxy.addr()).await;
+    assert_eq!(a.request("GET", "/a", &[], body("")).await.status, 200);
+
+    // The admin listener has its own budget: probes work while the data plane is full.
+    assert_eq!(get(proxy.admin_addr(), "/healthz", &[]).await.status, 200);
+
+    // Connection B is over the limit.
+    let mut b = RawConn::connect(proxy.addr()).await;
+    b.write(b"GET /b HTTP/1.1\r\nHost: test\r\n\r\n").await;
+    let resp = b.read_response(false).await.unwrap_or_else(|| {
+        panic!(
+            "the proxy closed the over-limit connection without sending \
+             `503 connection_limit`"
+        )
+    });
+    resp.assert_error(503, "connection_limit");
+    assert_eq!(resp.header("retry-after"), Some("1"));
+    assert_eq!(resp.header("connection"), Some("close"));
+    assert!(
+        b.closed_within(Duration::from_secs(3)).await.is_some(),
+        "the over-limit connection is closed after the 503"
+    );
+    assert_eq!(up.received().len(), 1, "B never reached the upstream");
+
+    // Closing A frees the slot.
+    drop(a);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let resp = get(proxy.addr(), "/c", &[]).await;
+        if resp.status == 200 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the slot was never freed: {}",
+            resp.text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
