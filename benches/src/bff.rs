@@ -1,0 +1,123 @@
+//! bff-proxy under test, built in-process through the library API (`Config::from_toml`,
+//! `Proxy::bind`, `Proxy::run`): what the benchmark measures is the code that ships.
+//!
+//! It gets its own multi-thread Tokio runtime with `worker_threads` workers (1 by default, to
+//! match nginx's single worker process) on its own OS thread.
+
+use std::net::SocketAddr;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::oneshot;
+
+/// The bench config: one service (the upstream), one client that is also the default (so no
+/// identifying header is needed), one route `GET /bench` → the service.
+pub fn config_toml(
+    upstream: SocketAddr,
+    admin_port: u16,
+    worker_threads: usize,
+    pool: usize,
+) -> String {
+    format!(
+        r#"listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:{admin_port}"
+
+[server]
+worker_threads = {worker_threads}
+drain_timeout = "1s"
+
+[identity]
+default_client = "web"
+
+[services.upstream]
+urls = ["http://{upstream}"]
+protocol = "http1"
+max_idle_connections = {pool}
+
+[[clients]]
+name = "web"
+identify = [{{ header = "x-client", equals = "web" }}]
+
+[[routes]]
+id = "bench"
+methods = ["GET"]
+path = "/bench"
+service = "upstream"
+"#
+    )
+}
+
+/// Name prefix of bff-proxy's threads (for CPU accounting).
+pub const THREAD_PREFIX: &str = "bench-bff";
+
+/// A running bff-proxy. Dropping it asks it to drain and joins its thread.
+#[derive(Debug)]
+pub struct BffProxy {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl BffProxy {
+    /// Starts bff-proxy in front of `upstream` with `worker_threads` Tokio workers and an
+    /// upstream keep-alive pool of `pool` connections, pinned to the CPU list `pin` if given.
+    pub fn start(
+        upstream: SocketAddr,
+        worker_threads: usize,
+        pool: usize,
+        pin: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        let workers = worker_threads.max(1);
+        let admin_port = crate::free_port().context("finding a port for the admin listener")?;
+        let text = config_toml(upstream, admin_port, workers, pool);
+        let config = bff_proxy::Config::from_toml(&text, "bench")
+            .map_err(|e| anyhow::anyhow!("bench config rejected: {e}"))?;
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder
+            .worker_threads(workers)
+            .thread_name("bench-bff-proxy")
+            .enable_all();
+        crate::pin::runtime(&mut builder, pin);
+        let rt = builder.build().context("building the bff-proxy runtime")?;
+        let pin = pin.map(str::to_owned);
+        let proxy = rt
+            .block_on(bff_proxy::Proxy::bind(&config))
+            .context("binding bff-proxy")?;
+        let addr = proxy.local_addr();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("bench-bff-main".into())
+            .spawn(move || {
+                crate::pin::this_thread(pin.as_deref());
+                rt.block_on(proxy.run(async move {
+                    let _ = stopped.await;
+                }));
+                rt.shutdown_timeout(Duration::from_secs(1));
+            })
+            .context("spawning the bff-proxy thread")?;
+        Ok(Self {
+            addr,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// The data-plane address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
+impl Drop for BffProxy {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -1,0 +1,380 @@
+//! Load generators: `wrk` as a subprocess when it is installed, else a built-in closed-loop
+//! generator (N keep-alive HTTP/1.1 connections, each sending its next request as soon as the
+//! previous response body has been read).
+//!
+//! Both report the same [`Measurement`]: requests completed, failures, requests/s and latency
+//! percentiles.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use hdrhistogram::Histogram;
+use http::{Request, header};
+use http_body_util::{BodyExt as _, Empty};
+use hyper_util::rt::TokioIo;
+
+/// How to install wrk when it is missing (Debian/Ubuntu).
+pub const INSTALL_HINT: &str = "apt-get install -y wrk";
+
+/// Which generator drives the load.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Generator {
+    /// The `wrk` binary at this path.
+    Wrk(PathBuf),
+    /// The built-in Rust generator.
+    Builtin,
+}
+
+impl Generator {
+    /// `wrk` if it is on `PATH` (or `$WRK`), else the built-in one.
+    pub fn detect() -> Self {
+        std::env::var_os("WRK")
+            .map(PathBuf::from)
+            .or_else(|| crate::which("wrk"))
+            .map_or(Self::Builtin, Self::Wrk)
+    }
+
+    /// A short name for the report.
+    pub fn name(&self) -> String {
+        match self {
+            Self::Wrk(p) => format!("wrk ({})", p.display()),
+            Self::Builtin => "built-in (hyper client, closed loop)".into(),
+        }
+    }
+}
+
+/// One load run's shape.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// Open keep-alive connections.
+    pub connections: usize,
+    /// Generator threads.
+    pub threads: usize,
+    /// How long to measure.
+    pub duration: Duration,
+    /// CPUs to pin the generator to (`taskset -c` list), if any.
+    pub pin: Option<String>,
+}
+
+/// What one load run measured.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Measurement {
+    /// Responses completed (any status).
+    pub requests: u64,
+    /// Responses whose status was not 2xx.
+    pub non_2xx: u64,
+    /// Connect, read, write and timeout errors.
+    pub errors: u64,
+    /// Completed requests per second.
+    pub rps: f64,
+    /// Median latency, microseconds.
+    pub p50_us: f64,
+    /// 99th percentile latency, microseconds.
+    pub p99_us: f64,
+    /// Response body bytes read (built-in generator only; 0 for wrk, which reports totals).
+    pub body_bytes: u64,
+    /// CPU time the proxy under test spent per request, microseconds (filled in by the caller).
+    pub proxy_cpu_us: Option<f64>,
+    /// CPU time the upstream spent per request, microseconds (filled in by the caller).
+    pub upstream_cpu_us: Option<f64>,
+    /// CPUs kept busy by processes outside the benchmark during the run (filled in by the caller).
+    pub other_cpus: Option<f64>,
+}
+
+/// Drives `GET {path}` at `addr` with `generator` for `spec.duration`.
+pub fn run(
+    generator: &Generator,
+    addr: SocketAddr,
+    path: &str,
+    spec: &LoadSpec,
+) -> anyhow::Result<Measurement> {
+    match generator {
+        Generator::Wrk(bin) => run_wrk(bin, addr, path, spec),
+        Generator::Builtin => run_builtin(addr, path, spec),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// wrk
+
+fn run_wrk(
+    bin: &Path,
+    addr: SocketAddr,
+    path: &str,
+    spec: &LoadSpec,
+) -> anyhow::Result<Measurement> {
+    let secs = spec.duration.as_secs().max(1);
+    let connections = spec.connections.max(1);
+    let threads = spec.threads.clamp(1, connections);
+    let mut child = crate::pin::command(bin, spec.pin.as_deref())
+        .arg(format!("-t{threads}"))
+        .arg(format!("-c{connections}"))
+        .arg(format!("-d{secs}s"))
+        .arg("--timeout")
+        .arg("5s")
+        .arg("--latency")
+        .arg(format!("http://{addr}{path}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    // Bounded: wrk stops itself after `secs`; give it generous slack, then kill it.
+    let limit = Duration::from_secs(secs + 15);
+    let start = Instant::now();
+    loop {
+        if child.try_wait()?.is_some() {
+            break;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("wrk did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!(
+            "wrk failed ({}): {}{}",
+            out.status,
+            stdout,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    parse_wrk(&stdout).with_context(|| format!("parsing wrk output:\n{stdout}"))
+}
+
+/// Parses `wrk --latency` output.
+pub fn parse_wrk(text: &str) -> anyhow::Result<Measurement> {
+    let mut m = Measurement::default();
+    let (mut rps, mut p50, mut p99) = (None, None, None);
+    for line in text.lines() {
+        let line = line.trim();
+        let mut words = line.split_whitespace();
+        if let Some(rest) = line.strip_prefix("Requests/sec:") {
+            rps = Some(rest.trim().parse::<f64>()?);
+        } else if line.starts_with("50%") {
+            p50 = words.nth(1).map(parse_wrk_duration_us).transpose()?;
+        } else if line.starts_with("99%") {
+            p99 = words.nth(1).map(parse_wrk_duration_us).transpose()?;
+        } else if line.contains(" requests in ") {
+            m.requests = words.next().unwrap_or("0").parse()?;
+        } else if let Some(rest) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            m.non_2xx = rest.trim().parse()?;
+        } else if let Some(rest) = line.strip_prefix("Socket errors:") {
+            // "connect 0, read 0, write 0, timeout 0"
+            for part in rest.split(',') {
+                if let Some(n) = part.split_whitespace().nth(1) {
+                    m.errors += n.parse::<u64>()?;
+                }
+            }
+        }
+    }
+    m.rps = rps.context("no `Requests/sec:` line")?;
+    m.p50_us = p50.context("no `50%` latency line (was --latency passed?)")?;
+    m.p99_us = p99.context("no `99%` latency line (was --latency passed?)")?;
+    Ok(m)
+}
+
+/// `512.34us`, `1.20ms`, `2.00s`, `1.00m` → microseconds.
+fn parse_wrk_duration_us(s: &str) -> anyhow::Result<f64> {
+    let split = s
+        .find(|c: char| c.is_ascii_alphabetic())
+        .with_context(|| format!("`{s}` has no unit"))?;
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .with_context(|| format!("`{s}` is not a duration"))?;
+    let scale = match unit {
+        "us" => 1.0,
+        "ms" => 1_000.0,
+        "s" => 1_000_000.0,
+        "m" => 60_000_000.0,
+        "h" => 3_600_000_000.0,
+        _ => bail!("`{s}`: unknown unit `{unit}`"),
+    };
+    Ok(n * scale)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Built-in generator
+
+/// Name of the built-in generator's threads.
+const THREAD_PREFIX: &str = "bench-load";
+
+/// Per-connection tallies, merged at the end.
+struct Tally {
+    hist: Histogram<u64>,
+    requests: u64,
+    non_2xx: u64,
+    errors: u64,
+    body_bytes: u64,
+}
+
+impl Tally {
+    fn new() -> Self {
+        Self {
+            hist: Histogram::new_with_bounds(1, 60_000_000, 3)
+                .expect("static histogram bounds are valid"),
+            requests: 0,
+            non_2xx: 0,
+            errors: 0,
+            body_bytes: 0,
+        }
+    }
+}
+
+/// Time one request may take before it counts as an error.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn run_builtin(addr: SocketAddr, path: &str, spec: &LoadSpec) -> anyhow::Result<Measurement> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder
+        .worker_threads(spec.threads.max(1))
+        .thread_name(THREAD_PREFIX)
+        .enable_all();
+    crate::pin::runtime(&mut builder, spec.pin.as_deref());
+    let rt = builder
+        .build()
+        .context("building the load generator runtime")?;
+    let path = path.to_owned();
+    let duration = spec.duration;
+    let connections = spec.connections;
+    let result = rt.block_on(async move {
+        let start = Instant::now();
+        let deadline = start + duration;
+        let tasks: Vec<_> = (0..connections.max(1))
+            .map(|_| tokio::spawn(connection_loop(addr, path.clone(), deadline)))
+            .collect();
+        let mut total = Tally::new();
+        for t in tasks {
+            let tally = t.await.context("a load connection task panicked")?;
+            total.hist.add(&tally.hist).context("merging histograms")?;
+            total.requests += tally.requests;
+            total.non_2xx += tally.non_2xx;
+            total.errors += tally.errors;
+            total.body_bytes += tally.body_bytes;
+        }
+        let elapsed = start.elapsed().as_secs_f64();
+        anyhow::Ok(Measurement {
+            requests: total.requests,
+            non_2xx: total.non_2xx,
+            errors: total.errors,
+            rps: lossy_f64(total.requests) / elapsed,
+            p50_us: lossy_f64(total.hist.value_at_quantile(0.50)),
+            p99_us: lossy_f64(total.hist.value_at_quantile(0.99)),
+            body_bytes: total.body_bytes,
+            ..Measurement::default()
+        })
+    });
+    rt.shutdown_timeout(Duration::from_secs(1));
+    result
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn lossy_f64(n: u64) -> f64 {
+    n as f64
+}
+
+/// One keep-alive connection sending requests back to back until `deadline`; reconnects after
+/// an error (and counts it).
+async fn connection_loop(addr: SocketAddr, path: String, deadline: Instant) -> Tally {
+    let mut tally = Tally::new();
+    let host = addr.to_string();
+    'connect: while Instant::now() < deadline {
+        let mut sender = match tokio::time::timeout(REQUEST_TIMEOUT, connect(addr)).await {
+            Ok(Ok(s)) => s,
+            _ => {
+                tally.errors += 1;
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue 'connect;
+            }
+        };
+        while Instant::now() < deadline {
+            let req = Request::get(path.as_str())
+                .header(header::HOST, host.as_str())
+                .body(Empty::<Bytes>::new())
+                .expect("a GET with a path and a host header is a valid request");
+            let started = Instant::now();
+            let exchange = async {
+                sender.ready().await?;
+                let resp = sender.send_request(req).await?;
+                let status = resp.status();
+                let body = resp.into_body().collect().await?.to_bytes();
+                Ok::<_, hyper::Error>((status, body.len()))
+            };
+            match tokio::time::timeout(REQUEST_TIMEOUT, exchange).await {
+                Ok(Ok((status, len))) => {
+                    let us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+                    tally.hist.saturating_record(us.max(1));
+                    tally.requests += 1;
+                    tally.body_bytes += u64::try_from(len).unwrap_or(u64::MAX);
+                    if !status.is_success() {
+                        tally.non_2xx += 1;
+                    }
+                }
+                _ => {
+                    tally.errors += 1;
+                    continue 'connect;
+                }
+            }
+        }
+    }
+    tally
+}
+
+async fn connect(
+    addr: SocketAddr,
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> {
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "Running 10s test @ http://127.0.0.1:8080/bench
+  1 threads and 32 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   512.34us  100.00us   5.00ms   90.00%
+    Req/Sec    60.00k     2.00k   65.00k    70.00%
+  Latency Distribution
+     50%  500.00us
+     75%  550.00us
+     90%  600.00us
+     99%    1.20ms
+  600123 requests in 10.00s, 700.00MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 5
+Requests/sec:  60012.30
+Transfer/sec:     70.00MB
+";
+
+    #[test]
+    fn parses_wrk_latency_output() {
+        let m = parse_wrk(SAMPLE).expect("sample parses");
+        assert_eq!(m.requests, 600_123);
+        assert_eq!(m.non_2xx, 5);
+        assert_eq!(m.errors, 3);
+        assert!((m.rps - 60_012.3).abs() < 1e-6);
+        assert!((m.p50_us - 500.0).abs() < 1e-6);
+        assert!((m.p99_us - 1_200.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn wrk_output_without_latency_is_an_error() {
+        assert!(parse_wrk("Requests/sec: 10.0\n").is_err());
+    }
+}
