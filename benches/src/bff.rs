@@ -75,11 +75,9 @@ impl BffProxy {
         let text = config_toml(upstream, admin_port, workers, pool);
         let config = bff_proxy::Config::from_toml(&text, "bench")
             .map_err(|e| anyhow::anyhow!("bench config rejected: {e}"))?;
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        builder
-            .worker_threads(workers)
-            .thread_name("bench-bff-proxy")
-            .enable_all();
+        // The same runtime `bff-proxy run` builds for this many workers.
+        let mut builder = bff_proxy::runtime_builder(workers);
+        builder.thread_name("bench-bff-proxy");
         crate::pin::runtime(&mut builder, pin);
         let rt = builder.build().context("building the bff-proxy runtime")?;
         let pin = pin.map(str::to_owned);

@@ -35,6 +35,22 @@ pub use crate::config::{Config, ConfigError};
 pub use crate::identity::ClientProfile;
 pub use crate::server::{Proxy, StartError};
 
+/// The Tokio runtime for `server.worker_threads`: 0 means one worker per core; 1 means a
+/// single-threaded runtime, which skips the work-stealing machinery a lone worker cannot use
+/// (measurably cheaper per request in `benches/`).
+pub fn runtime_builder(worker_threads: usize) -> tokio::runtime::Builder {
+    let mut builder = if worker_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if worker_threads > 1 {
+        builder.worker_threads(worker_threads);
+    }
+    builder.enable_all();
+    builder
+}
+
 /// Resolves when the process gets SIGINT (Ctrl-C) or SIGTERM.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

@@ -134,12 +134,7 @@ fn demo_exit_code(e: &anyhow::Error) -> u8 {
 }
 
 fn run_with_runtime(worker_threads: usize, fut: impl Future<Output = ExitCode>) -> ExitCode {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    if worker_threads > 0 {
-        builder.worker_threads(worker_threads);
-    }
-    match builder.build() {
+    match bff_proxy::runtime_builder(worker_threads).build() {
         Ok(rt) => rt.block_on(fut),
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

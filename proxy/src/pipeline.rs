@@ -118,13 +118,18 @@ pub(crate) async fn handle(
         route: None,
         service: None,
     };
-    let span = tracing::info_span!(
-        "request",
-        method = %req.method(),
-        request_id = ?ctx.request_id,
-        client = tracing::field::Empty,
-        route = tracing::field::Empty,
-    );
+    // Built only when it will be recorded: an enabled span formats its fields up front.
+    let span = if tracing::enabled!(tracing::Level::INFO) {
+        tracing::info_span!(
+            "request",
+            method = %req.method(),
+            request_id = ?ctx.request_id,
+            client = tracing::field::Empty,
+            route = tracing::field::Empty,
+        )
+    } else {
+        tracing::Span::none()
+    };
     let method = req.method().clone();
 
     let result = async {

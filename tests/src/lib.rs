@@ -391,6 +391,7 @@ impl UpstreamBuilder {
             routes: self.routes,
             http2_only: self.http2_only,
             received: Mutex::new(Vec::new()),
+            connections: std::sync::atomic::AtomicUsize::new(0),
         });
         let task = tokio::spawn(upstream_accept_loop(listener, state.clone()));
         Upstream {
@@ -408,6 +409,7 @@ struct UpstreamState {
     routes: Vec<(String, Reply)>,
     http2_only: bool,
     received: Mutex<Vec<Received>>,
+    connections: std::sync::atomic::AtomicUsize,
 }
 
 /// A scriptable in-process upstream server. Dropping it stops it.
@@ -454,6 +456,13 @@ impl Upstream {
         lock(&self.state.received).clone()
     }
 
+    /// How many TCP connections it has accepted (to check keep-alive reuse).
+    pub fn connections(&self) -> usize {
+        self.state
+            .connections
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Waits (bounded by [`IO_TIMEOUT`]) until at least `n` requests have arrived.
     pub async fn wait_for_requests(&self, n: usize) {
         bounded(
@@ -483,6 +492,9 @@ async fn upstream_accept_loop(listener: TcpListener, state: Arc<UpstreamState>) 
             continue;
         };
         while conns.try_join_next().is_some() {}
+        state
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let _ = stream.set_nodelay(true);
         let state = state.clone();
         conns.spawn(async move {

@@ -565,3 +565,99 @@ async fn empty_requests_get_no_body_upstream() {
         "no chunked framing for an empty body"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let up = Upstream::echo("main").await;
+    let proxy = proxy_to(&up).await;
+    // Sequential requests (including bodyless HEAD and a POST with a body) share one upstream
+    // connection: each goes back to the pool when its response ends.
+    for i in 0..20 {
+        let resp = match i % 3 {
+            0 => get(proxy.addr(), "/a", &[]).await,
+            1 => request(proxy.addr(), "HEAD", "/b", &[], empty()).await,
+            _ => request(proxy.addr(), "POST", "/c", &[], body("hello")).await,
+        };
+        assert_eq!(resp.status, 200, "request {i}");
+    }
+    assert_eq!(up.received().len(), 20);
+    assert_eq!(
+        up.connections(),
+        1,
+        "one keep-alive connection serves them all"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_open_more_connections_and_all_succeed() {
+    let up = Upstream::builder("main")
+        .route("/slow", Reply::Echo.after(Duration::from_millis(50)))
+        .start()
+        .await;
+    let proxy = proxy_to(&up).await;
+    let addr = proxy.addr();
+    let tasks: Vec<_> = (0..8)
+        .map(|_| tokio::spawn(async move { get(addr, "/slow", &[]).await.status }))
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.expect("task"), 200);
+    }
+    let opened = up.connections();
+    assert!(
+        (2..=8).contains(&opened),
+        "{opened} connections for 8 concurrent requests"
+    );
+    // Afterwards the pooled connections are reused, not replaced.
+    for _ in 0..8 {
+        assert_eq!(get(addr, "/slow", &[]).await.status, 200);
+    }
+    assert_eq!(up.connections(), opened, "idle connections were reused");
+}
+
+/// An upstream that answers each connection's first request as keep-alive and then closes
+/// the socket: the proxy must notice (or, in the race, resend the unsent request on a new
+/// connection) rather than fail the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_closing_idle_connections_never_fails_a_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let server = tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    .await;
+                // No `connection: close`, yet the socket closes: a keep-alive timeout firing.
+            });
+        }
+    });
+    let proxy = TestProxy::start(&fill(ONE_SERVICE, &[("main", &url)])).await;
+    for i in 0..10 {
+        let resp = get(proxy.addr(), "/x", &[]).await;
+        assert_eq!(resp.status, 200, "request {i}: {:?}", resp.body);
+        assert_eq!(&resp.body[..], b"ok");
+        if i % 2 == 0 {
+            // Give the FIN time to arrive on some iterations, and race it on the others.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    assert_eq!(accepted.load(std::sync::atomic::Ordering::Relaxed), 10);
+    server.abort();
+}
