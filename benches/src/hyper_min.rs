@@ -43,11 +43,10 @@ impl HyperMin {
         pool: usize,
         pin: Option<&str>,
     ) -> anyhow::Result<Self> {
-        let mut builder = tokio::runtime::Builder::new_multi_thread();
-        builder
-            .worker_threads(worker_threads.max(1))
-            .thread_name("bench-hyper-min")
-            .enable_all();
+        // The same runtime shape bff-proxy gets for this many workers, so the comparison is
+        // about the request path only.
+        let mut builder = bff_proxy::runtime_builder(worker_threads.max(1));
+        builder.thread_name("bench-hyper-min");
         crate::pin::runtime(&mut builder, pin);
         let rt = builder.build().context("building the hyper-min runtime")?;
         let pin = pin.map(str::to_owned);
