@@ -12,6 +12,23 @@ use crate::router::RouteError;
 use crate::router::path::PathError;
 use crate::upstream::UpstreamError;
 
+/// Displays an error with its causes (`a: b: c`): for the one log line a server fault gets,
+/// and for startup errors on stderr.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cur = self.0.source();
+        while let Some(e) = cur {
+            write!(f, ": {e}")?;
+            cur = e.source();
+        }
+        Ok(())
+    }
+}
+
 /// Whose fault a failed request was: decides the log level and, later, metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Fault {

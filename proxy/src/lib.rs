@@ -32,6 +32,7 @@ mod upstream;
 
 pub use crate::body::Body;
 pub use crate::config::{Config, ConfigError};
+pub use crate::error::ErrorChain;
 pub use crate::identity::ClientProfile;
 pub use crate::server::{Proxy, StartError};
 

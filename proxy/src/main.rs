@@ -76,7 +76,7 @@ fn main() -> ExitCode {
                 let proxy = match Proxy::bind(&cfg).await {
                     Ok(p) => p,
                     Err(e) => {
-                        eprintln!("error: {}", error_chain(&e));
+                        eprintln!("error: {}", bff_proxy::ErrorChain(&e));
                         return ExitCode::from(EXIT_UNAVAILABLE);
                     }
                 };
@@ -141,15 +141,4 @@ fn run_with_runtime(worker_threads: usize, fut: impl Future<Output = ExitCode>) 
             ExitCode::from(EXIT_SOFTWARE)
         }
     }
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
 }

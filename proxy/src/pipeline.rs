@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use crate::body::{self, Body};
 use crate::config::{ConfigPath, Problems};
-use crate::error::{Fault, ProxyError};
+use crate::error::{ErrorChain, Fault, ProxyError};
 use crate::identity::ClientProfile;
 use crate::listener::ServerConfig;
 use crate::router::path::normalize;
@@ -403,21 +403,6 @@ fn prepare_upstream_headers(
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-
-/// Displays an error with its causes (`a: b: c`) for the one log line a server fault gets.
-struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cur = self.0.source();
-        while let Some(e) = cur {
-            write!(f, ": {e}")?;
-            cur = e.source();
-        }
-        Ok(())
-    }
-}
 
 #[cfg(test)]
 mod tests {

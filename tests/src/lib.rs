@@ -83,6 +83,33 @@ async fn bounded<F: Future>(what: &str, fut: F) -> F::Output {
 // Config helpers
 // ============================================================================================
 
+/// The config most tests need: `server` lines (may be empty) under `[server]`, one service
+/// `main` at `upstream_url`, one client `web` (also the default, and matched by
+/// `x-client: web`) and a catch-all route `all`.
+pub fn catch_all_config(server: &str, upstream_url: &str) -> String {
+    format!(
+        r#"
+[server]
+{server}
+
+[identity]
+default_client = "web"
+
+[services.main]
+urls = ["{upstream_url}"]
+
+[[clients]]
+name = "web"
+identify = [{{ header = "x-client", equals = "web" }}]
+
+[[routes]]
+id = "all"
+path = "/{{*rest}}"
+service = "main"
+"#
+    )
+}
+
 /// Replaces each `{name}` placeholder in `template` with its value.
 ///
 /// Only the names given are replaced, so route patterns like `{id}` are left alone. Panics if

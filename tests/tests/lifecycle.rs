@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use bff_proxy_tests::{Gate, RawConn, Reply, TestProxy, Upstream, empty, fill, get, request};
 use tokio::net::TcpStream;
 
+/// Routes only `/api/...`, so other paths on the data plane are 404 (unlike the admin's).
 const CONFIG: &str = r#"
 [server]
 {server}

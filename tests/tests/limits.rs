@@ -4,33 +4,15 @@
 use std::time::{Duration, Instant};
 
 use bff_proxy_tests::{
-    Gate, H1Conn, RawConn, Reply, TestProxy, Upstream, body, fill, get, raw, request,
+    Gate, H1Conn, RawConn, Reply, TestProxy, Upstream, body, catch_all_config, get, raw, request,
 };
 
-const LIMITS: &str = r#"
-[server]
-max_request_body_bytes = 1024
+const LIMITS: &str = "max_request_body_bytes = 1024
 max_headers = 20
-max_header_bytes = 1024
-{extra}
-
-[identity]
-default_client = "web"
-
-[services.main]
-urls = ["{main}"]
-
-[[clients]]
-name = "web"
-
-[[routes]]
-id = "all"
-path = "/{*rest}"
-service = "main"
-"#;
+max_header_bytes = 1024";
 
 async fn start(up: &Upstream, extra: &str) -> TestProxy {
-    TestProxy::start(&fill(LIMITS, &[("extra", extra), ("main", &up.url())])).await
+    TestProxy::start(&catch_all_config(&format!("{LIMITS}\n{extra}"), &up.url())).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

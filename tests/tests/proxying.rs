@@ -5,30 +5,12 @@
 use std::time::{Duration, Instant};
 
 use bff_proxy_tests::{
-    H2Client, PatternBody, RawConn, Reply, TestProxy, Upstream, body, closed_port_url, empty, fill,
-    get, raw, request,
+    H2Client, PatternBody, RawConn, Reply, TestProxy, Upstream, body, catch_all_config,
+    closed_port_url, empty, fill, get, raw, request,
 };
 
-/// One service, default client `web`, one catch-all route.
-const ONE_SERVICE: &str = r#"
-[identity]
-default_client = "web"
-
-[services.main]
-urls = ["{main}"]
-
-[[clients]]
-name = "web"
-identify = [{ header = "x-client", equals = "web" }]
-
-[[routes]]
-id = "all"
-path = "/{*rest}"
-service = "main"
-"#;
-
 async fn proxy_to(upstream: &Upstream) -> TestProxy {
-    TestProxy::start(&fill(ONE_SERVICE, &[("main", &upstream.url())])).await
+    TestProxy::start(&catch_all_config("", &upstream.url())).await
 }
 
 fn is_generated_id(id: &str) -> bool {
@@ -648,7 +630,7 @@ async fn upstream_closing_idle_connections_never_fails_a_request() {
             });
         }
     });
-    let proxy = TestProxy::start(&fill(ONE_SERVICE, &[("main", &url)])).await;
+    let proxy = TestProxy::start(&catch_all_config("", &url)).await;
     for i in 0..10 {
         let resp = get(proxy.addr(), "/x", &[]).await;
         assert_eq!(resp.status, 200, "request {i}: {:?}", resp.body);

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bff_proxy_tests::{
-    H1Conn, PatternBody, PatternCheck, Reply, TestProxy, Upstream, fill, get, rss_bytes,
+    H1Conn, PatternBody, PatternCheck, Reply, TestProxy, Upstream, catch_all_config, get, rss_bytes,
 };
 use http_body_util::BodyExt;
 
@@ -18,24 +18,7 @@ const SIZE: u64 = 100 * 1024 * 1024;
 /// Allowed RSS growth over the baseline while 2 × 100 MB go through.
 const MAX_GROWTH: u64 = 40 * 1024 * 1024;
 
-const CONFIG: &str = r#"
-[server]
-max_request_body_bytes = 209715200
-
-[identity]
-default_client = "web"
-
-[services.main]
-urls = ["{main}"]
-
-[[clients]]
-name = "web"
-
-[[routes]]
-id = "all"
-path = "/{*rest}"
-service = "main"
-"#;
+const SERVER: &str = "max_request_body_bytes = 209715200";
 
 /// Samples RSS every 10 ms until stopped; keeps the peak.
 struct RssSampler {
@@ -74,7 +57,7 @@ async fn hundred_megabytes_each_way_with_flat_memory() {
         .route("/download", Reply::Stream(SIZE))
         .start()
         .await;
-    let proxy = TestProxy::start(&fill(CONFIG, &[("main", &up.url())])).await;
+    let proxy = TestProxy::start(&catch_all_config(SERVER, &up.url())).await;
 
     // Warm up every piece (threads, pools, buffers) before taking the baseline.
     for _ in 0..3 {
