@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
-use http::{HeaderMap, HeaderName};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use regex::Regex;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -84,6 +84,8 @@ pub(crate) enum IdentityError {
 #[derive(Debug)]
 pub(crate) struct Identifier {
     clients: Vec<(Arc<ClientProfile>, Vec<Rule>)>,
+    /// Each client's name as a header value (sent upstream on every request), by index.
+    name_values: Vec<HeaderValue>,
     default: Option<usize>,
     /// Every header that carries an API key, with every hash any client accepts on it.
     /// These headers are stripped before the request goes upstream.
@@ -172,12 +174,17 @@ impl Identifier {
                 (profile, rules)
             })
             .collect();
+        let name_values = clients
+            .iter()
+            .map(|c| HeaderValue::from_str(&c.name).expect("client names were validated"))
+            .collect();
         let default = identity
             .default_client
             .as_ref()
             .and_then(|d| clients.iter().position(|c| &c.name == d));
         Self {
             clients: compiled,
+            name_values,
             default,
             api_key_headers: api_keys.iter().map(|(h, _)| h.clone()).collect(),
             api_keys,
@@ -211,6 +218,11 @@ impl Identifier {
             Some(i) => Ok((i, &self.clients[i].0)),
             None => Err(IdentityError::Unidentified),
         }
+    }
+
+    /// The name of the client at `idx` (from [`Identifier::identify`]) as a header value.
+    pub(crate) fn name_value(&self, idx: usize) -> &HeaderValue {
+        &self.name_values[idx]
     }
 
     pub(crate) fn api_key_headers(&self) -> &[HeaderName] {

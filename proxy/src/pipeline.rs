@@ -89,10 +89,33 @@ impl HeaderNames {
     }
 }
 
-/// Facts about the connection a request arrived on.
-#[derive(Debug, Clone, Copy)]
+/// Facts about the connection a request arrived on, worked out once per connection so the
+/// requests on it only copy them.
+#[derive(Debug)]
 pub(crate) struct ConnInfo {
     pub(crate) peer: SocketAddr,
+    /// The peer's address as an `x-forwarded-for` element.
+    xff_element: HeaderValue,
+    /// The peer as a `forwarded` element (RFC 7239): `for=192.0.2.1;proto=http`, IPv6 quoted.
+    forwarded_element: String,
+}
+
+impl ConnInfo {
+    pub(crate) fn new(peer: SocketAddr) -> Self {
+        let ip = peer.ip();
+        let xff = ip.to_string();
+        let forwarded_element = if ip.is_ipv6() {
+            format!("for=\"[{ip}]\";proto=http")
+        } else {
+            format!("for={ip};proto=http")
+        };
+        Self {
+            peer,
+            xff_element: HeaderValue::from_str(&xff)
+                .expect("an IP address is a valid header value"),
+            forwarded_element,
+        }
+    }
 }
 
 /// Per-request state passed through the phases.
@@ -107,7 +130,7 @@ struct RequestCtx {
 /// Serves one request on the current snapshot. Never fails: errors become JSON responses.
 pub(crate) async fn handle(
     shared: Arc<Shared>,
-    conn: ConnInfo,
+    conn: Arc<ConnInfo>,
     req: Request<Incoming>,
 ) -> Response<Body> {
     let snapshot = shared.live.load_full();
@@ -118,18 +141,16 @@ pub(crate) async fn handle(
         route: None,
         service: None,
     };
-    // Built only when it will be recorded: an enabled span formats its fields up front.
-    let span = if tracing::enabled!(tracing::Level::INFO) {
-        tracing::info_span!(
-            "request",
-            method = %req.method(),
-            request_id = ?ctx.request_id,
-            client = tracing::field::Empty,
-            route = tracing::field::Empty,
-        )
-    } else {
-        tracing::Span::none()
-    };
+    // A DEBUG span: with a fmt subscriber an enabled span formats its fields up front, which
+    // at INFO would cost every request about as much as the rest of the pipeline. Events at
+    // WARN and above carry the request id, client and route themselves.
+    let span = tracing::debug_span!(
+        "request",
+        method = %req.method(),
+        request_id = ctx.request_id.to_str().unwrap_or_default(),
+        client = tracing::field::Empty,
+        route = tracing::field::Empty,
+    );
     let method = req.method().clone();
 
     let result = async {
@@ -139,7 +160,7 @@ pub(crate) async fn handle(
             .clone()
             .try_acquire_owned()
             .map_err(|_| ProxyError::Overloaded)?;
-        proxy(&snapshot, &shared.server, conn, &mut ctx, req).await
+        proxy(&snapshot, &shared.server, &conn, &mut ctx, req).await
     }
     .instrument(span.clone())
     .await;
@@ -153,9 +174,16 @@ pub(crate) async fn handle(
                 Fault::Client => {
                     tracing::debug!(code = err.code(), error = %err, "request refused");
                 }
-                Fault::Overload => tracing::warn!(code = err.code(), "request shed"),
+                Fault::Overload => tracing::warn!(
+                    code = err.code(),
+                    request_id = ctx.request_id.to_str().unwrap_or_default(),
+                    "request shed"
+                ),
                 Fault::Upstream => tracing::warn!(
                     code = err.code(),
+                    request_id = ctx.request_id.to_str().unwrap_or_default(),
+                    client = ctx.client.as_ref().map_or("", |c| &*c.name),
+                    route = ctx.route.as_deref().unwrap_or(""),
                     service = ctx.service.as_deref().unwrap_or(""),
                     error = %ErrorChain(&err),
                     "upstream failed"
@@ -192,7 +220,7 @@ pub(crate) fn refuse(shared: &Shared, req: &Request<Incoming>, err: ProxyError) 
 async fn proxy(
     snap: &Snapshot,
     server: &ServerConfig,
-    conn: ConnInfo,
+    conn: &ConnInfo,
     ctx: &mut RequestCtx,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
@@ -228,25 +256,7 @@ async fn proxy(
     // Upstream request: same method, cleaned headers, streamed body.
     let query = uri.query();
     let (mut parts, incoming) = req.into_parts();
-    let original_host = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        });
-    prepare_upstream_headers(
-        &mut parts.headers,
-        snap,
-        conn,
-        ctx,
-        client,
-        original_host.as_deref(),
-    );
+    prepare_upstream_headers(&mut parts, snap, conn, ctx, client_idx);
     let body = if incoming.is_end_stream() {
         body::empty()
     } else {
@@ -305,8 +315,10 @@ fn request_id(headers: &HeaderMap, name: &HeaderName) -> HeaderValue {
     HeaderValue::from_str(id.simple().encode_lower(&mut buf)).expect("hex is a valid header value")
 }
 
+const HOP_BY_HOP_COUNT: usize = 7;
+
 /// RFC 9110 §7.6.1: connection-specific fields a proxy must not forward.
-const HOP_BY_HOP: [HeaderName; 7] = [
+static HOP_BY_HOP: [HeaderName; HOP_BY_HOP_COUNT] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -322,18 +334,40 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 
 /// Removes hop-by-hop fields, including any the `connection` header names.
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none, or only `connection: keep-alive`: one pass over the names
+    // finds which are present, so absent ones cost no lookups.
+    let mut present = [false; HOP_BY_HOP_COUNT];
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present[i] = true;
+        }
+    }
+    if !present.contains(&true) {
+        return;
+    }
+    // Other fields the `connection` header lists (`close` is an option, not a field).
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(str::trim)
+        .filter(|t| {
+            !t.eq_ignore_ascii_case("close")
+                && !HOP_BY_HOP
+                    .iter()
+                    .any(|h| t.eq_ignore_ascii_case(h.as_str()))
+        })
+        .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
         .collect();
     // `te: trailers` is end-to-end in practice (gRPC needs it); keep only that value.
     let te_trailers = headers
         .get(header::TE)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for name in HOP_BY_HOP.iter().chain(listed.iter()) {
+    for (name, _) in HOP_BY_HOP.iter().zip(present).filter(|(_, p)| *p) {
+        headers.remove(name);
+    }
+    for name in &listed {
         headers.remove(name);
     }
     if te_trailers {
@@ -341,17 +375,20 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// Turns the client's request head into the upstream's: hop-by-hop fields and `host` removed,
+/// identity and request id stated by the proxy, forwarding headers appended.
 fn prepare_upstream_headers(
-    headers: &mut HeaderMap,
+    parts: &mut http::request::Parts,
     snap: &Snapshot,
-    conn: ConnInfo,
+    conn: &ConnInfo,
     ctx: &RequestCtx,
-    client: &ClientProfile,
-    original_host: Option<&str>,
+    client_idx: usize,
 ) {
+    let headers = &mut parts.headers;
     remove_hop_by_hop(headers);
-    // The upstream client sets `host` from the service URL (`:authority` on HTTP/2).
-    headers.remove(header::HOST);
+    // The upstream client sets `host` from the service URL (`:authority` on HTTP/2); the
+    // original is kept for the forwarding headers.
+    let host = headers.remove(header::HOST);
     for h in snap.identifier.api_key_headers() {
         headers.remove(h);
     }
@@ -360,44 +397,68 @@ fn prepare_upstream_headers(
     headers.remove(&names.client);
     headers.insert(
         names.client.clone(),
-        HeaderValue::from_str(&client.name).expect("client names are valid header values"),
+        snap.identifier.name_value(client_idx).clone(),
     );
     headers.insert(names.request_id.clone(), ctx.request_id.clone());
 
-    if names.forwarded {
-        // Only the proxy states the original host; a client-sent copy could spoof it.
-        headers.remove(X_FORWARDED_HOST);
-        let ip = conn.peer.ip();
-        let xff = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {ip}"),
-            None => ip.to_string(),
-        };
-        if let Ok(v) = HeaderValue::from_str(&xff) {
-            headers.insert(X_FORWARDED_FOR, v);
-        }
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-        let for_node = if ip.is_ipv6() {
-            format!("\"[{ip}]\"")
-        } else {
-            ip.to_string()
-        };
-        let mut element = format!("for={for_node};proto=http");
-        if let Some(host) =
-            original_host.filter(|h| h.bytes().all(|b| b.is_ascii_graphic() && b != b'"'))
-        {
-            element.push_str(&format!(";host=\"{host}\""));
-            if let Ok(v) = HeaderValue::from_str(host) {
-                headers.insert(X_FORWARDED_HOST, v);
-            }
-        }
-        let forwarded = match headers.get(header::FORWARDED).and_then(|v| v.to_str().ok()) {
-            Some(prev) => format!("{prev}, {element}"),
-            None => element,
-        };
-        if let Ok(v) = HeaderValue::from_str(&forwarded) {
-            headers.insert(header::FORWARDED, v);
-        }
+    if !names.forwarded {
+        return;
     }
+    // Only the proxy states the original host; a client-sent copy could spoof it.
+    headers.remove(X_FORWARDED_HOST);
+    // HTTP/2 and absolute-form requests carry the host in the URI, HTTP/1.1 in `host`.
+    let host = match parts.uri.authority() {
+        Some(a) => HeaderValue::from_str(a.as_str()).ok(),
+        None => host,
+    }
+    .filter(|h| {
+        h.as_bytes()
+            .iter()
+            .all(|&b| b.is_ascii_graphic() && b != b'"')
+    });
+
+    let xff = match headers.get(X_FORWARDED_FOR) {
+        Some(prev) => element_value(prev.as_bytes(), conn.xff_element.as_bytes(), None),
+        None => Some(conn.xff_element.clone()),
+    };
+    if let Some(v) = xff {
+        headers.insert(X_FORWARDED_FOR, v);
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+
+    let host_param = host.as_ref().map(|h| h.as_bytes());
+    let forwarded = match headers.get(header::FORWARDED) {
+        Some(prev) => element_value(
+            prev.as_bytes(),
+            conn.forwarded_element.as_bytes(),
+            host_param,
+        ),
+        None => element_value(&[], conn.forwarded_element.as_bytes(), host_param),
+    };
+    if let Some(v) = forwarded {
+        headers.insert(header::FORWARDED, v);
+    }
+    if let Some(h) = host {
+        headers.insert(X_FORWARDED_HOST, h);
+    }
+}
+
+/// `[prefix, ]element[;host="HOST"]` as a header value, built in one allocation; `None` if
+/// it would not be a valid one.
+fn element_value(prefix: &[u8], element: &[u8], host: Option<&[u8]>) -> Option<HeaderValue> {
+    let host_len = host.map_or(0, |h| h.len() + 8);
+    let mut v = Vec::with_capacity(prefix.len() + 2 + element.len() + host_len);
+    if !prefix.is_empty() {
+        v.extend_from_slice(prefix);
+        v.extend_from_slice(b", ");
+    }
+    v.extend_from_slice(element);
+    if let Some(h) = host {
+        v.extend_from_slice(b";host=\"");
+        v.extend_from_slice(h);
+        v.push(b'"');
+    }
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).ok()
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -424,6 +485,38 @@ mod tests {
         let mut names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         names.sort_unstable();
         assert_eq!(names, ["te", "x-kept"]);
+    }
+
+    #[test]
+    fn connection_close_and_absent_fields_are_harmless() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut h);
+        assert_eq!(h.keys().map(|k| k.as_str()).collect::<Vec<_>>(), ["x-kept"]);
+
+        let mut untouched = HeaderMap::new();
+        untouched.insert("x-kept", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut untouched);
+        assert_eq!(untouched.len(), 1);
+    }
+
+    #[test]
+    fn forwarded_elements_per_address_family() {
+        let v4 = ConnInfo::new("192.0.2.1:5000".parse().expect("addr"));
+        assert_eq!(v4.xff_element, "192.0.2.1");
+        assert_eq!(v4.forwarded_element, "for=192.0.2.1;proto=http");
+        let v6 = ConnInfo::new("[2001:db8::1]:5000".parse().expect("addr"));
+        assert_eq!(v6.xff_element, "2001:db8::1");
+        assert_eq!(v6.forwarded_element, "for=\"[2001:db8::1]\";proto=http");
+
+        let prev = HeaderValue::from_static("for=198.51.100.2");
+        let v = element_value(prev.as_bytes(), v4.forwarded_element.as_bytes(), Some(b"shop"));
+        assert_eq!(
+            v.expect("valid"),
+            "for=198.51.100.2, for=192.0.2.1;proto=http;host=\"shop\""
+        );
+        assert!(element_value(b"", b"for=x", Some(b"bad\nhost")).is_none());
     }
 
     #[test]

@@ -107,9 +107,10 @@ impl Proxy {
         let data_shared = shared.clone();
         let make_data = move |peer: SocketAddr, over_limit: bool| {
             let shared = data_shared.clone();
-            let conn = ConnInfo { peer };
+            let conn = Arc::new(ConnInfo::new(peer));
             hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
+                let conn = conn.clone();
                 async move {
                     if over_limit {
                         tracing::warn!(peer = %conn.peer, "connection over the limit refused");
