@@ -25,6 +25,7 @@ pub use crate::admin::AdminConfig;
 pub use crate::identity::{ClientConfig, IdentifyRule, IdentityConfig};
 pub use crate::listener::ServerConfig;
 pub use crate::pipeline::HeadersConfig;
+pub use crate::plugins::{PluginLimits, PluginLimitsOverride, PluginsConfig};
 pub use crate::router::{ChainStep, OnError, RouteConfig};
 pub use crate::upstream::{Protocol, ServiceConfig};
 
@@ -50,6 +51,8 @@ pub struct Config {
     pub clients: Vec<ClientConfig>,
     /// Routes in match order: the first that matches the client, method and path wins.
     pub routes: Vec<RouteConfig>,
+    /// Where plugins come from and their default limits.
+    pub plugins: PluginsConfig,
 }
 
 impl Default for Config {
@@ -65,6 +68,7 @@ impl Default for Config {
             services: BTreeMap::new(),
             clients: Vec::new(),
             routes: Vec::new(),
+            plugins: PluginsConfig::default(),
         }
     }
 }
@@ -76,7 +80,19 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        Self::from_toml(&text, &path.display().to_string())
+        let mut config = Self::from_toml(&text, &path.display().to_string())?;
+        // Paths in the file are relative to the file, not to wherever the proxy was started.
+        if config.plugins.dir.is_relative()
+            && let Some(parent) = path.parent()
+        {
+            config.plugins.dir = parent.join(&config.plugins.dir);
+        }
+        Ok(config)
+    }
+
+    /// True if some route runs plugins (the plugin runtime is only started then).
+    pub fn uses_plugins(&self) -> bool {
+        self.routes.iter().any(|r| !r.chain.is_empty())
     }
 
     /// Parses and validates config text; `origin` names it in error messages (usually the file path).
@@ -104,6 +120,7 @@ impl Config {
             service.validate(name, &root.key("services").key(name), problems);
         }
         crate::identity::validate(&self.identity, &self.clients, &root, problems);
+        self.plugins.validate(&root.key("plugins"), problems);
         crate::router::validate(&self.routes, self, &root.key("routes"), problems);
     }
 

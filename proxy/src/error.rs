@@ -6,11 +6,61 @@
 
 use http::{HeaderValue, Response, StatusCode, header};
 
+use std::borrow::Cow;
+use std::sync::Arc;
+
 use crate::body::{self, Body};
 use crate::identity::IdentityError;
+use crate::plugins::{FailureKind, PluginFailure};
 use crate::router::RouteError;
 use crate::router::path::PathError;
 use crate::upstream::UpstreamError;
+
+/// Status, code and the public description of a plugin failure. The message names the plugin
+/// (ops and frontend teams need to know whose code failed) but never its internals.
+fn plugin_parts(kind: &FailureKind) -> (StatusCode, &'static str, &'static str) {
+    use FailureKind::*;
+    match kind {
+        Error { .. } => (StatusCode::BAD_GATEWAY, "plugin_error", "returned an error"),
+        Panic(_) => (StatusCode::BAD_GATEWAY, "plugin_panic", "panicked"),
+        Trap(_) => (StatusCode::BAD_GATEWAY, "plugin_trap", "crashed"),
+        CpuBudget => (
+            StatusCode::BAD_GATEWAY,
+            "plugin_cpu_limit",
+            "used up its CPU budget",
+        ),
+        Memory => (
+            StatusCode::BAD_GATEWAY,
+            "plugin_memory_limit",
+            "went over its memory limit",
+        ),
+        Timeout => (
+            StatusCode::GATEWAY_TIMEOUT,
+            "plugin_timeout",
+            "did not finish in time",
+        ),
+        InvalidOutput(_) => (
+            StatusCode::BAD_GATEWAY,
+            "plugin_invalid_output",
+            "returned an invalid request or response",
+        ),
+        BodyTooLarge => (
+            StatusCode::BAD_GATEWAY,
+            "plugin_body_too_large",
+            "needs a body larger than its limit",
+        ),
+        EncodedBody(_) => (
+            StatusCode::BAD_GATEWAY,
+            "plugin_encoded_body",
+            "needs a body the upstream sent encoded",
+        ),
+        Unavailable(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "plugin_unavailable",
+            "could not be started; retry later",
+        ),
+    }
+}
 
 /// Displays an error with its causes (`a: b: c`): for the one log line a server fault gets,
 /// and for startup errors on stderr.
@@ -38,6 +88,8 @@ pub(crate) enum Fault {
     Upstream,
     /// The proxy is protecting itself (503 when at a limit).
     Overload,
+    /// A plugin failed (fail-closed) or the chain could not produce a response.
+    Plugin,
 }
 
 /// Everything that can end a request early.
@@ -61,13 +113,23 @@ pub(crate) enum ProxyError {
     Overloaded,
     #[error("too many open connections")]
     ConnectionLimit,
+    #[error(transparent)]
+    Plugin(#[from] PluginFailure),
+    #[error("the plugin chain did not finish in time")]
+    ChainTimeout,
+    #[error("no plugin of route `{route}`'s chain answered and the route has no service")]
+    ChainNoResponse { route: Arc<str> },
 }
 
 impl ProxyError {
     /// Status, stable code and a public message safe to show any client.
-    fn parts(&self) -> (StatusCode, &'static str, &'static str) {
+    fn parts(&self) -> (StatusCode, &'static str, Cow<'static, str>) {
         use ProxyError::*;
-        match self {
+        if let Plugin(PluginFailure { plugin, kind }) = self {
+            let (status, code, what) = plugin_parts(kind);
+            return (status, code, format!("plugin `{plugin}` {what}").into());
+        }
+        let (status, code, message) = match self {
             Identity(IdentityError::Unidentified) => (
                 StatusCode::UNAUTHORIZED,
                 "unauthenticated",
@@ -133,11 +195,24 @@ impl ProxyError {
                 "connection_limit",
                 "the proxy is at its connection limit; retry later",
             ),
-        }
+            ChainTimeout => (
+                StatusCode::GATEWAY_TIMEOUT,
+                "plugin_chain_timeout",
+                "the route's plugins did not finish in time",
+            ),
+            ChainNoResponse { .. } => (
+                StatusCode::BAD_GATEWAY,
+                "plugin_no_response",
+                "no plugin of the route answered the request",
+            ),
+            Plugin(_) => unreachable!("handled above"),
+        };
+        (status, code, Cow::Borrowed(message))
     }
 
     pub(crate) fn fault(&self) -> Fault {
         match self {
+            Self::Plugin(_) | Self::ChainTimeout | Self::ChainNoResponse { .. } => Fault::Plugin,
             Self::Upstream(UpstreamError::RequestBodyTooLarge) => Fault::Client,
             Self::Upstream(_) => Fault::Upstream,
             Self::Overloaded | Self::ConnectionLimit => Fault::Overload,

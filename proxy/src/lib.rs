@@ -10,6 +10,7 @@
 //! | accept | [`listener`](crate::listener) | connection limits, timeouts, HTTP/1.1 + h2c |
 //! | identify | `identity` | which client sent the request (header, user agent, API key) |
 //! | route | `router` | the client's route for the normalized path; path params, rewrite |
+//! | plugins | `plugins` | the route's Wasm chain: request phase, (upstream), response phase |
 //! | upstream | `upstream` | which service URL; pooled, streamed, with timeouts |
 //! | respond | `pipeline` + `error` | headers cleaned, errors as JSON with stable codes |
 //!
@@ -24,6 +25,7 @@ mod error;
 mod identity;
 pub mod listener;
 mod pipeline;
+pub mod plugins;
 mod router;
 mod server;
 mod state;
@@ -34,7 +36,7 @@ pub use crate::body::Body;
 pub use crate::config::{Config, ConfigError};
 pub use crate::error::ErrorChain;
 pub use crate::identity::ClientProfile;
-pub use crate::server::{Proxy, StartError};
+pub use crate::server::{Proxy, StartError, check_plugins};
 
 /// The Tokio runtime for `server.worker_threads`: 0 means one worker per core; 1 means a
 /// single-threaded runtime, which skips the work-stealing machinery a lone worker cannot use

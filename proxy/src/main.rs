@@ -61,10 +61,20 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Check { config } => match Config::load(&config) {
-            Ok(cfg) => {
-                println!("{}: ok: {}", config.display(), cfg.summary());
-                ExitCode::SUCCESS
-            }
+            Ok(cfg) => run_with_runtime(1, async move {
+                // Plugins are part of the config: load and initialize them as `run` would.
+                match bff_proxy::check_plugins(&cfg).await {
+                    Ok(uses) => {
+                        println!(
+                            "{}: ok: {}; {uses} plugin use(s) loaded",
+                            config.display(),
+                            cfg.summary()
+                        );
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => start_failed(&e),
+                }
+            }),
             Err(e) => config_failed(&e),
         },
         Command::Run { config } => {
@@ -75,10 +85,7 @@ fn main() -> ExitCode {
             run_with_runtime(cfg.server.worker_threads, async move {
                 let proxy = match Proxy::bind(&cfg).await {
                     Ok(p) => p,
-                    Err(e) => {
-                        eprintln!("error: {}", bff_proxy::ErrorChain(&e));
-                        return ExitCode::from(EXIT_UNAVAILABLE);
-                    }
+                    Err(e) => return start_failed(&e),
                 };
                 tracing::info!(
                     listen = %proxy.local_addr(),
@@ -113,6 +120,15 @@ fn config_failed(e: &ConfigError) -> ExitCode {
     }
 }
 
+/// Bad plugins are a config problem (64); anything else at startup is the environment (69).
+fn start_failed(e: &bff_proxy::StartError) -> ExitCode {
+    eprintln!("error: {}", bff_proxy::ErrorChain(e));
+    match e {
+        bff_proxy::StartError::Plugins(_) => ExitCode::from(EXIT_CONFIG),
+        _ => ExitCode::from(EXIT_UNAVAILABLE),
+    }
+}
+
 /// The same exit codes as `run` and `check`, found by what the demo failed on.
 fn demo_exit_code(e: &anyhow::Error) -> u8 {
     if let Some(c) = e.downcast_ref::<ConfigError>() {
@@ -120,6 +136,9 @@ fn demo_exit_code(e: &anyhow::Error) -> u8 {
             ConfigError::Read { .. } => EXIT_NO_INPUT,
             ConfigError::Invalid { .. } => EXIT_CONFIG,
         };
+    }
+    if let Some(bff_proxy::StartError::Plugins(_)) = e.downcast_ref::<bff_proxy::StartError>() {
+        return EXIT_CONFIG;
     }
     let cannot_listen = e.downcast_ref::<bff_proxy::StartError>().is_some()
         || e.chain().any(|c| {

@@ -73,8 +73,8 @@ impl HeadersConfig {
 /// Header names resolved once per snapshot.
 #[derive(Debug)]
 pub(crate) struct HeaderNames {
-    client: HeaderName,
-    request_id: HeaderName,
+    pub(crate) client: HeaderName,
+    pub(crate) request_id: HeaderName,
     forwarded: bool,
 }
 
@@ -179,6 +179,14 @@ pub(crate) async fn handle(
                     request_id = ctx.request_id.to_str().unwrap_or_default(),
                     "request shed"
                 ),
+                Fault::Plugin => tracing::warn!(
+                    code = err.code(),
+                    request_id = ctx.request_id.to_str().unwrap_or_default(),
+                    client = ctx.client.as_ref().map_or("", |c| &*c.name),
+                    route = ctx.route.as_deref().unwrap_or(""),
+                    error = %ErrorChain(&err),
+                    "plugin chain failed"
+                ),
                 Fault::Upstream => tracing::warn!(
                     code = err.code(),
                     request_id = ctx.request_id.to_str().unwrap_or_default(),
@@ -246,17 +254,40 @@ async fn proxy(
     let (route, params) = snap.router.find(client_idx, req.method(), &path)?;
     tracing::Span::current().record("route", &*route.id);
     ctx.route = Some(route.id.clone());
-    let service = route
-        .service
-        .clone()
-        .expect("routes without a chain have a service (validated)");
-    ctx.service = Some(service.clone());
+    ctx.service = route.service.clone();
     let upstream_path = route.upstream_path(&path, &params);
 
     // Upstream request: same method, cleaned headers, streamed body.
     let query = uri.query();
     let (mut parts, incoming) = req.into_parts();
     prepare_upstream_headers(&mut parts, snap, conn, ctx, client_idx);
+
+    if let Some(chain) = &route.chain {
+        return chain
+            .run(crate::plugins::ChainInput {
+                parts,
+                body: incoming,
+                path: upstream_path.into_owned(),
+                query: query.map(str::to_owned),
+                service: route.service.clone(),
+                upstreams: snap.upstreams.clone(),
+                ctx: crate::plugins::context(client, &route.id, &params, &ctx.request_id),
+                scope: crate::plugins::ScopeParts {
+                    request_id: ctx.request_id.clone(),
+                    request_id_header: snap.headers.request_id.clone(),
+                    client_header: snap.headers.client.clone(),
+                    client_value: snap.identifier.name_value(client_idx).clone(),
+                },
+                max_request_body: server.max_request_body_bytes,
+                upstream_timeout: server.request_timeout,
+                chain_timeout: snap.chain_timeout,
+            })
+            .await;
+    }
+    let service = route
+        .service
+        .clone()
+        .expect("routes without a chain have a service (validated)");
     let body = if incoming.is_end_stream() {
         body::empty()
     } else {
@@ -333,7 +364,7 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 }
 
 /// Removes hop-by-hop fields, including any the `connection` header names.
-fn remove_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // Most messages carry none, or only `connection: keep-alive`: one pass over the names
     // finds which are present, so absent ones cost no lookups.
     let mut present = [false; HOP_BY_HOP_COUNT];
@@ -511,7 +542,11 @@ mod tests {
         assert_eq!(v6.forwarded_element, "for=\"[2001:db8::1]\";proto=http");
 
         let prev = HeaderValue::from_static("for=198.51.100.2");
-        let v = element_value(prev.as_bytes(), v4.forwarded_element.as_bytes(), Some(b"shop"));
+        let v = element_value(
+            prev.as_bytes(),
+            v4.forwarded_element.as_bytes(),
+            Some(b"shop"),
+        );
         assert_eq!(
             v.expect("valid"),
             "for=198.51.100.2, for=192.0.2.1;proto=http;host=\"shop\""

@@ -37,6 +37,9 @@ pub struct RouteConfig {
     /// Plugins run on this route, in order.
     #[serde(default)]
     pub chain: Vec<ChainStep>,
+    /// Services the chain's plugins may call with `send`; any other is refused.
+    #[serde(default)]
+    pub egress: Vec<String>,
 }
 
 /// One plugin use in a route's chain.
@@ -51,6 +54,9 @@ pub struct ChainStep {
     /// The plugin's own config, validated by the plugin when it loads.
     #[serde(default)]
     pub config: toml::Table,
+    /// Overrides of `[plugins.limits]` for this use.
+    #[serde(default)]
+    pub limits: crate::plugins::PluginLimitsOverride,
 }
 
 /// Failure policy of a plugin use.
@@ -72,6 +78,8 @@ pub(crate) struct Route {
     pattern: Pattern,
     pub(crate) service: Option<Arc<str>>,
     rewrite: Option<Template>,
+    /// The loaded plugin chain, if the route has one.
+    pub(crate) chain: Option<Arc<crate::plugins::Chain>>,
 }
 
 /// Captured `{param}` values, in pattern order.
@@ -94,12 +102,17 @@ pub(crate) struct Router {
 }
 
 impl Router {
-    /// Builds from a validated config.
-    pub(crate) fn build(config: &Config) -> Self {
+    /// Builds from a validated config and the routes' loaded chains (by route index).
+    pub(crate) fn build(
+        config: &Config,
+        mut chains: Vec<Option<Arc<crate::plugins::Chain>>>,
+    ) -> Self {
+        chains.resize(config.routes.len(), None);
         let routes: Vec<Arc<Route>> = config
             .routes
             .iter()
-            .map(|r| {
+            .zip(chains)
+            .map(|(r, chain)| {
                 Arc::new(Route {
                     id: r.id.as_str().into(),
                     methods: r
@@ -113,6 +126,7 @@ impl Router {
                         .rewrite
                         .as_deref()
                         .map(|t| Template::parse(t).expect("rewrites were validated")),
+                    chain,
                 })
             })
             .collect();
@@ -461,12 +475,28 @@ pub(crate) fn validate(
                 );
             }
         }
-        if !r.chain.is_empty() {
-            // The shape above is final; running chains needs the Wasm runtime, which this build
-            // does not have yet. Refusing beats silently proxying without the plugins.
+        for (j, service) in r.egress.iter().enumerate() {
+            if !config.services.contains_key(service) {
+                problems.push(
+                    at.key("egress").index(j),
+                    format!("unknown service `{service}`"),
+                );
+            }
+        }
+        for (j, step) in r.chain.iter().enumerate() {
+            let limits = config.plugins.limits.with(&step.limits);
+            if step.limits != Default::default() {
+                limits.validate(
+                    config.plugins.instance_memory_bytes,
+                    &at.key("chain").index(j).key("limits"),
+                    problems,
+                );
+            }
+        }
+        if r.chain.is_empty() && !r.egress.is_empty() {
             problems.push(
-                at.key("chain"),
-                "this build of bff-proxy cannot run plugin chains yet; remove `chain`",
+                at.key("egress"),
+                "`egress` lists services for plugins to call, but the route has no `chain`",
             );
         }
     }

@@ -33,6 +33,24 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The plugin engine could not be created.
+    #[error(transparent)]
+    PluginRuntime(#[from] crate::plugins::RuntimeError),
+    /// Plugins the config uses could not be loaded or initialized.
+    #[error(transparent)]
+    Plugins(#[from] crate::plugins::LoadError),
+}
+
+/// Loads and initializes every plugin `config` uses, as `run` would, without binding anything:
+/// what `bff-proxy check` runs after the config itself is valid. Returns how many plugin uses
+/// were initialized.
+pub async fn check_plugins(config: &Config) -> Result<usize, StartError> {
+    if !config.uses_plugins() {
+        return Ok(0);
+    }
+    let runtime = Arc::new(crate::plugins::Runtime::new(&config.plugins)?);
+    crate::state::Snapshot::build(config, Some(&runtime)).await?;
+    Ok(config.routes.iter().map(|r| r.chain.len()).sum())
 }
 
 /// A bound, not yet serving, proxy.
@@ -52,12 +70,19 @@ impl Proxy {
                 .await
                 .map_err(|source| StartError::Bind { addr, what, source })
         };
+        // Plugins load before anything is bound: a bad plugin fails startup like a bad config.
+        let plugins = if config.uses_plugins() {
+            Some(Arc::new(crate::plugins::Runtime::new(&config.plugins)?))
+        } else {
+            None
+        };
+        let snapshot = crate::state::Snapshot::build(config, plugins.as_ref()).await?;
         let data = bind(config.listen, "data plane").await?;
         let admin = bind(config.admin.listen, "admin").await?;
         Ok(Self {
             data,
             admin,
-            shared: Arc::new(Shared::new(config)),
+            shared: Arc::new(Shared::new(config, snapshot, plugins)),
         })
     }
 

@@ -15,6 +15,8 @@
 //! Every network wait is bounded ([`IO_TIMEOUT`]), so a broken proxy fails a test instead of
 //! hanging it. Set `BFF_TEST_LOG=debug` to see the proxy's logs.
 
+pub mod plugins;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::fmt::Write as _;

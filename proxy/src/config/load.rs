@@ -15,7 +15,7 @@ use super::{Config, ConfigPath};
 
 /// Top-level keys, in the order `config/full.toml` documents them.
 const TOP_LEVEL_KEYS: &[&str] = &[
-    "listen", "admin", "server", "headers", "identity", "services", "clients", "routes",
+    "listen", "admin", "server", "headers", "identity", "services", "clients", "routes", "plugins",
 ];
 
 /// Why a config could not be used.
@@ -148,6 +148,7 @@ pub(super) fn load(text: &str, origin: &str) -> Result<Config, ConfigError> {
     section!("server", server);
     section!("headers", headers);
     section!("identity", identity);
+    section!("plugins", plugins);
     if let Some(v) = table.remove("services") {
         config.services = decode_map(v, &root.key("services"), &mut problems);
     }

@@ -64,7 +64,7 @@ service = "users"
         problems(text),
         [
             "2:1 listen: must differ from the admin listener (`admin.listen` = 127.0.0.1:9901)",
-            "3:1 typo: unknown field `typo`, expected one of `listen`, `admin`, `server`, `headers`, `identity`, `services`, `clients`, `routes`",
+            "3:1 typo: unknown field `typo`, expected one of `listen`, `admin`, `server`, `headers`, `identity`, `services`, `clients`, `routes`, `plugins`",
             "6:1 services.users.urls: a service needs at least one URL",
             "7:1 services.users.request_timeout: invalid value: string \"soon\", expected a duration",
             "10:1 clients[0].name: names start with a lowercase letter and use only lowercase letters, digits, `-` and `_` (at most 64 characters)",
@@ -109,9 +109,11 @@ path = "/b"
 id = "c"
 path = "/c"
 service = "users"
+egress = ["users", "ghost"]
 [[routes.chain]]
 plugin = "Fields"
 on_error = "explode"
+limits = { cpu_budget = "0s", max_memory_bytes = 1 }
 "#;
     let got = problems(text);
     let want = [
@@ -120,9 +122,11 @@ on_error = "explode"
         "15:1 routes[0].rewrite: `{other}` is not captured by the path `/a/{id}`",
         "18:1 routes[1].id: duplicate route id `a`",
         "18:1 routes[1].id: the route has no `service` and no `chain`: nothing would answer it",
-        "27:1 routes[2].chain[0].on_error: unknown variant `explode`, expected `fail-closed` or `fail-open`",
-        "25:10 routes[2].chain: this build of bff-proxy cannot run plugin chains yet; remove `chain`",
-        "26:1 routes[2].chain[0].plugin: names start with a lowercase letter and use only lowercase letters, digits, `-` and `_` (at most 64 characters)",
+        "25:20 routes[2].egress[1]: unknown service `ghost`",
+        "28:1 routes[2].chain[0].on_error: unknown variant `explode`, expected `fail-closed` or `fail-open`",
+        "29:12 routes[2].chain[0].limits.cpu_budget: must be between 1ms and 1m",
+        "29:31 routes[2].chain[0].limits.max_memory_bytes: must be between 1048576 and 67108864",
+        "27:1 routes[2].chain[0].plugin: names start with a lowercase letter and use only lowercase letters, digits, `-` and `_` (at most 64 characters)",
     ];
     for w in want {
         assert!(got.iter().any(|g| g == w), "missing {w:?} in {got:#?}");

@@ -48,7 +48,7 @@ path = "/api/home"
 service = "a"
 "#,
     );
-    let r = Router::build(&cfg);
+    let r = Router::build(&cfg, Vec::new());
     assert_eq!(
         find(&r, 0, "GET", "/api/home").map(|x| x.0),
         Ok("home".into())
@@ -85,7 +85,7 @@ service = "b"
 rewrite = "/assets/{rest}"
 "#,
     );
-    let r = Router::build(&cfg);
+    let r = Router::build(&cfg, Vec::new());
     assert_eq!(
         find(&r, 0, "GET", "/users/me").map(|x| x.0),
         Ok("me".into())
@@ -143,7 +143,7 @@ path = "/items/{id}"
 service = "b"
 "#,
     );
-    let r = Router::build(&cfg);
+    let r = Router::build(&cfg, Vec::new());
     assert_eq!(
         find(&r, 0, "HEAD", "/items/1").map(|x| x.0),
         Ok("read".into())

@@ -1,0 +1,200 @@
+//! Plugin chains: the phases between routing and the upstream (request phase, in chain order)
+//! and between the upstream and the client (response phase, in reverse order).
+//!
+//! ```text
+//! route ─▶ on-request(p1) ─▶ on-request(p2) ─▶ upstream ─▶ on-response(p2) ─▶ on-response(p1) ─▶ respond
+//!                 └──── respond(resp) skips the rest and the upstream ──┘
+//! ```
+//!
+//! This is the only module that knows about wasmtime. The rest of the proxy sees three things:
+//! [`PluginsConfig`] (the `[plugins]` section and the per-use limits), [`Runtime`] (one engine
+//! for the process), and [`Chain`] (a route's loaded plugins, run by [`Chain::run`]).
+//!
+//! - `runtime`: the one `Engine` (pooling allocator, epoch ticker), the `Linker` with the host
+//!   imports and a deny-by-default WASI p2.
+//! - `load`: reads `<dir>/<name>.wasm`, checks the contract version, compiles and type-checks
+//!   it once (`PluginPre`), and calls `init` for every use so a bad config fails the load.
+//! - `host`: per-request store data and the host imports (`send`/`wait`, `log`, shared values),
+//!   with the limits and the egress allow-list.
+//! - `chain`: runs a route's chain for one request with a fresh instance per plugin.
+
+mod bindings;
+mod chain;
+mod host;
+mod load;
+mod runtime;
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::{ConfigPath, Problems, check_duration, check_range};
+
+pub(crate) use self::chain::{Chain, ChainInput, FailureKind, PluginFailure, ScopeParts};
+pub use self::load::LoadError;
+pub(crate) use self::load::load_chains;
+pub use self::runtime::{Runtime, RuntimeError};
+
+/// The `context` record plugins get: who the client is and where the request was routed.
+pub(crate) fn context(
+    client: &crate::identity::ClientProfile,
+    route: &str,
+    params: &crate::router::Params,
+    request_id: &http::HeaderValue,
+) -> bindings::bff::plugin::types::Context {
+    bindings::bff::plugin::types::Context {
+        client: client.name.to_string(),
+        attributes: client.attributes.to_vec(),
+        route: route.to_owned(),
+        params: params
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect(),
+        request_id: request_id.to_str().unwrap_or_default().to_owned(),
+    }
+}
+
+/// `[plugins]`: where plugins come from and the limits every plugin use gets by default.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginsConfig {
+    /// Directory holding the plugins, one `<name>.wasm` component per plugin. Relative paths are
+    /// resolved against the config file's directory.
+    pub dir: std::path::PathBuf,
+    /// Plugin instances that can be alive at once across all requests (a request holds one per
+    /// plugin of its chain). Each reserves `instance_memory_bytes` of address space (not RAM).
+    pub max_instances: u32,
+    /// The largest linear memory any plugin use may be given (sizes the instance pool).
+    pub instance_memory_bytes: u64,
+    /// Wall-clock cap on all plugin phases of one request together, upstream calls included.
+    #[serde(with = "humantime_serde")]
+    pub chain_timeout: Duration,
+    /// Defaults for every plugin use; a chain step can override each.
+    pub limits: PluginLimits,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        Self {
+            dir: "plugins".into(),
+            max_instances: 1000,
+            instance_memory_bytes: 64 << 20,
+            chain_timeout: Duration::from_secs(10),
+            limits: PluginLimits::default(),
+        }
+    }
+}
+
+/// Limits of one plugin use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PluginLimits {
+    /// CPU time per hook call. Time spent waiting on upstream calls does not count.
+    #[serde(with = "humantime_serde")]
+    pub cpu_budget: Duration,
+    /// Wall-clock time per hook call, waiting included.
+    #[serde(with = "humantime_serde")]
+    pub call_timeout: Duration,
+    /// Linear memory cap of the plugin's instance.
+    pub max_memory_bytes: u64,
+    /// Upstream calls (`send`) per request.
+    pub max_sends: u32,
+    /// The largest body (request, response or `send` response) handed to the plugin.
+    pub max_body_bytes: u64,
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        Self {
+            cpu_budget: Duration::from_millis(50),
+            call_timeout: Duration::from_secs(5),
+            max_memory_bytes: 32 << 20,
+            max_sends: 16,
+            max_body_bytes: 1 << 20,
+        }
+    }
+}
+
+/// Per-use overrides of [`PluginLimits`] (`limits = { cpu_budget = "20ms" }` in a chain step).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginLimitsOverride {
+    /// See [`PluginLimits::cpu_budget`].
+    #[serde(default, with = "humantime_serde")]
+    pub cpu_budget: Option<Duration>,
+    /// See [`PluginLimits::call_timeout`].
+    #[serde(default, with = "humantime_serde")]
+    pub call_timeout: Option<Duration>,
+    /// See [`PluginLimits::max_memory_bytes`].
+    pub max_memory_bytes: Option<u64>,
+    /// See [`PluginLimits::max_sends`].
+    pub max_sends: Option<u32>,
+    /// See [`PluginLimits::max_body_bytes`].
+    pub max_body_bytes: Option<u64>,
+}
+
+impl PluginLimits {
+    /// These limits with `o`'s values where it sets one.
+    pub(crate) fn with(self, o: &PluginLimitsOverride) -> Self {
+        Self {
+            cpu_budget: o.cpu_budget.unwrap_or(self.cpu_budget),
+            call_timeout: o.call_timeout.unwrap_or(self.call_timeout),
+            max_memory_bytes: o.max_memory_bytes.unwrap_or(self.max_memory_bytes),
+            max_sends: o.max_sends.unwrap_or(self.max_sends),
+            max_body_bytes: o.max_body_bytes.unwrap_or(self.max_body_bytes),
+        }
+    }
+
+    pub(crate) fn validate(&self, memory_cap: u64, at: &ConfigPath, problems: &mut Problems) {
+        check_duration(
+            self.cpu_budget,
+            Duration::from_millis(1)..=Duration::from_secs(60),
+            &at.key("cpu_budget"),
+            problems,
+        );
+        check_duration(
+            self.call_timeout,
+            Duration::from_millis(1)..=Duration::from_secs(300),
+            &at.key("call_timeout"),
+            problems,
+        );
+        check_range(
+            self.max_memory_bytes,
+            (1 << 20)..=memory_cap,
+            &at.key("max_memory_bytes"),
+            problems,
+        );
+        check_range(self.max_sends, 0..=1024, &at.key("max_sends"), problems);
+        check_range(
+            self.max_body_bytes,
+            0..=(1 << 30),
+            &at.key("max_body_bytes"),
+            problems,
+        );
+    }
+}
+
+impl PluginsConfig {
+    pub(crate) fn validate(&self, at: &ConfigPath, problems: &mut Problems) {
+        check_range(
+            self.max_instances,
+            1..=100_000,
+            &at.key("max_instances"),
+            problems,
+        );
+        check_range(
+            self.instance_memory_bytes,
+            (1 << 20)..=(4 << 30),
+            &at.key("instance_memory_bytes"),
+            problems,
+        );
+        check_duration(
+            self.chain_timeout,
+            Duration::from_millis(1)..=Duration::from_secs(3600),
+            &at.key("chain_timeout"),
+            problems,
+        );
+        self.limits
+            .validate(self.instance_memory_bytes, &at.key("limits"), problems);
+    }
+}

@@ -1,0 +1,589 @@
+//! Runs a route's chain for one request: the request phase in chain order, the upstream (unless a
+//! plugin answered), then the response phase in reverse order.
+//!
+//! Every plugin gets a fresh instance per request (the same instance serves both phases), so no
+//! data of one request can leak into another. Bodies are buffered only when a plugin declared it
+//! reads them; otherwise they stream straight through as on a route without plugins. Whatever a
+//! plugin returns is validated (method, path, header names and values, status) before use.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use wasmtime::{Store, UpdateDeadline};
+
+use super::bindings::Plugin as Instance;
+use super::bindings::bff::plugin::types;
+use super::host::{HostState, RequestScope, headers_from_wit, headers_to_wit};
+use super::load::LoadedPlugin;
+use super::{PluginLimits, Runtime};
+use crate::body::{self, Body};
+use crate::error::ProxyError;
+use crate::router::OnError;
+use crate::upstream::Upstreams;
+
+/// A plugin use of a chain, loaded and initialized.
+#[derive(Debug)]
+pub(crate) struct Step {
+    pub(crate) plugin: Arc<LoadedPlugin>,
+    pub(crate) config_json: Arc<str>,
+    pub(crate) on_error: OnError,
+    pub(crate) limits: PluginLimits,
+    pub(crate) caps: types::Capabilities,
+}
+
+/// A route's loaded chain.
+#[derive(Debug)]
+pub(crate) struct Chain {
+    route: Arc<str>,
+    steps: Vec<Step>,
+    egress: Arc<[Arc<str>]>,
+    runtime: Arc<Runtime>,
+}
+
+/// Why a plugin call failed. Each has its own error code (see `error.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum FailureKind {
+    #[error("returned an error ({kind:?}): {message}")]
+    Error {
+        kind: types::ErrorKind,
+        message: String,
+    },
+    #[error("panicked: {0}")]
+    Panic(String),
+    #[error("trapped: {0}")]
+    Trap(String),
+    #[error("used up its CPU budget")]
+    CpuBudget,
+    #[error("went over its memory limit")]
+    Memory,
+    #[error("did not finish within its call timeout")]
+    Timeout,
+    #[error("returned an invalid {0}")]
+    InvalidOutput(String),
+    #[error("needs a body larger than its limit")]
+    BodyTooLarge,
+    #[error("needs the body but the upstream sent it encoded ({0})")]
+    EncodedBody(String),
+    #[error("could not be instantiated: {0}")]
+    Unavailable(String),
+}
+
+/// A failed plugin use that ends the request (`on_error = "fail-closed"`).
+#[derive(Debug, thiserror::Error)]
+#[error("plugin `{plugin}` {kind}")]
+pub(crate) struct PluginFailure {
+    pub(crate) plugin: Arc<str>,
+    pub(crate) kind: FailureKind,
+}
+
+/// The epoch callback's error when a call's CPU budget is spent.
+#[derive(Debug, thiserror::Error)]
+#[error("CPU budget exceeded")]
+struct CpuBudgetExceeded;
+
+/// What the pipeline hands the chain: the request as it would go upstream.
+#[derive(Debug)]
+pub(crate) struct ChainInput {
+    /// Method, headers (already cleaned and with the proxy's headers) of the upstream request.
+    pub(crate) parts: http::request::Parts,
+    pub(crate) body: Incoming,
+    /// Upstream path (route rewrite applied) and raw query.
+    pub(crate) path: String,
+    pub(crate) query: Option<String>,
+    pub(crate) service: Option<Arc<str>>,
+    pub(crate) upstreams: Arc<Upstreams>,
+    pub(crate) ctx: types::Context,
+    pub(crate) scope: ScopeParts,
+    pub(crate) max_request_body: u64,
+    pub(crate) upstream_timeout: Duration,
+    pub(crate) chain_timeout: Duration,
+}
+
+/// Header names and values plugins' upstream calls carry.
+#[derive(Debug)]
+pub(crate) struct ScopeParts {
+    pub(crate) request_id: HeaderValue,
+    pub(crate) request_id_header: http::HeaderName,
+    pub(crate) client_header: http::HeaderName,
+    pub(crate) client_value: HeaderValue,
+}
+
+/// Creates a store for one instance of `plugin` with its limits and the epoch callback that
+/// enforces the CPU budget and yields to other requests once per tick.
+pub(crate) fn new_store(
+    runtime: &Runtime,
+    plugin: &LoadedPlugin,
+    config_json: Arc<str>,
+    limits: PluginLimits,
+    scope: Option<Arc<RequestScope>>,
+) -> Store<HostState> {
+    let state = HostState::new(plugin.name.clone(), config_json, limits, scope);
+    let mut store = Store::new(&runtime.engine, state);
+    store.limiter(|s| &mut s.limiter);
+    let budget = limits.cpu_budget;
+    store.epoch_deadline_callback(move |ctx| {
+        if ctx.data().meter.used() > budget {
+            return Err(CpuBudgetExceeded.into());
+        }
+        Ok(UpdateDeadline::Yield(1))
+    });
+    store
+}
+
+/// Runs one hook call with the use's limits: CPU budget (metered per poll), call timeout, and
+/// a classification of any failure. Expands inside an async fn; `$call` borrows `$store`.
+macro_rules! guarded {
+    ($store:expr, $limits:expr, $call:expr) => {{
+        let meter = $store.data().meter.clone();
+        meter.reset();
+        $store.set_epoch_deadline(1);
+        let res = tokio::time::timeout(
+            $limits.call_timeout,
+            $crate::plugins::host::Metered::new($call, meter),
+        )
+        .await;
+        $crate::plugins::chain::finish(&mut $store, res)
+    }};
+}
+pub(crate) use guarded;
+
+/// Classifies the outcome of a guarded call.
+pub(crate) fn finish<T>(
+    store: &mut Store<HostState>,
+    res: Result<wasmtime::Result<Result<T, types::PluginError>>, tokio::time::error::Elapsed>,
+) -> Result<T, FailureKind> {
+    let stderr = store.data_mut().flush_stdio();
+    match res {
+        Err(_) => Err(FailureKind::Timeout),
+        Ok(Ok(Ok(v))) => Ok(v),
+        Ok(Ok(Err(e))) => Err(FailureKind::Error {
+            kind: e.kind,
+            message: e.message,
+        }),
+        Ok(Err(trap)) => {
+            if trap.downcast_ref::<CpuBudgetExceeded>().is_some() {
+                Err(FailureKind::CpuBudget)
+            } else if store.data().limiter.hit {
+                Err(FailureKind::Memory)
+            } else if let Some(msg) = panic_message(&stderr) {
+                Err(FailureKind::Panic(msg))
+            } else {
+                let trap_code = trap
+                    .downcast_ref::<wasmtime::Trap>()
+                    .map_or_else(|| trap.to_string(), ToString::to_string);
+                Err(FailureKind::Trap(
+                    trap_code.lines().next().unwrap_or_default().to_owned(),
+                ))
+            }
+        }
+    }
+}
+
+/// The message of a Rust panic from what the guest wrote to stderr
+/// (`thread '<unnamed>' panicked at src/lib.rs:3:5:\nthe message`).
+fn panic_message(stderr: &str) -> Option<String> {
+    let at = stderr.find("panicked at")?;
+    let mut lines = stderr[at..].lines();
+    let location = lines.next().unwrap_or_default();
+    let message = lines.next().unwrap_or_default();
+    let text = format!("{message} ({})", location.trim_end_matches(':'));
+    Some(text.chars().take(512).collect())
+}
+
+/// Removes headers the proxy manages from a plugin's request or response head.
+pub(crate) fn strip_managed(headers: &mut HeaderMap) {
+    crate::pipeline::remove_hop_by_hop(headers);
+    headers.remove(header::HOST);
+    headers.remove(header::CONTENT_LENGTH);
+}
+
+/// An instance alive for this request.
+struct Live {
+    store: Store<HostState>,
+    instance: Instance,
+    step: usize,
+}
+
+impl Chain {
+    pub(crate) fn new(
+        route: Arc<str>,
+        steps: Vec<Step>,
+        egress: Arc<[Arc<str>]>,
+        runtime: Arc<Runtime>,
+    ) -> Self {
+        Self {
+            route,
+            steps,
+            egress,
+            runtime,
+        }
+    }
+
+    /// Runs the chain and the upstream call. Errors are fail-closed plugin failures, upstream
+    /// failures and request-body limits, each mapped to a response by `error.rs`.
+    pub(crate) async fn run(&self, input: ChainInput) -> Result<Response<Body>, ProxyError> {
+        let timeout = input.chain_timeout;
+        match tokio::time::timeout(timeout, self.run_inner(input)).await {
+            Ok(r) => r,
+            Err(_) => Err(ProxyError::ChainTimeout),
+        }
+    }
+
+    async fn run_inner(&self, input: ChainInput) -> Result<Response<Body>, ProxyError> {
+        let ChainInput {
+            mut parts,
+            body: incoming,
+            path,
+            query,
+            service,
+            upstreams,
+            ctx,
+            scope,
+            max_request_body,
+            upstream_timeout,
+            chain_timeout: _,
+        } = input;
+        let scope = Arc::new(RequestScope {
+            upstreams: upstreams.clone(),
+            egress: self.egress.clone(),
+            request_id: scope.request_id,
+            request_id_header: scope.request_id_header,
+            client_header: scope.client_header,
+            client_value: scope.client_value,
+            upstream_timeout,
+            values: Default::default(),
+        });
+
+        // Buffer the request body only if some plugin reads it.
+        let body_limit = self
+            .steps
+            .iter()
+            .filter(|s| s.caps.reads_request_body)
+            .map(|s| s.limits.max_body_bytes)
+            .min();
+        let mut req_body = RequestBody::Stream(incoming);
+        if let Some(limit) = body_limit {
+            let limit = limit.min(max_request_body);
+            let RequestBody::Stream(incoming) = req_body else {
+                unreachable!("just built as a stream")
+            };
+            let bytes = http_body_util::Limited::new(
+                incoming,
+                usize::try_from(limit).unwrap_or(usize::MAX),
+            )
+            .collect()
+            .await
+            .map_err(|_| ProxyError::BodyTooLarge { limit })?
+            .to_bytes();
+            req_body = RequestBody::Buffered(bytes);
+        }
+
+        // Request phase.
+        let mut uri = match &query {
+            Some(q) => format!("{path}?{q}"),
+            None => path,
+        };
+        let mut live: Vec<Live> = Vec::with_capacity(self.steps.len());
+        let mut answered: Option<types::Response> = None;
+        for (i, step) in self.steps.iter().enumerate() {
+            let mut l = match self.instantiate(i, step, &scope).await {
+                Ok(l) => l,
+                Err(kind) => {
+                    self.skip_or_fail(step, kind)?;
+                    continue;
+                }
+            };
+            let req = types::Request {
+                method: parts.method.to_string(),
+                uri: uri.clone(),
+                headers: headers_to_wit(&parts.headers),
+                body: match (&req_body, step.caps.reads_request_body) {
+                    (RequestBody::Buffered(b), true) => b.to_vec(),
+                    _ => Vec::new(),
+                },
+            };
+            let hooks = l.instance.bff_plugin_hooks();
+            let outcome = guarded!(
+                l.store,
+                step.limits,
+                hooks.call_on_request(&mut l.store, &ctx, &req)
+            );
+            let outcome = outcome.and_then(|action| match action {
+                types::Action::Forward(r) => apply_forward(
+                    r,
+                    step.caps.reads_request_body,
+                    &mut parts,
+                    &mut uri,
+                    &scope,
+                )
+                .map(|new_body| {
+                    if let Some(b) = new_body {
+                        req_body = RequestBody::Buffered(b);
+                    }
+                    None
+                }),
+                types::Action::Respond(resp) => Ok(Some(resp)),
+            });
+            match outcome {
+                Ok(None) => {
+                    if step.caps.handles_response {
+                        live.push(l);
+                    }
+                }
+                Ok(Some(resp)) => {
+                    answered = Some(resp);
+                    break;
+                }
+                Err(kind) => self.skip_or_fail(step, kind)?,
+            }
+        }
+
+        // Upstream (unless a plugin answered), then the response phase in reverse order.
+        let reads_response = live
+            .iter()
+            .any(|l| self.steps[l.step].caps.reads_response_body);
+        let (mut head, mut resp_body) = match answered {
+            Some(resp) => {
+                let (head, body) = response_from_wit(resp)
+                    .map_err(|m| self.failure(&self.steps[0], FailureKind::InvalidOutput(m)))?;
+                (head, ResponseBody::Buffered(body))
+            }
+            None => {
+                let Some(service) = service else {
+                    return Err(ProxyError::ChainNoResponse {
+                        route: self.route.clone(),
+                    });
+                };
+                if reads_response {
+                    parts.headers.insert(
+                        header::ACCEPT_ENCODING,
+                        HeaderValue::from_static("identity"),
+                    );
+                }
+                let body = match req_body {
+                    RequestBody::Buffered(b) if b.is_empty() => body::empty(),
+                    RequestBody::Buffered(b) => body::full(b),
+                    RequestBody::Stream(s) if s.is_end_stream() => body::empty(),
+                    RequestBody::Stream(s) => body::stream(http_body_util::Limited::new(
+                        s,
+                        usize::try_from(max_request_body).unwrap_or(usize::MAX),
+                    )),
+                };
+                let (path, query) = match uri.split_once('?') {
+                    Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
+                    None => (uri.clone(), None),
+                };
+                let resp = upstreams
+                    .send(
+                        &service,
+                        &path,
+                        query.as_deref(),
+                        Request::from_parts(parts, body),
+                        upstream_timeout,
+                    )
+                    .await?;
+                let (mut head, incoming) = resp.into_parts();
+                crate::pipeline::remove_hop_by_hop(&mut head.headers);
+                (head, ResponseBody::Stream(incoming))
+            }
+        };
+
+        for mut l in live.into_iter().rev() {
+            let step = &self.steps[l.step];
+            let reads = step.caps.reads_response_body;
+            if reads && let ResponseBody::Stream(_) = resp_body {
+                resp_body =
+                    match buffer_response(resp_body, &head.headers, step.limits.max_body_bytes)
+                        .await
+                    {
+                        Ok(b) => ResponseBody::Buffered(b),
+                        Err(kind) => return Err(self.failure(step, kind)),
+                    };
+            }
+            let resp = types::Response {
+                status: head.status.as_u16(),
+                headers: headers_to_wit(&head.headers),
+                body: match (&resp_body, reads) {
+                    (ResponseBody::Buffered(b), true) => b.to_vec(),
+                    _ => Vec::new(),
+                },
+            };
+            let hooks = l.instance.bff_plugin_hooks();
+            let outcome = guarded!(
+                l.store,
+                step.limits,
+                hooks.call_on_response(&mut l.store, &ctx, &resp)
+            )
+            .and_then(|r| {
+                let (new_head, new_body) =
+                    response_from_wit(r).map_err(FailureKind::InvalidOutput)?;
+                Ok((new_head, new_body))
+            });
+            match outcome {
+                Ok((new_head, new_body)) => {
+                    head.status = new_head.status;
+                    head.headers = new_head.headers;
+                    if reads {
+                        resp_body = ResponseBody::Buffered(new_body);
+                    }
+                }
+                Err(kind) => self.skip_or_fail(step, kind)?,
+            }
+        }
+
+        let body = match resp_body {
+            ResponseBody::Buffered(b) => {
+                // The body may have changed: the length is ours to state (hyper sets it from
+                // the full body), and it is no longer in whatever encoding it was.
+                head.headers.remove(header::CONTENT_LENGTH);
+                body::full(b)
+            }
+            ResponseBody::Stream(s) => body::stream(s),
+        };
+        Ok(Response::from_parts(head, body))
+    }
+
+    async fn instantiate(
+        &self,
+        i: usize,
+        step: &Step,
+        scope: &Arc<RequestScope>,
+    ) -> Result<Live, FailureKind> {
+        let mut store = new_store(
+            &self.runtime,
+            &step.plugin,
+            step.config_json.clone(),
+            step.limits,
+            Some(scope.clone()),
+        );
+        let instance = step
+            .plugin
+            .pre
+            .instantiate_async(&mut store)
+            .await
+            .map_err(|e| {
+                if store.data().limiter.hit {
+                    FailureKind::Memory
+                } else {
+                    FailureKind::Unavailable(
+                        e.to_string().lines().next().unwrap_or_default().to_owned(),
+                    )
+                }
+            })?;
+        Ok(Live {
+            store,
+            instance,
+            step: i,
+        })
+    }
+
+    fn failure(&self, step: &Step, kind: FailureKind) -> ProxyError {
+        ProxyError::Plugin(PluginFailure {
+            plugin: step.plugin.name.clone(),
+            kind,
+        })
+    }
+
+    /// `fail-open`: log and go on without the plugin. `fail-closed`: end the request.
+    fn skip_or_fail(&self, step: &Step, kind: FailureKind) -> Result<(), ProxyError> {
+        match step.on_error {
+            OnError::FailOpen => {
+                tracing::warn!(
+                    plugin = %step.plugin.name,
+                    route = %self.route,
+                    error = %kind,
+                    "plugin failed; skipped (fail-open)"
+                );
+                Ok(())
+            }
+            OnError::FailClosed => Err(self.failure(step, kind)),
+        }
+    }
+}
+
+enum RequestBody {
+    Stream(Incoming),
+    Buffered(Bytes),
+}
+
+enum ResponseBody {
+    Stream(Incoming),
+    Buffered(Bytes),
+}
+
+/// Applies a plugin's `forward(request)`. Returns the new body if the plugin reads bodies.
+fn apply_forward(
+    r: types::Request,
+    reads_body: bool,
+    parts: &mut http::request::Parts,
+    uri: &mut String,
+    scope: &RequestScope,
+) -> Result<Option<Bytes>, FailureKind> {
+    let method = Method::from_bytes(r.method.as_bytes())
+        .map_err(|_| FailureKind::InvalidOutput(format!("method `{}`", r.method.escape_debug())))?;
+    let (path, query) = match r.uri.split_once('?') {
+        Some((p, q)) => (p, Some(q)),
+        None => (r.uri.as_str(), None),
+    };
+    let normalized = crate::router::path::normalize(path)
+        .map_err(|_| FailureKind::InvalidOutput(format!("uri `{}`", r.uri.escape_debug())))?;
+    let new_uri = match query {
+        Some(q) => format!("{normalized}?{q}"),
+        None => normalized.into_owned(),
+    };
+    http::uri::PathAndQuery::try_from(new_uri.as_str())
+        .map_err(|_| FailureKind::InvalidOutput(format!("uri `{}`", r.uri.escape_debug())))?;
+    let mut headers = headers_from_wit(r.headers).map_err(FailureKind::InvalidOutput)?;
+    strip_managed(&mut headers);
+    // Identity and the request id are the proxy's to state, whatever the plugin returned.
+    headers.insert(scope.request_id_header.clone(), scope.request_id.clone());
+    headers.insert(scope.client_header.clone(), scope.client_value.clone());
+    parts.method = method;
+    parts.headers = headers;
+    *uri = new_uri;
+    Ok(reads_body.then(|| Bytes::from(r.body)))
+}
+
+/// Validates a plugin's response: a final status (200-599) and valid header fields.
+fn response_from_wit(r: types::Response) -> Result<(http::response::Parts, Bytes), String> {
+    let status = StatusCode::from_u16(r.status)
+        .ok()
+        .filter(|s| (200..=599).contains(&s.as_u16()))
+        .ok_or_else(|| format!("status {}", r.status))?;
+    let mut headers = headers_from_wit(r.headers)?;
+    crate::pipeline::remove_hop_by_hop(&mut headers);
+    headers.remove(header::CONTENT_LENGTH);
+    let (mut head, ()) = Response::new(()).into_parts();
+    head.status = status;
+    head.headers = headers;
+    Ok((head, Bytes::from(r.body)))
+}
+
+/// Reads an upstream body for a plugin that reads it, refusing encodings it could not parse.
+async fn buffer_response(
+    body: ResponseBody,
+    headers: &HeaderMap,
+    limit: u64,
+) -> Result<Bytes, FailureKind> {
+    let ResponseBody::Stream(incoming) = body else {
+        unreachable!("only streams are buffered")
+    };
+    if let Some(enc) = headers.get(header::CONTENT_ENCODING)
+        && !enc.as_bytes().eq_ignore_ascii_case(b"identity")
+    {
+        return Err(FailureKind::EncodedBody(
+            String::from_utf8_lossy(enc.as_bytes()).into_owned(),
+        ));
+    }
+    http_body_util::Limited::new(incoming, usize::try_from(limit).unwrap_or(usize::MAX))
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|_| FailureKind::BodyTooLarge)
+}

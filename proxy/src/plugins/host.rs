@@ -1,0 +1,492 @@
+//! What a plugin instance can reach: its store data ([`HostState`]) and the host imports of the
+//! WIT contract (`log`, `config`, `send`/`wait`, shared values), with the limits that bound them.
+//!
+//! Sits inside the request and response phases: every call a plugin makes into the proxy lands
+//! here. Upstream calls from `send` run as Tokio tasks, so the calls of one plugin overlap and the
+//! guest only blocks in `wait`; every call still running when the request ends is aborted.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method, Request};
+use http_body_util::BodyExt;
+use tokio_util::task::AbortOnDropHandle;
+use wasmtime::ResourceLimiter;
+use wasmtime::component::ResourceTable;
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::PluginLimits;
+use super::bindings::bff::plugin::{host, types};
+use crate::body;
+use crate::upstream::{UpstreamError, Upstreams};
+
+/// Bytes of stdout/stderr kept per instance; writes beyond fail in the guest.
+const STDIO_CAPACITY: usize = 64 * 1024;
+/// Largest key + value a plugin may store with `set-value`, and how many it may store.
+const MAX_VALUE_BYTES: usize = 4096;
+const MAX_VALUES: usize = 64;
+
+/// Request-wide facts and state, shared by every plugin instance of one request.
+#[derive(Debug)]
+pub(crate) struct RequestScope {
+    pub(crate) upstreams: Arc<Upstreams>,
+    /// Services the route lets its plugins call.
+    pub(crate) egress: Arc<[Arc<str>]>,
+    pub(crate) request_id: HeaderValue,
+    pub(crate) request_id_header: HeaderName,
+    pub(crate) client_header: HeaderName,
+    pub(crate) client_value: HeaderValue,
+    /// Cap on each upstream call (the service's own timeout applies too).
+    pub(crate) upstream_timeout: Duration,
+    /// `get-value`/`set-value` store of the request.
+    pub(crate) values: Mutex<HashMap<String, String>>,
+}
+
+/// The result of one `send`, produced by its task.
+type CallResult = Result<types::Response, types::PluginError>;
+
+/// Store data of one plugin instance.
+pub(crate) struct HostState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(crate) limiter: MemoryLimiter,
+    pub(crate) meter: Arc<CpuMeter>,
+    pub(crate) plugin: Arc<str>,
+    config_json: Arc<str>,
+    limits: PluginLimits,
+    /// `None` while the plugin is being loaded (`init`): no request, so no `send`.
+    scope: Option<Arc<RequestScope>>,
+    calls: Vec<Option<AbortOnDropHandle<CallResult>>>,
+    stdout: MemoryOutputPipe,
+    stderr: MemoryOutputPipe,
+    /// How much of stdout/stderr has been logged already.
+    logged: (usize, usize),
+}
+
+impl std::fmt::Debug for HostState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HostState")
+            .field("plugin", &self.plugin)
+            .field("calls", &self.calls.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl HostState {
+    pub(crate) fn new(
+        plugin: Arc<str>,
+        config_json: Arc<str>,
+        limits: PluginLimits,
+        scope: Option<Arc<RequestScope>>,
+    ) -> Self {
+        let stdout = MemoryOutputPipe::new(STDIO_CAPACITY);
+        let stderr = MemoryOutputPipe::new(STDIO_CAPACITY);
+        // Deny by default: no args, env, preopened directories or sockets; the wall clock is
+        // pinned to the epoch so a plugin cannot observe time except by the monotonic clock.
+        let wasi = WasiCtx::builder()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .wall_clock(FrozenWallClock)
+            .allow_ip_name_lookup(false)
+            .allow_tcp(false)
+            .allow_udp(false)
+            .build();
+        Self {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter {
+                max_bytes: usize::try_from(limits.max_memory_bytes).unwrap_or(usize::MAX),
+                hit: false,
+            },
+            meter: Arc::new(CpuMeter::new()),
+            plugin,
+            config_json,
+            limits,
+            scope,
+            calls: Vec::new(),
+            stdout,
+            stderr,
+            logged: (0, 0),
+        }
+    }
+
+    /// Logs what the guest wrote to stdout/stderr since the last flush, one event per line.
+    /// Returns the stderr text of this flush (a Rust panic message lands there).
+    pub(crate) fn flush_stdio(&mut self) -> String {
+        let out = self.stdout.contents();
+        let err = self.stderr.contents();
+        let new_out = &out[self.logged.0.min(out.len())..];
+        let new_err = &err[self.logged.1.min(err.len())..];
+        for line in String::from_utf8_lossy(new_out)
+            .lines()
+            .filter(|l| !l.is_empty())
+        {
+            tracing::info!(plugin = %self.plugin, stream = "stdout", line, "plugin output");
+        }
+        let err_text = String::from_utf8_lossy(new_err).into_owned();
+        for line in err_text.lines().filter(|l| !l.is_empty()) {
+            tracing::warn!(plugin = %self.plugin, stream = "stderr", line, "plugin output");
+        }
+        self.logged = (out.len(), err.len());
+        err_text
+    }
+
+    fn request_id(&self) -> &str {
+        self.scope
+            .as_ref()
+            .and_then(|s| s.request_id.to_str().ok())
+            .unwrap_or("")
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+fn plugin_error(kind: types::ErrorKind, message: impl Into<String>) -> types::PluginError {
+    types::PluginError {
+        kind,
+        message: message.into(),
+    }
+}
+
+impl types::Host for HostState {}
+
+impl host::Host for HostState {
+    fn log(&mut self, level: types::LogLevel, message: String) -> wasmtime::Result<()> {
+        let plugin = &*self.plugin;
+        let request_id = self.request_id();
+        match level {
+            types::LogLevel::Trace => tracing::trace!(plugin, request_id, message, "plugin log"),
+            types::LogLevel::Debug => tracing::debug!(plugin, request_id, message, "plugin log"),
+            types::LogLevel::Info => tracing::info!(plugin, request_id, message, "plugin log"),
+            types::LogLevel::Warn => tracing::warn!(plugin, request_id, message, "plugin log"),
+            types::LogLevel::Error => tracing::error!(plugin, request_id, message, "plugin log"),
+        }
+        Ok(())
+    }
+
+    fn config(&mut self) -> wasmtime::Result<String> {
+        Ok(self.config_json.to_string())
+    }
+
+    fn send(
+        &mut self,
+        service: String,
+        request: types::Request,
+        timeout_ms: Option<u32>,
+    ) -> wasmtime::Result<Result<types::CallId, types::PluginError>> {
+        use types::ErrorKind::*;
+        let Some(scope) = self.scope.clone() else {
+            return Ok(Err(plugin_error(
+                Internal,
+                "send is not available while the plugin loads",
+            )));
+        };
+        let Some(service) = scope.egress.iter().find(|s| ***s == *service).cloned() else {
+            tracing::warn!(plugin = %self.plugin, service, "plugin send refused: service not in the route's egress");
+            return Ok(Err(plugin_error(
+                Forbidden,
+                format!("this route does not allow calling service `{service}`"),
+            )));
+        };
+        if self.calls.len() >= self.limits.max_sends as usize {
+            return Ok(Err(plugin_error(
+                Limit,
+                format!(
+                    "at most {} upstream calls per request",
+                    self.limits.max_sends
+                ),
+            )));
+        }
+        let (path, query, req) = match build_send_request(request, &scope) {
+            Ok(r) => r,
+            Err(msg) => return Ok(Err(plugin_error(BadInput, msg))),
+        };
+        let timeout = timeout_ms.map_or(scope.upstream_timeout, |ms| {
+            Duration::from_millis(ms.into()).min(scope.upstream_timeout)
+        });
+        let max_body = self.limits.max_body_bytes;
+        let task = tokio::spawn(async move {
+            let resp = scope
+                .upstreams
+                .send(&service, &path, query.as_deref(), req, timeout)
+                .await
+                .map_err(|e| match e {
+                    UpstreamError::Timeout { .. } => plugin_error(
+                        Upstream,
+                        format!("service `{service}` did not answer in time"),
+                    ),
+                    _ => plugin_error(Upstream, format!("service `{service}` failed: {e}")),
+                })?;
+            let (parts, incoming) = resp.into_parts();
+            let limit = usize::try_from(max_body).unwrap_or(usize::MAX);
+            let body = http_body_util::Limited::new(incoming, limit)
+                .collect()
+                .await
+                .map_err(|_| {
+                    plugin_error(
+                        Limit,
+                        format!("the response of `{service}` is larger than {max_body} bytes"),
+                    )
+                })?
+                .to_bytes();
+            Ok(types::Response {
+                status: parts.status.as_u16(),
+                headers: headers_to_wit(&parts.headers),
+                body: body.into(),
+            })
+        });
+        self.calls.push(Some(AbortOnDropHandle::new(task)));
+        Ok(Ok(u32::try_from(self.calls.len() - 1).unwrap_or(u32::MAX)))
+    }
+
+    async fn wait(&mut self, call: types::CallId) -> Result<types::Response, types::PluginError> {
+        let Some(handle) = self.calls.get_mut(call as usize).and_then(Option::take) else {
+            return Err(plugin_error(
+                types::ErrorKind::BadInput,
+                format!("call id {call} is unknown or was already waited on"),
+            ));
+        };
+        match handle.await {
+            Ok(result) => result,
+            Err(_) => Err(plugin_error(
+                types::ErrorKind::Internal,
+                "the upstream call was cancelled",
+            )),
+        }
+    }
+
+    fn get_value(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        Ok(self.scope.as_ref().and_then(|s| {
+            s.values
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(&key)
+                .cloned()
+        }))
+    }
+
+    fn set_value(
+        &mut self,
+        key: String,
+        value: String,
+    ) -> wasmtime::Result<Result<(), types::PluginError>> {
+        let Some(scope) = &self.scope else {
+            return Ok(Err(plugin_error(
+                types::ErrorKind::Internal,
+                "values are not available while the plugin loads",
+            )));
+        };
+        if key.len() + value.len() > MAX_VALUE_BYTES {
+            return Ok(Err(plugin_error(
+                types::ErrorKind::Limit,
+                format!("key and value together must be at most {MAX_VALUE_BYTES} bytes"),
+            )));
+        }
+        let mut values = scope
+            .values
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if values.len() >= MAX_VALUES && !values.contains_key(&key) {
+            return Ok(Err(plugin_error(
+                types::ErrorKind::Limit,
+                format!("at most {MAX_VALUES} values per request"),
+            )));
+        }
+        values.insert(key, value);
+        Ok(Ok(()))
+    }
+}
+
+/// Turns a plugin's `send` request into an upstream request: the path split from the query,
+/// headers validated, hop-by-hop fields dropped, and the proxy's request id and client header set
+/// (a plugin cannot make a call claim another client).
+fn build_send_request(
+    request: types::Request,
+    scope: &RequestScope,
+) -> Result<(String, Option<String>, Request<body::Body>), String> {
+    let method = Method::from_bytes(request.method.as_bytes())
+        .map_err(|_| format!("invalid method `{}`", request.method))?;
+    if !request.uri.starts_with('/') {
+        return Err(format!(
+            "the uri must be a path starting with `/`, got `{}`",
+            request.uri
+        ));
+    }
+    let (path, query) = match request.uri.split_once('?') {
+        Some((p, q)) => (p.to_owned(), Some(q.to_owned())),
+        None => (request.uri.clone(), None),
+    };
+    // Validates the characters; the host still normalizes nothing here: the path is the
+    // plugin's choice within the service it may call.
+    http::uri::PathAndQuery::try_from(request.uri.as_str())
+        .map_err(|_| format!("invalid uri `{}`", request.uri))?;
+    let mut headers = headers_from_wit(request.headers)?;
+    super::chain::strip_managed(&mut headers);
+    headers.insert(scope.request_id_header.clone(), scope.request_id.clone());
+    headers.insert(scope.client_header.clone(), scope.client_value.clone());
+    let mut req = Request::new(if request.body.is_empty() {
+        body::empty()
+    } else {
+        body::full(Bytes::from(request.body))
+    });
+    *req.method_mut() = method;
+    *req.headers_mut() = headers;
+    Ok((path, query, req))
+}
+
+/// Header fields as the WIT contract carries them (names are lowercase already).
+pub(crate) fn headers_to_wit(headers: &http::HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Header fields from a plugin, validated.
+pub(crate) fn headers_from_wit(fields: Vec<(String, String)>) -> Result<http::HeaderMap, String> {
+    let mut headers = http::HeaderMap::with_capacity(fields.len());
+    for (name, value) in fields {
+        let n = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("invalid header name `{}`", name.escape_debug()))?;
+        let v =
+            HeaderValue::from_str(&value).map_err(|_| format!("invalid value for header `{n}`"))?;
+        headers.append(n, v);
+    }
+    Ok(headers)
+}
+
+// === Limits ===
+
+/// Caps linear memory growth and remembers that it did, so a trap that follows (a Rust guest
+/// aborts when allocation fails) is reported as the memory limit, not a generic trap.
+#[derive(Debug)]
+pub(crate) struct MemoryLimiter {
+    max_bytes: usize,
+    pub(crate) hit: bool,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.max_bytes {
+            self.hit = true;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}
+
+/// CPU time a plugin call has used: the time its future spent being polled (the guest running,
+/// or host code it called), which leaves out time waiting on upstream calls and time queued
+/// behind other tasks after a cooperative yield.
+#[derive(Debug)]
+pub(crate) struct CpuMeter {
+    base: Instant,
+    used_nanos: AtomicU64,
+    /// Start of the poll in progress, in nanoseconds since `base`; `u64::MAX` when idle.
+    poll_start: AtomicU64,
+}
+
+impl CpuMeter {
+    fn new() -> Self {
+        Self {
+            base: Instant::now(),
+            used_nanos: AtomicU64::new(0),
+            poll_start: AtomicU64::new(u64::MAX),
+        }
+    }
+
+    fn now_nanos(&self) -> u64 {
+        u64::try_from(self.base.elapsed().as_nanos()).unwrap_or(u64::MAX - 1)
+    }
+
+    /// Starts a new call's budget.
+    pub(crate) fn reset(&self) {
+        self.used_nanos.store(0, Ordering::Relaxed);
+    }
+
+    /// CPU used by the current call so far, the poll in progress included.
+    pub(crate) fn used(&self) -> Duration {
+        let mut used = self.used_nanos.load(Ordering::Relaxed);
+        let start = self.poll_start.load(Ordering::Relaxed);
+        if start != u64::MAX {
+            used += self.now_nanos().saturating_sub(start);
+        }
+        Duration::from_nanos(used)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Wraps a plugin call so [`CpuMeter`] sees each poll.
+    pub(crate) struct Metered<F> {
+        #[pin]
+        inner: F,
+        meter: Arc<CpuMeter>,
+    }
+}
+
+impl<F> Metered<F> {
+    pub(crate) fn new(inner: F, meter: Arc<CpuMeter>) -> Self {
+        Self { inner, meter }
+    }
+}
+
+impl<F: Future> Future for Metered<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let start = this.meter.now_nanos();
+        this.meter.poll_start.store(start, Ordering::Relaxed);
+        let out = this.inner.poll(cx);
+        let spent = this.meter.now_nanos().saturating_sub(start);
+        this.meter.poll_start.store(u64::MAX, Ordering::Relaxed);
+        this.meter.used_nanos.fetch_add(spent, Ordering::Relaxed);
+        out
+    }
+}
+
+/// A wall clock stuck at the Unix epoch: plugins get no real time of day (they have the
+/// monotonic clock for durations), so their output cannot depend on it.
+struct FrozenWallClock;
+
+impl wasmtime_wasi::HostWallClock for FrozenWallClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
+}

@@ -1,0 +1,111 @@
+//! The one wasmtime `Engine` of the process and the `Linker` every plugin is type-checked against.
+//!
+//! Built once at startup (before any plugin loads) and kept across reloads: compiled plugins
+//! belong to an engine, and the instance pool and the epoch ticker are process-wide.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use wasmtime::component::{HasSelf, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, OptLevel, PoolingAllocationConfig};
+
+use super::PluginsConfig;
+use super::bindings;
+use super::host::HostState;
+
+/// How often the epoch advances. A running plugin is checked (and yields to other requests)
+/// once per tick, so this is the granularity of CPU budgets and of fairness between requests.
+pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(2);
+
+/// Why the plugin runtime could not start.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot start the plugin runtime")]
+pub struct RuntimeError(#[source] wasmtime::Error);
+
+/// The plugin engine, its linker and the epoch ticker.
+pub struct Runtime {
+    pub(crate) engine: Engine,
+    pub(crate) linker: Linker<HostState>,
+    pub(crate) config: PluginsConfig,
+    ticker: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Runtime {
+    /// Creates the engine (sized from `[plugins]`) and starts the epoch ticker thread.
+    pub fn new(config: &PluginsConfig) -> Result<Self, RuntimeError> {
+        let engine = Engine::new(&engine_config(config)).map_err(RuntimeError)?;
+        let mut linker = Linker::new(&engine);
+        // Deny-by-default WASI p2: components built by other languages' toolchains import it;
+        // what each import can reach is decided by the `WasiCtx` in `HostState::new`.
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(RuntimeError)?;
+        bindings::Plugin::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)
+            .map_err(RuntimeError)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let ticker_engine = engine.clone();
+        let ticker_stop = stop.clone();
+        std::thread::Builder::new()
+            .name("bff-epoch".into())
+            .spawn(move || {
+                while !ticker_stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    ticker_engine.increment_epoch();
+                }
+            })
+            .map_err(|e| RuntimeError(wasmtime::Error::from(e)))?;
+        Ok(Self {
+            engine,
+            linker,
+            config: config.clone(),
+            ticker: stop,
+        })
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.ticker.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Cranelift, epoch interruption, and a pooling allocator: instances come from pre-reserved
+/// slots with copy-on-write memory images, so a fresh instance per request is cheap.
+fn engine_config(plugins: &PluginsConfig) -> Config {
+    let n = plugins.max_instances;
+    let memory = usize::try_from(plugins.instance_memory_bytes).unwrap_or(usize::MAX);
+    let mut pool = PoolingAllocationConfig::new();
+    // Components built from Rust or other toolchains carry a few small helper core modules
+    // (shims for the canonical ABI) next to the main one, hence several per component.
+    pool.total_component_instances(n)
+        .total_core_instances(n.saturating_mul(8))
+        .max_core_instances_per_component(16)
+        .total_memories(n.saturating_mul(2))
+        .max_memories_per_component(2)
+        .total_tables(n.saturating_mul(4))
+        .max_tables_per_component(8)
+        .total_stacks(n)
+        .max_memory_size(memory)
+        // Keep a little of each slot resident so reusing it does not fault pages back in.
+        .linear_memory_keep_resident(64 * 1024);
+
+    let mut config = Config::new();
+    config
+        .epoch_interruption(true)
+        .cranelift_opt_level(OptLevel::Speed)
+        .memory_init_cow(true)
+        // Reserve only what the cap allows, not wasmtime's default 4 GiB per memory: keeps the
+        // pool's address space proportional to `max_instances * instance_memory_bytes`.
+        .memory_reservation(plugins.instance_memory_bytes)
+        .memory_guard_size(64 * 1024)
+        .memory_reservation_for_growth(0)
+        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+    config
+}

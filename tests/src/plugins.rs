@@ -1,0 +1,56 @@
+//! Builds Wasm plugins from source inside the test run (no binary `.wasm` is committed): the
+//! test plugins in `tests/plugins/` (hostile ones included) and the examples in `plugins/`.
+//!
+//! Each workspace is built once per test process with the same cargo that runs the tests; cargo's
+//! own lock serializes test binaries building at the same time, and an unchanged workspace is a
+//! no-op build.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+/// The wasm target plugins are built for.
+pub const TARGET: &str = "wasm32-wasip2";
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ is inside the repository")
+        .to_path_buf()
+}
+
+/// Builds the cargo workspace at `dir` for [`TARGET`] in release mode and returns the directory
+/// holding the `.wasm` files. Panics with cargo's output if the build fails.
+fn build(dir: &Path) -> PathBuf {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .current_dir(dir)
+        .args(["build", "--release", "--locked", "--target", TARGET])
+        // The outer `cargo test` may set these for the host build; they must not leak in.
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_BUILD_TARGET")
+        .env_remove("RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .output()
+        .expect("run cargo to build the plugins");
+    assert!(
+        out.status.success(),
+        "building the plugins in {} failed (is the target installed? `rustup target add {TARGET}`):\n{}",
+        dir.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    dir.join("target").join(TARGET).join("release")
+}
+
+/// The directory with the test plugins (`probe.wasm`, `old_contract.wasm`), built on first use.
+pub fn test_plugins() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| build(&repo_root().join("tests").join("plugins")))
+}
+
+/// The directory with the example plugins (`aggregate.wasm`, `fields.wasm`, `voice.wasm`),
+/// built on first use.
+pub fn example_plugins() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| build(&repo_root().join("plugins")))
+}
