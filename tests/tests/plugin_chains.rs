@@ -1,0 +1,251 @@
+//! Plugin chains end to end, with the test plugins built from source (`tests/plugins/`): chain
+//! order and the onion response phase, answering without the upstream, fan-out with the egress
+//! allow-list, hostile plugins (CPU, memory, panic, errors, invalid output) failing one request
+//! cleanly while others keep working, fail-open, and load-time refusals.
+
+use bff_proxy_tests::plugins::test_plugins;
+use bff_proxy_tests::{TestProxy, Upstream, get};
+
+/// A config with the test plugins' dir, one service `up` and the given routes.
+fn config(upstream: &str, routes: &str) -> String {
+    format!(
+        r#"
+[identity]
+default_client = "web"
+
+[services.up]
+urls = ["{upstream}"]
+
+[[clients]]
+name = "web"
+attributes = {{ tier = "gold" }}
+identify = [{{ header = "x-client", equals = "web" }}]
+
+[plugins]
+dir = {dir:?}
+
+[[routes]]
+id = "good"
+path = "/good"
+service = "up"
+chain = [{{ plugin = "probe", config = {{ name = "g" }} }}]
+{routes}
+"#,
+        dir = test_plugins().display().to_string()
+    )
+}
+
+#[tokio::test]
+async fn request_phase_in_order_response_phase_reversed() {
+    let up = Upstream::echo("up").await;
+    let routes = r#"
+[[routes]]
+id = "two"
+path = "/two"
+service = "up"
+chain = [{ plugin = "probe", config = { name = "a" } }, { plugin = "probe", config = { name = "b" } }]
+"#;
+    let proxy = TestProxy::start(&config(&up.url(), routes)).await;
+    let resp = get(proxy.addr(), "/two", &[]).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.header("x-probe-response-order"), Some("b,a"));
+    let echo = resp.echo();
+    assert_eq!(echo.header("x-probe-order"), Some("a,b"));
+    assert_eq!(echo.header("x-probe-a"), Some("seen"));
+    assert_eq!(echo.header("x-bff-client"), Some("web"));
+}
+
+#[tokio::test]
+async fn a_plugin_can_answer_with_context_and_shared_values() {
+    let up = Upstream::echo("up").await;
+    let routes = r#"
+[[routes]]
+id = "answer"
+path = "/answer/{id}"
+chain = [{ plugin = "probe", config = { name = "a" } }, { plugin = "probe", config = { mode = "respond" } }, { plugin = "probe", config = { name = "never" } }]
+"#;
+    let proxy = TestProxy::start(&config(&up.url(), routes)).await;
+    let resp = get(proxy.addr(), "/answer/42", &[("x-request-id", "req-7")]).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let body = resp.json();
+    assert_eq!(body["client"], "web");
+    assert_eq!(body["route"], "answer");
+    assert_eq!(body["params"], serde_json::json!([["id", "42"]]));
+    assert_eq!(body["attributes"], serde_json::json!([["tier", "gold"]]));
+    assert_eq!(body["request_id"], "req-7");
+    assert_eq!(body["trail"], "a");
+    // The response phase ran for the plugin before the responder only.
+    assert_eq!(resp.header("x-probe-response-order"), Some("a"));
+    assert!(up.received().is_empty(), "the upstream must not be called");
+}
+
+#[tokio::test]
+async fn instances_are_fresh_per_request() {
+    let up = Upstream::echo("up").await;
+    let routes = r#"
+[[routes]]
+id = "answer"
+path = "/answer"
+chain = [{ plugin = "probe", config = { name = "a" } }, { plugin = "probe", config = { mode = "respond" } }]
+"#;
+    let proxy = TestProxy::start(&config(&up.url(), routes)).await;
+    for _ in 0..20 {
+        let resp = get(proxy.addr(), "/answer", &[]).await;
+        assert_eq!(resp.json()["trail"], "a", "state leaked between requests");
+    }
+}
+
+#[tokio::test]
+async fn fan_out_respects_the_egress_list() {
+    let up = Upstream::echo("up").await;
+    let other = Upstream::echo("other").await;
+    let routes = format!(
+        r#"
+[services.other]
+urls = ["{other}"]
+
+[[routes]]
+id = "fan"
+path = "/fan"
+egress = ["up"]
+chain = [{{ plugin = "probe", config = {{ mode = "fanout", calls = [{{ service = "up", path = "/one" }}, {{ service = "other", path = "/two" }}] }} }}]
+"#,
+        other = other.url()
+    );
+    let proxy = TestProxy::start(&config(&up.url(), &routes)).await;
+    let resp = get(proxy.addr(), "/fan", &[]).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let results = &resp.json()["results"];
+    assert_eq!(results[0]["status"], 200, "{results}");
+    assert_eq!(results[1]["error"], "errorkind::forbidden", "{results}");
+    assert_eq!(up.received().len(), 1);
+    assert!(
+        other.received().is_empty(),
+        "a forbidden send must never reach the service"
+    );
+}
+
+/// Each hostile mode fails only its own request, with its own code; the good route keeps working.
+#[tokio::test]
+async fn hostile_plugins_fail_cleanly() {
+    let up = Upstream::echo("up").await;
+    let cases = [
+        ("spin", "plugin_cpu_limit", 502),
+        ("membomb", "plugin_memory_limit", 502),
+        ("panic", "plugin_panic", 502),
+        ("trap", "plugin_trap", 502),
+        ("error", "plugin_error", 502),
+        ("bad-header", "plugin_invalid_output", 502),
+        ("bad-status", "plugin_invalid_output", 502),
+    ];
+    let mut routes = String::new();
+    for (mode, _, _) in cases {
+        routes.push_str(&format!(
+            "[[routes]]\nid = \"{mode}\"\npath = \"/{mode}\"\nservice = \"up\"\nchain = [{{ plugin = \"probe\", config = {{ mode = \"{mode}\" }} }}]\n"
+        ));
+    }
+    let proxy = TestProxy::start(&config(&up.url(), &routes)).await;
+    for (mode, code, status) in cases {
+        let started = std::time::Instant::now();
+        let resp = get(proxy.addr(), &format!("/{mode}"), &[]).await;
+        assert_eq!(resp.status, status, "{mode}: {}", resp.text());
+        let err = &resp.json()["error"];
+        assert_eq!(err["code"], code, "{mode}");
+        assert!(
+            err["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("`probe`"),
+            "{mode}: {err}"
+        );
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(5),
+            "{mode} took too long"
+        );
+        let good = get(proxy.addr(), "/good", &[]).await;
+        assert_eq!(good.status, 200, "after {mode}: {}", good.text());
+    }
+}
+
+#[tokio::test]
+async fn fail_open_skips_the_plugin() {
+    let up = Upstream::echo("up").await;
+    let routes = r#"
+[[routes]]
+id = "open"
+path = "/open"
+service = "up"
+chain = [{ plugin = "probe", on_error = "fail-open", config = { mode = "spin" } }, { plugin = "probe", config = { name = "after" } }]
+"#;
+    let proxy = TestProxy::start(&config(&up.url(), routes)).await;
+    let resp = get(proxy.addr(), "/open", &[]).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.echo().header("x-probe-after"), Some("seen"));
+}
+
+#[tokio::test]
+async fn a_plugin_cannot_claim_another_client() {
+    let up = Upstream::echo("up").await;
+    let routes = r#"
+[[routes]]
+id = "spoof"
+path = "/spoof"
+service = "up"
+chain = [{ plugin = "probe", config = { mode = "spoof-client" } }]
+"#;
+    let proxy = TestProxy::start(&config(&up.url(), routes)).await;
+    let resp = get(proxy.addr(), "/spoof", &[]).await;
+    assert_eq!(resp.echo().header_all("x-bff-client"), ["web"]);
+}
+
+#[tokio::test]
+async fn chain_without_service_that_only_forwards_is_a_502() {
+    let up = Upstream::echo("up").await;
+    let routes = r#"
+[[routes]]
+id = "nowhere"
+path = "/nowhere"
+chain = [{ plugin = "probe", config = { name = "a" } }]
+"#;
+    let proxy = TestProxy::start(&config(&up.url(), routes)).await;
+    let resp = get(proxy.addr(), "/nowhere", &[]).await;
+    assert_eq!(resp.status, 502);
+    assert_eq!(resp.json()["error"]["code"], "plugin_no_response");
+}
+
+/// Problems found while loading plugins, as `bff-proxy check` and startup report them.
+async fn load_problems(routes: &str) -> String {
+    let text = config("http://127.0.0.1:1", routes);
+    let cfg = bff_proxy::Config::from_toml(&text, "test").expect("valid config");
+    match bff_proxy::check_plugins(&cfg).await {
+        Ok(n) => panic!("expected a load failure, {n} uses loaded"),
+        Err(e) => bff_proxy::ErrorChain(&e).to_string(),
+    }
+}
+
+#[tokio::test]
+async fn bad_plugins_fail_the_load_with_clear_reasons() {
+    let missing =
+        load_problems("[[routes]]\nid = \"m\"\npath = \"/m\"\nchain = [{ plugin = \"nosuch\" }]\n")
+            .await;
+    assert!(missing.contains("nosuch.wasm"), "{missing}");
+
+    let old = load_problems(
+        "[[routes]]\nid = \"o\"\npath = \"/o\"\nchain = [{ plugin = \"old_contract\" }]\n",
+    )
+    .await;
+    assert!(old.contains("0.2.0") && old.contains("0.1.0"), "{old}");
+
+    let rejected = load_problems(
+        "[[routes]]\nid = \"r\"\npath = \"/r\"\nchain = [{ plugin = \"probe\", config = { mode = \"reject-config\" } }]\n",
+    )
+    .await;
+    assert!(rejected.contains("routes[1].chain[0]"), "{rejected}");
+    assert!(rejected.contains("rejects every config"), "{rejected}");
+
+    let spinning = load_problems(
+        "[[routes]]\nid = \"s\"\npath = \"/s\"\nchain = [{ plugin = \"probe\", config = { mode = \"spin-init\" } }]\n",
+    )
+    .await;
+    assert!(spinning.contains("CPU budget"), "{spinning}");
+}
