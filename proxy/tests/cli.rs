@@ -17,7 +17,7 @@ fn repo() -> PathBuf {
 #[test]
 fn check_accepts_valid_files_with_a_summary() {
     let out = bin()
-        .args(["check", "--config", "config/full.toml"])
+        .args(["check", "--config", "config/demo.toml"])
         .output()
         .expect("run bff-proxy");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -28,8 +28,32 @@ fn check_accepts_valid_files_with_a_summary() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.starts_with("config/full.toml: ok: 2 service(s), 4 client(s)"),
+        stdout.starts_with("config/demo.toml: ok: 4 service(s), 4 client(s)"),
         "{stdout}"
+    );
+}
+
+/// `check` loads the plugins a config uses, resolving `plugins.dir` against the config file:
+/// config/full.toml names the example plugins, which this test does not build, so it must
+/// report each missing file (with the resolved path) and exit 64.
+#[test]
+fn check_loads_plugins_relative_to_the_config_file() {
+    let out = bin()
+        .args(["check", "--config", "config/full.toml"])
+        .output()
+        .expect("run bff-proxy");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if repo()
+        .join("plugins/target/wasm32-wasip2/release/aggregate.wasm")
+        .exists()
+    {
+        assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
+        return;
+    }
+    assert_eq!(out.status.code(), Some(64), "stderr: {stderr}");
+    assert!(
+        stderr.contains("config/../plugins/target/wasm32-wasip2/release/aggregate.wasm"),
+        "{stderr}"
     );
 }
 
