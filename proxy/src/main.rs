@@ -87,12 +87,7 @@ fn main() -> ExitCode {
                     Ok(p) => p,
                     Err(e) => return start_failed(&e),
                 };
-                tracing::info!(
-                    listen = %proxy.local_addr(),
-                    admin = %proxy.admin_addr(),
-                    config = %config.display(),
-                    "serving"
-                );
+                tracing::info!(config = %config.display(), "config loaded");
                 proxy.run(bff_proxy::shutdown_signal()).await;
                 ExitCode::SUCCESS
             })

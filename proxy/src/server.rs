@@ -129,6 +129,8 @@ impl Proxy {
             force_close: stop_admin.clone(),
         };
 
+        let addr = |l: &TcpListener| l.local_addr().expect("a bound TCP listener has an address");
+        let (listen, admin_addr) = (addr(&data), addr(&admin));
         let data_shared = shared.clone();
         let make_data = move |peer: SocketAddr, over_limit: bool| {
             let shared = data_shared.clone();
@@ -177,7 +179,8 @@ impl Proxy {
             admin_tracker.clone(),
         ));
         shared.ready.store(true, Ordering::Release);
-        tracing::info!("proxy ready");
+        // Logged only once `/readyz` answers 200, so whoever waits for this line can rely on it.
+        tracing::info!(listen = %listen, admin = %admin_addr, "proxy ready");
 
         shutdown.await;
         shared.ready.store(false, Ordering::Release);

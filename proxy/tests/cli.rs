@@ -141,12 +141,13 @@ service = "none"
     let mut line = String::new();
     while admin.is_none() && stderr.read_line(&mut line).expect("read log") > 0 {
         let v: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
-        if v["message"] == "serving" {
+        // "proxy ready" is logged after the ready flag is set, so /readyz must answer 200.
+        if v["message"] == "proxy ready" {
             admin = v["admin"].as_str().map(str::to_owned);
         }
         line.clear();
     }
-    let admin = admin.expect("the proxy logs its admin address when serving");
+    let admin = admin.expect("the proxy logs its admin address when ready");
 
     let mut s = std::net::TcpStream::connect(&admin).expect("connect admin");
     s.write_all(b"GET /readyz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
