@@ -24,6 +24,11 @@ pub const DEMO_CONFIG: &str = include_str!("../../config/demo.toml");
 /// Where [`run`] looks for the demo config when none is given (relative to the working directory).
 pub const DEMO_CONFIG_PATH: &str = "config/demo.toml";
 
+/// What to do when the demo's plugins do not load (usually: not built yet).
+const BUILD_PLUGINS: &str = "the demo's example plugins did not load; build them with \
+    `cargo build --release --target wasm32-wasip2 --manifest-path plugins/Cargo.toml` \
+    (scripts/demo.sh does this)";
+
 /// The partner API key the demo config accepts (stored there as its SHA-256).
 pub const PARTNER_API_KEY: &str = "demo-partner-key";
 
@@ -44,31 +49,31 @@ pub struct Example {
 /// sends each one and checks its status, so the banner cannot drift from the config.
 pub const EXAMPLES: &[(&str, &[Example])] = &[
     (
-        "Same URL, one route per client (the x-client header or an API key picks the client):",
+        "Same URL, one backend per client (the x-client header or an API key picks the client):",
         &[
             Example {
                 path: "/api/home",
                 headers: &[("x-client", "web")],
                 status: 200,
-                shows: "web: rich home page, from recommendations",
+                shows: "web: users + orders + recommendations in one response (aggregate plugin)",
             },
             Example {
                 path: "/api/home",
                 headers: &[("x-client", "mobile")],
                 status: 200,
-                shows: "mobile: compact summary, from users",
+                shows: "mobile: the same aggregate trimmed to what the app shows (fields plugin)",
             },
             Example {
                 path: "/api/home",
                 headers: &[("x-client", "voice")],
                 status: 200,
-                shows: "voice: short spoken briefing, from orders",
+                shows: "voice: one spoken sentence made from it (voice plugin)",
             },
             Example {
                 path: "/api/home",
                 headers: &[("x-api-key", PARTNER_API_KEY)],
                 status: 200,
-                shows: "partner: product feed, from catalog",
+                shows: "partner: product feed, plainly proxied from catalog",
             },
         ],
     ),
@@ -146,7 +151,14 @@ pub async fn run(
     let services = DemoServices::start_at(&addrs).await?;
     // Port 0 in a service URL means "any port": point the proxy at the one actually bound.
     point_at(&mut config, &services);
-    let proxy = Proxy::bind(&config).await?;
+    let proxy = Proxy::bind(&config).await.map_err(|e| {
+        let hint = matches!(e, crate::server::StartError::Plugins(_)).then_some(BUILD_PLUGINS);
+        let e = anyhow::Error::from(e);
+        match hint {
+            Some(hint) => e.context(hint),
+            None => e,
+        }
+    })?;
     tracing::info!(
         config = %origin,
         listen = %proxy.local_addr(),
@@ -163,14 +175,16 @@ pub async fn run(
     Ok(())
 }
 
-/// The demo config ([`DEMO_CONFIG`]) pointed at `services`, with the data-plane and admin
-/// listeners on `127.0.0.1:0`. For tests: nothing in it uses a fixed port.
-pub fn config_for(services: &DemoServices) -> Config {
+/// The demo config ([`DEMO_CONFIG`]) pointed at `services` and at the example plugins built in
+/// `plugins_dir`, with the data-plane and admin listeners on `127.0.0.1:0`. For tests: nothing
+/// in it uses a fixed port.
+pub fn config_for(services: &DemoServices, plugins_dir: &Path) -> Config {
     let mut config = Config::from_toml(DEMO_CONFIG, "built-in config/demo.toml")
         .expect("the built-in demo config is valid (checked by tests)");
     let any_port = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
     config.listen = any_port;
     config.admin.listen = any_port;
+    config.plugins.dir = plugins_dir.to_path_buf();
     point_at(&mut config, services);
     config
 }
@@ -241,7 +255,12 @@ fn load(path: Option<&Path>) -> Result<(Config, String), ConfigError> {
         return Ok((Config::load(default)?, DEMO_CONFIG_PATH.to_owned()));
     }
     let origin = format!("built-in {DEMO_CONFIG_PATH}");
-    Ok((Config::from_toml(DEMO_CONFIG, &origin)?, origin))
+    let mut config = Config::from_toml(DEMO_CONFIG, &origin)?;
+    // As if the file were where it belongs: its plugin dir is relative to `config/`.
+    if let Some(parent) = default.parent() {
+        config.plugins.dir = parent.join(&config.plugins.dir);
+    }
+    Ok((config, origin))
 }
 
 /// Where each demo service listens: the first URL of its `[services.NAME]`, which must be

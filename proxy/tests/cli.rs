@@ -14,10 +14,55 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
+/// A temp dir for one test, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("bff-cli-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        Self(dir)
+    }
+
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.0.join(name);
+        std::fs::write(&path, text).expect("write temp file");
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A valid config without plugins (the example configs use plugins, which the tests crate
+/// builds and checks: tests/tests/plugin_examples.rs).
+const PLAIN: &str = r#"
+listen = "127.0.0.1:0"
+[admin]
+listen = "127.0.0.1:0"
+[services.none]
+urls = ["http://127.0.0.1:9"]
+[[clients]]
+name = "web"
+[[clients]]
+name = "partner"
+identify = [{ api_key_header = "x-api-key", sha256 = ["5f7b2ed74a9736a538a6fb5a5a1a76afdcdd0d177d7fc6e79c6b6843527d848d"] }]
+[[routes]]
+id = "all"
+path = "/{*rest}"
+service = "none"
+"#;
+
 #[test]
 fn check_accepts_valid_files_with_a_summary() {
+    let dir = TempDir::new("valid");
+    let cfg = dir.write("proxy.toml", PLAIN);
     let out = bin()
-        .args(["check", "--config", "config/demo.toml"])
+        .args(["check", "--config"])
+        .arg(&cfg)
         .output()
         .expect("run bff-proxy");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -28,33 +73,41 @@ fn check_accepts_valid_files_with_a_summary() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(
-        stdout.starts_with("config/demo.toml: ok: 4 service(s), 4 client(s)"),
+        stdout.starts_with(&format!(
+            "{}: ok: 1 service(s), 2 client(s) (1 by API key), 1 route(s)",
+            cfg.display()
+        )),
         "{stdout}"
     );
 }
 
 /// `check` loads the plugins a config uses, resolving `plugins.dir` against the config file:
-/// config/full.toml names the example plugins, which this test does not build, so it must
-/// report each missing file (with the resolved path) and exit 64.
+/// a copy of config/full.toml whose plugin dir has no plugins must report each missing file
+/// (with the resolved path) and exit 64.
 #[test]
 fn check_loads_plugins_relative_to_the_config_file() {
+    let dir = TempDir::new("plugins");
+    let full = std::fs::read_to_string(repo().join("config/full.toml")).expect("read full.toml");
+    let text = full.replace(
+        "dir = \"../plugins/target/wasm32-wasip2/release\"",
+        "dir = \"no-plugins-here\"",
+    );
+    assert_ne!(text, full, "config/full.toml sets plugins.dir");
+    let cfg = dir.write("full.toml", &text);
     let out = bin()
-        .args(["check", "--config", "config/full.toml"])
+        .args(["check", "--config"])
+        .arg(&cfg)
         .output()
         .expect("run bff-proxy");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    if repo()
-        .join("plugins/target/wasm32-wasip2/release/aggregate.wasm")
-        .exists()
-    {
-        assert_eq!(out.status.code(), Some(0), "stderr: {stderr}");
-        return;
-    }
     assert_eq!(out.status.code(), Some(64), "stderr: {stderr}");
-    assert!(
-        stderr.contains("config/../plugins/target/wasm32-wasip2/release/aggregate.wasm"),
-        "{stderr}"
-    );
+    for plugin in ["fields", "aggregate"] {
+        let missing = dir.0.join("no-plugins-here").join(format!("{plugin}.wasm"));
+        assert!(
+            stderr.contains(&missing.display().to_string()),
+            "{plugin}: {stderr}"
+        );
+    }
 }
 
 #[test]
@@ -110,26 +163,8 @@ fn run_serves_then_exits_0_on_sigterm() {
     use std::io::{BufRead, BufReader, Read, Write};
     use std::time::{Duration, Instant};
 
-    let dir = std::env::temp_dir().join(format!("bff-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    let cfg = dir.join("proxy.toml");
-    std::fs::write(
-        &cfg,
-        r#"
-listen = "127.0.0.1:0"
-[admin]
-listen = "127.0.0.1:0"
-[services.none]
-urls = ["http://127.0.0.1:9"]
-[[clients]]
-name = "web"
-[[routes]]
-id = "all"
-path = "/{*rest}"
-service = "none"
-"#,
-    )
-    .expect("write config");
+    let dir = TempDir::new("run");
+    let cfg = dir.write("proxy.toml", PLAIN);
     let mut child = bin()
         .args(["--log-format", "json", "run", "--config"])
         .arg(&cfg)
@@ -173,5 +208,4 @@ service = "none"
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(code, Some(0));
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -12,25 +12,32 @@ use std::sync::OnceLock;
 /// The wasm target plugins are built for.
 pub const TARGET: &str = "wasm32-wasip2";
 
-fn repo_root() -> PathBuf {
+/// The repository's root directory.
+pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("tests/ is inside the repository")
         .to_path_buf()
 }
 
-/// Builds the cargo workspace at `dir` for [`TARGET`] in release mode and returns the directory
-/// holding the `.wasm` files. Panics with cargo's output if the build fails.
-fn build(dir: &Path) -> PathBuf {
+/// A `cargo` command run in `dir`, with the same cargo that runs the tests and none of the
+/// outer build's settings (the outer `cargo test` may set these for the host build).
+pub fn cargo(dir: &Path) -> Command {
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let out = Command::new(cargo)
-        .current_dir(dir)
-        .args(["build", "--release", "--locked", "--target", TARGET])
-        // The outer `cargo test` may set these for the host build; they must not leak in.
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(dir)
         .env_remove("CARGO_TARGET_DIR")
         .env_remove("CARGO_BUILD_TARGET")
         .env_remove("RUSTFLAGS")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    cmd
+}
+
+/// Builds the cargo workspace at `dir` for [`TARGET`] in release mode and returns the directory
+/// holding the `.wasm` files. Panics with cargo's output if the build fails.
+fn build(dir: &Path) -> PathBuf {
+    let out = cargo(dir)
+        .args(["build", "--release", "--locked", "--target", TARGET])
         .output()
         .expect("run cargo to build the plugins");
     assert!(

@@ -65,7 +65,7 @@ async fn demo_serves_each_client_its_own_route() {
         .await
         .expect("demo services start");
     assert_eq!(services.addrs().len(), 4);
-    let config = demo::config_for(&services);
+    let config = demo::config_for(&services, bff_proxy_tests::plugins::example_plugins());
     let proxy = Proxy::bind(&config).await.expect("proxy binds");
     let addr = proxy.local_addr();
     let admin = proxy.admin_addr();
@@ -76,29 +76,50 @@ async fn demo_serves_each_client_its_own_route() {
     }));
     let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
 
-    // Same URL, four clients, four routes (and four services).
+    // Same URL, four clients, four backends: plugin chains for web, mobile and voice.
     let home = |headers: &'static [(&'static str, &'static str)]| {
         let client = client.clone();
         async move { get(&client, addr, "/api/home", headers).await }
     };
     let (status, web) = home(&[("x-client", "web")]).await;
     assert_eq!(status, StatusCode::OK, "{web}");
-    assert_eq!(web["type"], "home_page");
-    assert_eq!(web["meta"]["served_by"], "recommendations");
-    assert_eq!(web["meta"]["client"], "web");
-    assert!(web["sections"].as_array().is_some_and(|s| !s.is_empty()));
+    // aggregate: three services in one document, each section as its service answered it.
+    assert_eq!(web["user"]["id"], "u-1001", "{web}");
+    assert_eq!(web["user"]["meta"]["served_by"], "users");
+    assert_eq!(web["user"]["meta"]["client"], "web");
+    assert_eq!(web["orders"]["meta"]["served_by"], "orders");
+    assert_eq!(
+        web["recommendations"]["meta"]["served_by"],
+        "recommendations"
+    );
+    assert!(web.get("errors").is_none(), "{web}");
 
     let (status, mobile) = home(&[("x-client", "mobile")]).await;
     assert_eq!(status, StatusCode::OK, "{mobile}");
-    assert_eq!(mobile["type"], "user_summary");
-    assert_eq!(mobile["meta"]["served_by"], "users");
-    assert_eq!(mobile["meta"]["client"], "mobile");
+    // fields: the same aggregate, trimmed, renamed and flattened for the app.
+    assert_eq!(mobile["user"]["name"], "Maya L.", "{mobile}");
+    assert_eq!(mobile["user"]["loyalty"]["tier"], "gold");
+    assert!(mobile["user"]["avatar_thumbnail"].is_string(), "{mobile}");
+    assert!(mobile["user"].get("email").is_none(), "{mobile}");
+    assert_eq!(mobile["orders"]["orders"][0]["id"], "o-5002");
+    assert!(mobile["orders"]["orders"][0]["price"]["formatted"].is_string());
+    assert!(mobile["orders"]["orders"][0].get("thumbnail").is_none());
+    let bytes = |v: &Value| serde_json::to_vec(v).expect("serializes").len();
+    assert!(
+        bytes(&mobile) * 2 <= bytes(&web),
+        "mobile gets at most half the web payload: {} vs {} bytes",
+        bytes(&mobile),
+        bytes(&web)
+    );
 
     let (status, voice) = home(&[("x-client", "voice")]).await;
     assert_eq!(status, StatusCode::OK, "{voice}");
-    assert_eq!(voice["type"], "voice_briefing");
-    assert_eq!(voice["meta"]["client"], "voice");
-    assert!(voice["speech"].as_str().is_some_and(|s| s.contains("Maya")));
+    // voice: one answer to read out, made from the aggregate.
+    assert_eq!(
+        voice,
+        serde_json::json!({"speech": "Hi Maya. Your latest order, o-5002, is out for delivery, \
+            arriving 2024-10-17. You have 2340 Trailhead Rewards points."})
+    );
 
     let (status, partner) = home(&[("x-api-key", PARTNER_API_KEY)]).await;
     assert_eq!(status, StatusCode::OK, "{partner}");
@@ -108,12 +129,14 @@ async fn demo_serves_each_client_its_own_route() {
 
     // The user agent rule identifies the mobile app too; no header at all is web (the default).
     let (_, by_ua) = home(&[("user-agent", "ShopApp/412 (iOS 18.1; iPhone15,2)")]).await;
-    assert_eq!(by_ua["type"], "user_summary");
+    assert_eq!(by_ua, mobile);
     let (_, anonymous) = home(&[]).await;
-    assert_eq!(anonymous["type"], "home_page");
-    // A client cannot claim another identity by sending the upstream header itself.
+    assert_eq!(anonymous["user"]["meta"]["client"], "web");
+    // A client cannot claim another identity by sending the upstream header itself, not even
+    // through a plugin's own upstream calls.
     let (_, spoofed) = home(&[("x-client", "web"), ("x-bff-client", "partner")]).await;
-    assert_eq!(spoofed["meta"]["client"], "web");
+    assert_eq!(spoofed["user"]["meta"]["client"], "web");
+    assert_eq!(spoofed["orders"]["meta"]["client"], "web");
 
     // Path params and rewrites.
     let (status, user) = get(&client, addr, "/api/users/u-1002", &[]).await;
@@ -230,6 +253,12 @@ fn temp_config(tag: &str, port_for: impl Fn(u16) -> u16) -> PathBuf {
             &format!("127.0.0.1:{}/", port_for(port)),
         );
     }
+    // The copy lives in a temp dir: point it at the example plugins, built for this run.
+    let plugins = bff_proxy_tests::plugins::example_plugins();
+    text = text.replace(
+        "dir = \"../plugins/target/wasm32-wasip2/release\"",
+        &format!("dir = {:?}", plugins.display().to_string()),
+    );
     let path = std::env::temp_dir().join(format!("bff-demo-{tag}-{}.toml", std::process::id()));
     std::fs::write(&path, text).expect("write temp config");
     path
@@ -263,6 +292,30 @@ async fn run_reports_a_busy_service_port_clearly() {
         "{message}"
     );
     drop(busy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_says_how_to_build_missing_plugins() {
+    let path = temp_config("noplugins", |_| 0);
+    let empty = std::env::temp_dir().join(format!("bff-demo-empty-{}", std::process::id()));
+    std::fs::create_dir_all(&empty).expect("temp dir");
+    let plugins = bff_proxy_tests::plugins::example_plugins()
+        .display()
+        .to_string();
+    let text = std::fs::read_to_string(&path).expect("read").replace(
+        &format!("{plugins:?}"),
+        &format!("{:?}", empty.display().to_string()),
+    );
+    std::fs::write(&path, text).expect("write");
+    let result = demo::run(Some(path.clone()), std::future::pending()).await;
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir(&empty);
+    let message = format!("{:#}", result.expect_err("no plugins there"));
+    assert!(message.contains("aggregate.wasm"), "{message}");
+    assert!(
+        message.contains("--manifest-path plugins/Cargo.toml"),
+        "{message}"
+    );
 }
 
 #[tokio::test]

@@ -9,7 +9,11 @@ struct Old;
 
 impl exports::bff::plugin::hooks::Guest for Old {
     fn init(_config: String) -> Result<Capabilities, PluginError> {
-        Ok(Capabilities { reads_request_body: false, reads_response_body: false, handles_response: false })
+        Ok(Capabilities {
+            reads_request_body: false,
+            reads_response_body: false,
+            handles_response: false,
+        })
     }
     fn on_request(_ctx: Context, req: Request) -> Result<Action, PluginError> {
         Ok(Action::Forward(req))

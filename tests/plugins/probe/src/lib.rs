@@ -30,7 +30,10 @@ fn flag(cfg: &Value, key: &str, default: bool) -> bool {
 }
 
 fn err(kind: ErrorKind, message: &str) -> PluginError {
-    PluginError { kind, message: message.to_owned() }
+    PluginError {
+        kind,
+        message: message.to_owned(),
+    }
 }
 
 fn json_response(status: u16, value: &Value) -> Response {
@@ -42,7 +45,10 @@ fn json_response(status: u16, value: &Value) -> Response {
 }
 
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
 }
 
 fn append_order(headers: &mut Vec<(String, String)>, key: &str, name: &str) {
@@ -106,7 +112,10 @@ impl exports::bff::plugin::hooks::Guest for Probe {
             .map_err(|e| err(ErrorKind::InvalidConfig, &format!("not JSON: {e}")))?;
         match mode(&cfg) {
             "reject-config" => {
-                return Err(err(ErrorKind::InvalidConfig, "mode `reject-config` rejects every config"));
+                return Err(err(
+                    ErrorKind::InvalidConfig,
+                    "mode `reject-config` rejects every config",
+                ));
             }
             "spin-init" => spin(),
             _ => {}
@@ -139,12 +148,20 @@ impl exports::bff::plugin::hooks::Guest for Probe {
             "fanout" => {
                 let calls = cfg["calls"].as_array().cloned().unwrap_or_default();
                 let results = fan_out(&calls);
-                Ok(Action::Respond(json_response(200, &json!({ "results": results }))))
+                Ok(Action::Respond(json_response(
+                    200,
+                    &json!({ "results": results }),
+                )))
             }
             "send-flood" => {
                 let mut sent = 0;
                 let error = loop {
-                    let r = Request { method: "GET".into(), uri: "/".into(), headers: vec![], body: vec![] };
+                    let r = Request {
+                        method: "GET".into(),
+                        uri: "/".into(),
+                        headers: vec![],
+                        body: vec![],
+                    };
                     match host::send(cfg["service"].as_str().unwrap_or(""), &r, None) {
                         Ok(_) => sent += 1,
                         Err(e) => break format!("{:?}", e.kind).to_lowercase(),
@@ -153,10 +170,18 @@ impl exports::bff::plugin::hooks::Guest for Probe {
                         break "none".to_owned();
                     }
                 };
-                Ok(Action::Respond(json_response(200, &json!({ "sent": sent, "error": error }))))
+                Ok(Action::Respond(json_response(
+                    200,
+                    &json!({ "sent": sent, "error": error }),
+                )))
             }
             "wait-twice" => {
-                let r = Request { method: "GET".into(), uri: "/".into(), headers: vec![], body: vec![] };
+                let r = Request {
+                    method: "GET".into(),
+                    uri: "/".into(),
+                    headers: vec![],
+                    body: vec![],
+                };
                 let id = host::send(cfg["service"].as_str().unwrap_or(""), &r, None)?;
                 let first = host::wait(id).map(|r| r.status);
                 let second = host::wait(id).map_err(|e| format!("{:?}", e.kind).to_lowercase());
@@ -182,7 +207,11 @@ impl exports::bff::plugin::hooks::Guest for Probe {
                 req.headers.push(("bad header".into(), "x".into()));
                 Ok(Action::Forward(req))
             }
-            "bad-status" => Ok(Action::Respond(Response { status: 1000, headers: vec![], body: vec![] })),
+            "bad-status" => Ok(Action::Respond(Response {
+                status: 1000,
+                headers: vec![],
+                body: vec![],
+            })),
             "spoof-client" => {
                 req.headers.push(("x-bff-client".into(), "admin".into()));
                 Ok(Action::Forward(req))
@@ -224,7 +253,8 @@ impl exports::bff::plugin::hooks::Guest for Probe {
                 Ok(resp)
             }
             _ => {
-                resp.headers.push((format!("x-probe-{me}-response"), "seen".into()));
+                resp.headers
+                    .push((format!("x-probe-{me}-response"), "seen".into()));
                 append_order(&mut resp.headers, "x-probe-response-order", &me);
                 Ok(resp)
             }
