@@ -4,7 +4,9 @@
 //! cleanly while others keep working, fail-open, and load-time refusals.
 
 use bff_proxy_tests::plugins::test_plugins;
-use bff_proxy_tests::{TestProxy, Upstream, get};
+use std::time::Duration;
+
+use bff_proxy_tests::{Reply, TestProxy, Upstream, get};
 
 /// A config with the test plugins' dir, one service `up` and the given routes.
 fn config(upstream: &str, routes: &str) -> String {
@@ -248,4 +250,172 @@ async fn bad_plugins_fail_the_load_with_clear_reasons() {
     )
     .await;
     assert!(spinning.contains("CPU budget"), "{spinning}");
+}
+
+#[tokio::test]
+async fn sends_are_capped_per_request_and_a_call_is_waited_on_once() {
+    let up = Upstream::echo("up").await;
+    let routes = r#"
+[[routes]]
+id = "flood"
+path = "/flood"
+egress = ["up"]
+chain = [{ plugin = "probe", limits = { max_sends = 3 }, config = { mode = "send-flood", service = "up" } }]
+
+[[routes]]
+id = "twice"
+path = "/twice"
+egress = ["up"]
+chain = [{ plugin = "probe", config = { mode = "wait-twice", service = "up" } }]
+"#;
+    let proxy = TestProxy::start(&config(&up.url(), routes)).await;
+    let flood = get(proxy.addr(), "/flood", &[]).await;
+    assert_eq!(flood.status, 200, "{}", flood.text());
+    assert_eq!(
+        flood.json(),
+        serde_json::json!({"sent": 3, "error": "errorkind::limit"})
+    );
+    // The cap is per request: the next request may send again.
+    let again = get(proxy.addr(), "/flood", &[]).await;
+    assert_eq!(again.json()["sent"], 3);
+    assert!(up.received().len() <= 6, "never more calls than allowed");
+
+    let twice = get(proxy.addr(), "/twice", &[]).await;
+    assert_eq!(
+        twice.json(),
+        serde_json::json!({"first": 200, "second": "errorkind::badinput"})
+    );
+}
+
+#[tokio::test]
+async fn slow_upstream_calls_time_out_without_holding_the_plugin() {
+    let up = Upstream::builder("up")
+        .route("/slow", Reply::Echo.after(Duration::from_secs(3)))
+        .start()
+        .await;
+    let routes = r#"
+[[routes]]
+id = "bounded"
+path = "/bounded"
+egress = ["up"]
+chain = [{ plugin = "probe", config = { mode = "fanout", calls = [{ service = "up", path = "/slow", timeout_ms = 100 }, { service = "up", path = "/fast" }] } }]
+
+[[routes]]
+id = "unbounded"
+path = "/unbounded"
+egress = ["up"]
+chain = [{ plugin = "probe", limits = { call_timeout = "200ms" }, config = { mode = "fanout", calls = [{ service = "up", path = "/slow" }] } }]
+"#;
+    let proxy = TestProxy::start(&config(&up.url(), routes)).await;
+    // The plugin's own timeout on one call: that call fails, the other succeeds.
+    let bounded = get(proxy.addr(), "/bounded", &[]).await;
+    assert_eq!(bounded.status, 200, "{}", bounded.text());
+    let results = &bounded.json()["results"];
+    assert_eq!(results[0]["error"], "errorkind::upstream", "{results}");
+    assert_eq!(results[1]["status"], 200, "{results}");
+    // No timeout of its own: the use's call_timeout ends the hook, waiting included.
+    let unbounded = get(proxy.addr(), "/unbounded", &[]).await;
+    assert_eq!(unbounded.status, 504, "{}", unbounded.text());
+    assert_eq!(unbounded.json()["error"]["code"], "plugin_timeout");
+}
+
+#[tokio::test]
+async fn response_phase_rewrites_bodies_and_fails_cleanly() {
+    let up = Upstream::builder("up")
+        .route(
+            "/doc",
+            Reply::fixed(200, r#"{"name":"ada"}"#).header("content-type", "application/json"),
+        )
+        .start()
+        .await;
+    let cases = [
+        ("spin", 502, "plugin_cpu_limit"),
+        ("panic", 502, "plugin_panic"),
+        ("error", 502, "plugin_error"),
+        ("bad-header", 502, "plugin_invalid_output"),
+    ];
+    let mut routes = String::from(
+        r#"
+[[routes]]
+id = "upper"
+path = "/upper"
+service = "up"
+rewrite = "/doc"
+chain = [{ plugin = "probe", config = { reads_response_body = true, response_mode = "upper-body" } }]
+
+[[routes]]
+id = "status"
+path = "/status"
+service = "up"
+rewrite = "/doc"
+chain = [{ plugin = "probe", config = { handles_response = true, response_mode = "set-status", status = 1000 } }]
+"#,
+    );
+    for (mode, _, _) in cases {
+        routes.push_str(&format!(
+            "[[routes]]\nid = \"r-{mode}\"\npath = \"/r-{mode}\"\nservice = \"up\"\nrewrite = \"/doc\"\n\
+             chain = [{{ plugin = \"probe\", config = {{ handles_response = true, response_mode = \"{mode}\" }} }}]\n"
+        ));
+    }
+    let proxy = TestProxy::start(&config(&up.url(), &routes)).await;
+
+    let upper = get(proxy.addr(), "/upper", &[("accept-encoding", "gzip")]).await;
+    assert_eq!(upper.status, 200, "{}", upper.text());
+    assert_eq!(upper.text(), r#"{"NAME":"ADA"}"#);
+    assert_eq!(upper.header("content-length"), Some("14"));
+    // The plugin reads the body, so the upstream was asked for it unencoded.
+    let asked = up.received().pop().expect("upstream called");
+    assert_eq!(
+        asked
+            .headers
+            .get("accept-encoding")
+            .and_then(|v| v.to_str().ok()),
+        Some("identity")
+    );
+
+    let status = get(proxy.addr(), "/status", &[]).await;
+    assert_eq!(status.status, 502);
+    assert_eq!(status.json()["error"]["code"], "plugin_invalid_output");
+    for (mode, code, name) in cases {
+        let resp = get(proxy.addr(), &format!("/r-{mode}"), &[]).await;
+        assert_eq!(resp.status, code, "{mode}: {}", resp.text());
+        assert_eq!(resp.json()["error"]["code"], name, "{mode}");
+        let good = get(proxy.addr(), "/good", &[]).await;
+        assert_eq!(good.status, 200, "after {mode}");
+    }
+}
+
+/// Many requests at once through a chain, one of them hostile each time: every instance is its
+/// own, the pool never runs dry, and the good ones all succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_requests_through_chains() {
+    let up = Upstream::echo("up").await;
+    let routes = r#"
+[[routes]]
+id = "spin"
+path = "/spin"
+service = "up"
+chain = [{ plugin = "probe", config = { mode = "spin" } }]
+"#;
+    let proxy = TestProxy::start(&config(&up.url(), routes)).await;
+    let addr = proxy.addr();
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        tasks.push(tokio::spawn(async move {
+            let path = if i % 10 == 0 { "/spin" } else { "/good" };
+            (path, get(addr, path, &[]).await)
+        }));
+    }
+    let mut good = 0;
+    for t in tasks {
+        let (path, resp) = t.await.expect("request task");
+        if path == "/good" {
+            assert_eq!(resp.status, 200, "{}", resp.text());
+            assert_eq!(resp.echo().header("x-probe-g"), Some("seen"));
+            good += 1;
+        } else {
+            assert_eq!(resp.json()["error"]["code"], "plugin_cpu_limit");
+        }
+    }
+    assert_eq!(good, 45);
 }

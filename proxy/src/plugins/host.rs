@@ -123,15 +123,16 @@ impl HostState {
         let err = self.stderr.contents();
         let new_out = &out[self.logged.0.min(out.len())..];
         let new_err = &err[self.logged.1.min(err.len())..];
+        let request_id = self.request_id();
         for line in String::from_utf8_lossy(new_out)
             .lines()
             .filter(|l| !l.is_empty())
         {
-            tracing::info!(plugin = %self.plugin, stream = "stdout", line, "plugin output");
+            tracing::info!(plugin = %self.plugin, request_id, stream = "stdout", line, "plugin output");
         }
         let err_text = String::from_utf8_lossy(new_err).into_owned();
         for line in err_text.lines().filter(|l| !l.is_empty()) {
-            tracing::warn!(plugin = %self.plugin, stream = "stderr", line, "plugin output");
+            tracing::warn!(plugin = %self.plugin, request_id, stream = "stderr", line, "plugin output");
         }
         self.logged = (out.len(), err.len());
         err_text
