@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 # These machines set RUSTUP_AUTO_INSTALL=0: add the plugin target explicitly (idempotent).
 rustup target add wasm32-wasip2
 
-# The demo's plugin chains run the example plugins: build them for the plugin target first.
-cargo build --release --locked --target wasm32-wasip2 --manifest-path plugins/Cargo.toml
+# The demo's plugin chains run the example plugins: build them for the plugin target first
+# (from plugins/, so its .cargo/config.toml applies).
+(cd plugins && cargo build --release --locked --target wasm32-wasip2)
 
 exec cargo run --release --locked -p bff-proxy -- demo "$@"

@@ -73,7 +73,18 @@ impl BffProxy {
         let workers = worker_threads.max(1);
         let admin_port = crate::free_port().context("finding a port for the admin listener")?;
         let text = config_toml(upstream, admin_port, workers, pool);
-        let config = bff_proxy::Config::from_toml(&text, "bench")
+        Self::start_config(&text, workers, pin)
+    }
+
+    /// Starts bff-proxy with the config `text` (its `server.worker_threads` should be
+    /// `worker_threads`), pinned to the CPU list `pin` if given.
+    pub fn start_config(
+        text: &str,
+        worker_threads: usize,
+        pin: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        let workers = worker_threads.max(1);
+        let config = bff_proxy::Config::from_toml(text, "bench")
             .map_err(|e| anyhow::anyhow!("bench config rejected: {e}"))?;
         // The same runtime `bff-proxy run` builds for this many workers.
         let mut builder = bff_proxy::runtime_builder(workers);

@@ -17,6 +17,7 @@ pub mod hyper_min;
 pub mod load;
 pub mod nginx;
 pub mod pin;
+pub mod plugins;
 pub mod report;
 pub mod upstream;
 

@@ -69,6 +69,17 @@ impl Upstream {
     /// Starts an upstream on `127.0.0.1:0` that answers `body` with `worker_threads` Tokio
     /// worker threads, pinned to the CPU list `pin` if given.
     pub fn start(body: Bytes, worker_threads: usize, pin: Option<&str>) -> anyhow::Result<Self> {
+        Self::start_delayed(body, Duration::ZERO, worker_threads, pin)
+    }
+
+    /// Like [`Upstream::start`], answering each request only after `delay` (a slow service;
+    /// the wait is a timer, so concurrent requests wait together).
+    pub fn start_delayed(
+        body: Bytes,
+        delay: Duration,
+        worker_threads: usize,
+        pin: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let mut builder = tokio::runtime::Builder::new_multi_thread();
         builder
             .worker_threads(worker_threads.max(1))
@@ -95,7 +106,7 @@ impl Upstream {
                             return;
                         }
                     };
-                    serve(listener, body, stopped).await;
+                    serve(listener, body, delay, stopped).await;
                 });
                 // Kills the keep-alive connections still open (the proxies' pools).
                 rt.shutdown_timeout(Duration::from_secs(1));
@@ -131,7 +142,12 @@ impl Drop for Upstream {
     }
 }
 
-async fn serve(listener: tokio::net::TcpListener, body: Bytes, mut stopped: oneshot::Receiver<()>) {
+async fn serve(
+    listener: tokio::net::TcpListener,
+    body: Bytes,
+    delay: Duration,
+    mut stopped: oneshot::Receiver<()>,
+) {
     let content_type = HeaderValue::from_static("application/json");
     loop {
         let (stream, _) = tokio::select! {
@@ -153,7 +169,12 @@ async fn serve(listener: tokio::net::TcpListener, body: Bytes, mut stopped: ones
                 let mut resp = Response::new(Full::new(body.clone()));
                 resp.headers_mut()
                     .insert(header::CONTENT_TYPE, content_type.clone());
-                async move { Ok::<_, Infallible>(resp) }
+                async move {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    Ok::<_, Infallible>(resp)
+                }
             });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)

@@ -26,8 +26,7 @@ pub const DEMO_CONFIG_PATH: &str = "config/demo.toml";
 
 /// What to do when the demo's plugins do not load (usually: not built yet).
 const BUILD_PLUGINS: &str = "the demo's example plugins did not load; build them with \
-    `cargo build --release --target wasm32-wasip2 --manifest-path plugins/Cargo.toml` \
-    (scripts/demo.sh does this)";
+    `cd plugins && cargo build --release --target wasm32-wasip2` (scripts/demo.sh does this)";
 
 /// The partner API key the demo config accepts (stored there as its SHA-256).
 pub const PARTNER_API_KEY: &str = "demo-partner-key";

@@ -20,6 +20,8 @@
 
 mod bindings;
 mod chain;
+#[cfg(feature = "test-util")]
+mod hop;
 mod host;
 mod load;
 mod runtime;
@@ -31,6 +33,8 @@ use serde::Deserialize;
 use crate::config::{ConfigPath, Problems, check_duration, check_range};
 
 pub(crate) use self::chain::{Chain, ChainInput, FailureKind, PluginFailure, ScopeParts};
+#[cfg(feature = "test-util")]
+pub use self::hop::Hop;
 pub use self::load::LoadError;
 pub(crate) use self::load::load_chains;
 pub use self::runtime::{Runtime, RuntimeError};

@@ -43,6 +43,10 @@ async fn the_sdk_readme_plugin_builds_tests_and_serves() {
         .iter()
         .find(|b| b.contains("[package]"))
         .expect("step 1 shows Cargo.toml");
+    let cargo_config = tomls
+        .iter()
+        .find(|b| b.contains("[target.wasm32-wasip2]"))
+        .expect("step 1 shows .cargo/config.toml");
     let route = tomls
         .iter()
         .find(|b| b.contains("[[routes]]"))
@@ -74,6 +78,8 @@ async fn the_sdk_readme_plugin_builds_tests_and_serves() {
     assert!(manifest.contains(&sdk.display().to_string()), "{manifest}");
     std::fs::write(dir.join("Cargo.toml"), format!("{manifest}\n[workspace]\n")).expect("write");
     std::fs::copy(repo.join("plugins/Cargo.lock"), dir.join("Cargo.lock")).expect("lock file");
+    std::fs::create_dir_all(dir.join(".cargo")).expect(".cargo dir");
+    std::fs::write(dir.join(".cargo/config.toml"), cargo_config).expect("write");
     let mut lib = format!("{plugin}\n{tests}\n");
     for (i, s) in snippets.iter().enumerate() {
         // The JSON snippet asserts what its comments say: run it.

@@ -113,7 +113,7 @@ pub(crate) async fn load_chains(
 }
 
 /// Reads, checks and compiles one plugin file.
-async fn load_file(runtime: &Runtime, name: &str) -> Result<LoadedPlugin, String> {
+pub(crate) async fn load_file(runtime: &Runtime, name: &str) -> Result<LoadedPlugin, String> {
     let path = runtime.config.dir.join(format!("{name}.wasm"));
     let engine = runtime.engine.clone();
     // Reading and compiling take milliseconds to seconds: never on a runtime worker.
@@ -197,7 +197,7 @@ fn check_contract(runtime: &Runtime, component: &Component) -> Result<(), String
 }
 
 /// Calls `init` on a fresh instance with one use's config.
-async fn init(
+pub(crate) async fn init(
     runtime: &Runtime,
     plugin: &LoadedPlugin,
     config_json: Arc<str>,
