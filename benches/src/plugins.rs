@@ -38,6 +38,8 @@ pub struct PluginOptions {
     pub json_out: Option<PathBuf>,
     /// Run only this part (`hop`, `chain` or `aggregate`), e.g. for profiling.
     pub only: Option<String>,
+    /// Use the built-in load generator even if wrk is installed.
+    pub builtin: bool,
 }
 
 impl Default for PluginOptions {
@@ -48,6 +50,7 @@ impl Default for PluginOptions {
             rounds: 3,
             json_out: Some(crate::default_json_path().with_file_name("bench-plugins.json")),
             only: None,
+            builtin: false,
         }
     }
 }
@@ -65,6 +68,7 @@ three services that each take 20 ms.
   --rounds N        interleaved rounds, median reported (default 3)
   --json PATH       results file (default target/bench-plugins.json); --no-json to skip
   --only PART       run one part: hop, chain or aggregate (prints that part only)
+  --builtin         use the built-in load generator even if wrk is installed
 
 BENCH_QUICK=1, BENCH_DURATION=N and BENCH_ROUNDS=N work too.
 ";
@@ -97,6 +101,7 @@ impl PluginOptions {
                 "--rounds" => o.rounds = value("--rounds")?.parse()?,
                 "--json" => o.json_out = Some(value("--json")?.into()),
                 "--no-json" => o.json_out = None,
+                "--builtin" => o.builtin = true,
                 "--only" => {
                     let part = value("--only")?;
                     anyhow::ensure!(
@@ -546,12 +551,19 @@ pub fn run(opts: &PluginOptions, log: &mut dyn Write) -> anyhow::Result<PluginRe
         "building the example plugins (plugins/, release, wasm32-wasip2)..."
     )?;
     let plugins = bff_proxy_tests::plugins::example_plugins();
-    let generator = Generator::detect();
+    let generator = if opts.builtin {
+        Generator::Builtin
+    } else {
+        Generator::detect()
+    };
     let wanted = |part: &str| opts.only.as_deref().is_none_or(|o| o == part);
     let mut hops = Vec::new();
     if wanted("hop") {
         for size in [1, 1024, 20 * 1024] {
-            writeln!(log, "hop: fields on {size} B, native vs Wasm...")?;
+            writeln!(
+                log,
+                "hop: fields, native vs Wasm, body of at least {size} B..."
+            )?;
             hops.push(hop(plugins, size, opts)?);
         }
     }

@@ -47,3 +47,41 @@ fn quick_run_direct_and_through_bff_proxy() {
     let text = report.render();
     assert!(text.contains("| bff-proxy |"), "{text}");
 }
+
+/// The plugin benchmark in quick mode (built-in generator): every part runs, every request
+/// succeeds, the Wasm hop gives the native transform's output (checked inside), never a timing
+/// threshold.
+#[test]
+fn quick_plugin_benchmark() {
+    use bff_proxy_benches::plugins::{PluginOptions, run};
+    let mut opts = PluginOptions::parse(["--quick".to_owned(), "--builtin".to_owned()])
+        .expect("valid options")
+        .expect("not --help");
+    opts.json_out = None;
+    let mut log = Vec::new();
+    let report = run(&opts, &mut log).expect("the plugin benchmark runs");
+    let log = String::from_utf8_lossy(&log);
+    assert_eq!(report.hops.len(), 3, "{log}");
+    for h in &report.hops {
+        assert!(h.out_bytes < h.body_bytes, "fields trims: {h:?}");
+        assert!(
+            h.native.ops_per_sec > 0.0 && h.wasm.ops_per_sec > 0.0,
+            "{h:?}"
+        );
+    }
+    let chain = report.chain.as_ref().expect("chain measured");
+    for m in [&chain.passthrough, &chain.chain] {
+        assert!(m.requests > 0 && m.non_2xx == 0 && m.errors == 0, "{m:?}");
+    }
+    assert!(chain.chain_out_bytes > 0 && chain.chain_out_bytes < chain.body_bytes as u64);
+    let agg = report.aggregate.as_ref().expect("aggregate measured");
+    for m in [&agg.sequential, &agg.concurrent] {
+        assert!(m.requests > 0 && m.non_2xx == 0 && m.errors == 0, "{m:?}");
+    }
+    let rendered = report.render();
+    assert!(rendered.contains("Wasm / native"), "{rendered}");
+    assert!(
+        rendered.contains("aggregate over three services"),
+        "{rendered}"
+    );
+}

@@ -17,6 +17,7 @@
 //! - `host`: per-request store data and the host imports (`send`/`wait`, `log`, shared values),
 //!   with the limits and the egress allow-list.
 //! - `chain`: runs a route's chain for one request with a fresh instance per plugin.
+//! - `hop` (`test-util` only): one plugin's response phase on its own, for the benchmark.
 
 mod bindings;
 mod chain;
