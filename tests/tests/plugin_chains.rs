@@ -148,7 +148,7 @@ async fn hostile_plugins_fail_cleanly() {
     }
     let proxy = TestProxy::start(&config(&up.url(), &routes)).await;
     for (mode, code, status) in cases {
-        let started = std::time::Instant::now();
+        // `get` is bounded: a plugin that hung the request would fail the test there.
         let resp = get(proxy.addr(), &format!("/{mode}"), &[]).await;
         assert_eq!(resp.status, status, "{mode}: {}", resp.text());
         let err = &resp.json()["error"];
@@ -159,10 +159,6 @@ async fn hostile_plugins_fail_cleanly() {
                 .unwrap_or_default()
                 .contains("`probe`"),
             "{mode}: {err}"
-        );
-        assert!(
-            started.elapsed() < std::time::Duration::from_secs(5),
-            "{mode} took too long"
         );
         let good = get(proxy.addr(), "/good", &[]).await;
         assert_eq!(good.status, 200, "after {mode}: {}", good.text());
