@@ -18,6 +18,7 @@ pub mod load;
 pub mod nginx;
 pub mod pin;
 pub mod plugins;
+pub mod reload;
 pub mod report;
 pub mod upstream;
 

@@ -85,3 +85,30 @@ fn quick_plugin_benchmark() {
         "{rendered}"
     );
 }
+
+/// The reload benchmark in quick mode (built-in generator): every part runs, new versions go
+/// live, no request fails during the reload storm (checked inside), never a timing threshold.
+#[test]
+fn quick_reload_benchmark() {
+    use bff_proxy_benches::reload::{ReloadOptions, run};
+    let mut opts = ReloadOptions::parse(["--quick".to_owned(), "--builtin".to_owned()])
+        .expect("valid options")
+        .expect("not --help");
+    opts.json_out = None;
+    let mut log = Vec::new();
+    let report = run(&opts, &mut log).unwrap_or_else(|e| {
+        panic!(
+            "the reload benchmark fails: {e:#}\n{}",
+            String::from_utf8_lossy(&log)
+        )
+    });
+    assert_eq!(report.restarts, 2);
+    assert!(report.swap_new.max_ms > 0.0);
+    assert!(report.steady.requests > 0 && report.storm.requests > 0);
+    assert!(
+        report.storm_reloads > 0,
+        "versions were shipped during the storm"
+    );
+    let text = report.render();
+    assert!(text.contains("## Hot reload"), "{text}");
+}

@@ -26,6 +26,7 @@ pub use crate::identity::{ClientConfig, IdentifyRule, IdentityConfig};
 pub use crate::listener::ServerConfig;
 pub use crate::pipeline::HeadersConfig;
 pub use crate::plugins::{PluginLimits, PluginLimitsOverride, PluginsConfig};
+pub use crate::reload::ReloadConfig;
 pub use crate::router::{ChainStep, OnError, RouteConfig};
 pub use crate::upstream::{Protocol, ServiceConfig};
 
@@ -53,6 +54,10 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Where plugins come from and their default limits.
     pub plugins: PluginsConfig,
+    /// Hot reload: file watching and debouncing.
+    pub reload: ReloadConfig,
+    /// The file this config was loaded from, if any: reloads read it again.
+    pub source: Option<std::path::PathBuf>,
 }
 
 impl Default for Config {
@@ -69,6 +74,8 @@ impl Default for Config {
             clients: Vec::new(),
             routes: Vec::new(),
             plugins: PluginsConfig::default(),
+            reload: ReloadConfig::default(),
+            source: None,
         }
     }
 }
@@ -82,11 +89,17 @@ impl Config {
         })?;
         let mut config = Self::from_toml(&text, &path.display().to_string())?;
         // Paths in the file are relative to the file, not to wherever the proxy was started.
-        if config.plugins.dir.is_relative()
-            && let Some(parent) = path.parent()
-        {
-            config.plugins.dir = parent.join(&config.plugins.dir);
+        if let Some(parent) = path.parent() {
+            if config.plugins.dir.is_relative() {
+                config.plugins.dir = parent.join(&config.plugins.dir);
+            }
+            if let Some(dir) = &mut config.plugins.cache_dir
+                && dir.is_relative()
+            {
+                *dir = parent.join(&*dir);
+            }
         }
+        config.source = Some(path.to_path_buf());
         Ok(config)
     }
 
@@ -121,6 +134,7 @@ impl Config {
         }
         crate::identity::validate(&self.identity, &self.clients, &root, problems);
         self.plugins.validate(&root.key("plugins"), problems);
+        self.reload.validate(&root.key("reload"), problems);
         crate::router::validate(&self.routes, self, &root.key("routes"), problems);
     }
 

@@ -15,7 +15,8 @@
 //! | respond | `pipeline` + `error` | headers cleaned, errors as JSON with stable codes |
 //!
 //! Live state is one immutable snapshot swapped atomically (`state`); `config` turns the TOML
-//! file into it. `main.rs` is a thin CLI over [`Proxy`] and [`Config`].
+//! file into it and `reload` rebuilds it on file changes, `SIGHUP` or `POST /admin/reload`.
+//! `metrics` holds the Prometheus registry; `admin` serves it with health and reload state. `main.rs` is a thin CLI over [`Proxy`] and [`Config`].
 
 mod admin;
 mod body;
@@ -24,8 +25,10 @@ pub mod demo;
 mod error;
 mod identity;
 pub mod listener;
+pub mod metrics;
 mod pipeline;
 pub mod plugins;
+mod reload;
 mod router;
 mod server;
 mod state;
@@ -36,6 +39,7 @@ pub use crate::body::Body;
 pub use crate::config::{Config, ConfigError};
 pub use crate::error::ErrorChain;
 pub use crate::identity::ClientProfile;
+pub use crate::metrics::Metrics;
 pub use crate::server::{Proxy, StartError, check_plugins};
 
 /// The Tokio runtime for `server.worker_threads`: 0 means one worker per core; 1 means a

@@ -13,13 +13,16 @@
 //! - `runtime`: the one `Engine` (pooling allocator, epoch ticker), the `Linker` with the host
 //!   imports and a deny-by-default WASI p2.
 //! - `load`: reads `<dir>/<name>.wasm`, checks the contract version, compiles and type-checks
-//!   it once (`PluginPre`), and calls `init` for every use so a bad config fails the load.
+//!   it once (`PluginPre`), and calls `init` for every use so a bad config fails the load; on a
+//!   reload, keeps the serving version of a plugin whose new file is refused (`Catalog`).
+//! - `cache`: compiled plugins on disk by content hash and engine, for fast restarts.
 //! - `host`: per-request store data and the host imports (`send`/`wait`, `log`, shared values),
 //!   with the limits and the egress allow-list.
 //! - `chain`: runs a route's chain for one request with a fresh instance per plugin.
 //! - `hop` (`test-util` only): one plugin's response phase on its own, for the benchmark.
 
 mod bindings;
+mod cache;
 mod chain;
 #[cfg(feature = "test-util")]
 mod hop;
@@ -37,7 +40,7 @@ pub(crate) use self::chain::{Chain, ChainInput, FailureKind, PluginFailure, Scop
 #[cfg(feature = "test-util")]
 pub use self::hop::Hop;
 pub use self::load::LoadError;
-pub(crate) use self::load::load_chains;
+pub(crate) use self::load::{Catalog, CompileStats, Compiler, LoadIssue, load_chains};
 pub use self::runtime::{Runtime, RuntimeError};
 
 /// The `context` record plugins get: who the client is and where the request was routed.
@@ -76,6 +79,14 @@ pub struct PluginsConfig {
     pub chain_timeout: Duration,
     /// Defaults for every plugin use; a chain step can override each.
     pub limits: PluginLimits,
+    /// Keep compiled plugins on disk (by content hash and engine) so restarts skip compiling.
+    pub compile_cache: bool,
+    /// Where the compile cache lives. Default: `$XDG_CACHE_HOME/bff-proxy/plugins`, else
+    /// `$HOME/.cache/bff-proxy/plugins`. Relative paths are resolved against the config file.
+    pub cache_dir: Option<std::path::PathBuf>,
+    /// If set, responses of routes with a chain carry this header listing the plugin versions
+    /// that served them (`name=<first 12 hex of SHA-256>, ...`). Off by default.
+    pub version_header: Option<String>,
 }
 
 impl Default for PluginsConfig {
@@ -86,6 +97,9 @@ impl Default for PluginsConfig {
             instance_memory_bytes: 64 << 20,
             chain_timeout: Duration::from_secs(10),
             limits: PluginLimits::default(),
+            compile_cache: true,
+            cache_dir: None,
+            version_header: None,
         }
     }
 }
@@ -201,5 +215,18 @@ impl PluginsConfig {
         );
         self.limits
             .validate(self.instance_memory_bytes, &at.key("limits"), problems);
+        if let Some(h) = &self.version_header
+            && http::HeaderName::try_from(h.as_str()).is_err()
+        {
+            problems.push(at.key("version_header"), "is not a valid header name");
+        }
+    }
+
+    /// The compile cache directory in use, if any.
+    pub(crate) fn cache_dir(&self) -> Option<std::path::PathBuf> {
+        if !self.compile_cache {
+            return None;
+        }
+        self.cache_dir.clone().or_else(cache::default_dir)
     }
 }

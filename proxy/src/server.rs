@@ -16,7 +16,9 @@ use tokio_util::task::TaskTracker;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::listener::{ConnSettings, accept_loop};
+use crate::metrics::Metrics;
 use crate::pipeline::{self, ConnInfo};
+use crate::reload::Reloader;
 use crate::state::Shared;
 
 /// Why the proxy could not start.
@@ -48,8 +50,7 @@ pub async fn check_plugins(config: &Config) -> Result<usize, StartError> {
     if !config.uses_plugins() {
         return Ok(0);
     }
-    let runtime = Arc::new(crate::plugins::Runtime::new(&config.plugins)?);
-    crate::state::Snapshot::build(config, Some(&runtime)).await?;
+    crate::reload::first_load(config, &Metrics::new()).await?;
     Ok(config.routes.iter().map(|r| r.chain.len()).sum())
 }
 
@@ -59,30 +60,35 @@ pub struct Proxy {
     data: TcpListener,
     admin: TcpListener,
     shared: Arc<Shared>,
+    reloader: Arc<Reloader>,
 }
 
 impl Proxy {
     /// Binds the data-plane and admin listeners of a validated config. Must be called inside a
     /// Tokio runtime. Port 0 picks a free port; see [`Proxy::local_addr`].
     pub async fn bind(config: &Config) -> Result<Self, StartError> {
+        Self::bind_with(config, Arc::new(Metrics::new())).await
+    }
+
+    /// Like [`Proxy::bind`], recording into `metrics` (served at the admin `/metrics`).
+    pub async fn bind_with(config: &Config, metrics: Arc<Metrics>) -> Result<Self, StartError> {
         let bind = |addr: SocketAddr, what| async move {
             TcpListener::bind(addr)
                 .await
                 .map_err(|source| StartError::Bind { addr, what, source })
         };
         // Plugins load before anything is bound: a bad plugin fails startup like a bad config.
-        let plugins = if config.uses_plugins() {
-            Some(Arc::new(crate::plugins::Runtime::new(&config.plugins)?))
-        } else {
-            None
-        };
-        let snapshot = crate::state::Snapshot::build(config, plugins.as_ref()).await?;
+        // The first load is the same path every reload takes.
+        let (snapshot, first) = crate::reload::first_load(config, &metrics).await?;
         let data = bind(config.listen, "data plane").await?;
         let admin = bind(config.admin.listen, "admin").await?;
+        let shared = Arc::new(Shared::new(config, snapshot));
+        let reloader = Arc::new(Reloader::new(shared.clone(), metrics, first));
         Ok(Self {
             data,
             admin,
-            shared: Arc::new(Shared::new(config, snapshot, plugins)),
+            shared,
+            reloader,
         })
     }
 
@@ -107,6 +113,7 @@ impl Proxy {
             data,
             admin,
             shared,
+            reloader,
         } = self;
         // Three signals, in the order shutdown uses them: stop the data plane (graceful close
         // of every connection), force-close what is left at the drain deadline, and only
@@ -151,12 +158,12 @@ impl Proxy {
                 }
             })
         };
-        let admin_shared = shared.clone();
+        let admin_reloader = reloader.clone();
         let make_admin = move |_peer: SocketAddr, _over_limit: bool| {
-            let shared = admin_shared.clone();
+            let reloader = admin_reloader.clone();
             hyper::service::service_fn(move |req| {
-                let resp = crate::admin::handle(&shared, &req);
-                async move { Ok::<_, Infallible>(resp) }
+                let reloader = reloader.clone();
+                async move { Ok::<_, Infallible>(crate::admin::handle(&reloader, req).await) }
             })
         };
 
@@ -178,12 +185,17 @@ impl Proxy {
             stop_admin.clone(),
             admin_tracker.clone(),
         ));
+        // File changes and SIGHUP become reloads until shutdown begins.
+        let stop_reloads = CancellationToken::new();
+        let watcher = tokio::spawn(crate::reload::watch(reloader.clone(), stop_reloads.clone()));
         shared.ready.store(true, Ordering::Release);
         // Logged only once `/readyz` answers 200, so whoever waits for this line can rely on it.
         tracing::info!(listen = %listen, admin = %admin_addr, "proxy ready");
 
         shutdown.await;
         shared.ready.store(false, Ordering::Release);
+        stop_reloads.cancel();
+        let _ = watcher.await;
         tracing::info!(
             connections = tracker.len(),
             drain_timeout = ?server.drain_timeout,

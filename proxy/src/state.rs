@@ -2,7 +2,8 @@
 //! upstream clients, loaded plugin chains), published through a single atomic pointer.
 //!
 //! The request path loads the snapshot once per request and keeps that `Arc` to the end, so a
-//! later swap never changes a request mid-flight. Process-wide things that must outlive a reload
+//! later swap never changes a request mid-flight. `reload` builds new snapshots and swaps them
+//! in. Process-wide things that must outlive a reload
 //! (limits' semaphores, readiness) live in [`Shared`], outside the snapshot.
 
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use crate::config::Config;
 use crate::identity::Identifier;
 use crate::listener::ServerConfig;
 use crate::pipeline::HeaderNames;
-use crate::plugins::{LoadError, Runtime, load_chains};
+use crate::plugins::{Catalog, Chain};
 use crate::router::Router;
 use crate::upstream::Upstreams;
 
@@ -24,32 +25,37 @@ use crate::upstream::Upstreams;
 pub(crate) struct Snapshot {
     pub(crate) identifier: Identifier,
     pub(crate) router: Router,
-    /// Shared with plugin `send` tasks, which may outlive the request phase that started them.
+    /// Shared with plugin `send` tasks, which may outlive the request phase that started them,
+    /// and with the next snapshot when `services` did not change (its pools stay warm).
     pub(crate) upstreams: Arc<Upstreams>,
     pub(crate) headers: HeaderNames,
     /// `[plugins] chain_timeout`.
     pub(crate) chain_timeout: std::time::Duration,
+    /// The loaded plugins by name, with their versions and problems (`/admin/plugins`).
+    pub(crate) catalog: Catalog,
+    /// The config it was built from (the next reload compares against it).
+    pub(crate) config: Arc<Config>,
 }
 
 impl Snapshot {
-    /// Builds a snapshot, loading every plugin the routes use (off the request path: compiling
-    /// runs on blocking threads). The config must have passed validation. Needs a Tokio runtime
-    /// (upstream clients spawn their connection tasks on it).
-    pub(crate) async fn build(
-        config: &Config,
-        plugins: Option<&Arc<Runtime>>,
-    ) -> Result<Self, LoadError> {
-        let chains = match plugins {
-            Some(rt) => load_chains(rt, config).await?,
-            None => Vec::new(),
-        };
-        Ok(Self {
+    /// Puts a snapshot together from a validated config and its loaded chains (by route
+    /// index). `upstreams` reuses the current pools; `None` builds new ones. Needs a Tokio
+    /// runtime (upstream clients spawn their connection tasks on it).
+    pub(crate) fn assemble(
+        config: Config,
+        chains: Vec<Option<Arc<Chain>>>,
+        catalog: Catalog,
+        upstreams: Option<Arc<Upstreams>>,
+    ) -> Self {
+        Self {
             identifier: Identifier::build(&config.identity, &config.clients),
-            router: Router::build(config, chains),
-            upstreams: Arc::new(Upstreams::build(&config.services)),
+            router: Router::build(&config, chains),
+            upstreams: upstreams.unwrap_or_else(|| Arc::new(Upstreams::build(&config.services))),
             headers: HeaderNames::build(&config.headers),
             chain_timeout: config.plugins.chain_timeout,
-        })
+            catalog,
+            config: Arc::new(config),
+        }
     }
 }
 
@@ -64,17 +70,12 @@ pub(crate) struct Shared {
     pub(crate) request_permits: Arc<Semaphore>,
     /// False until serving and again once draining (`/readyz`).
     pub(crate) ready: AtomicBool,
-    /// The plugin engine, if any route uses plugins. Chains hold it too; kept here because a
-    /// reload must compile new plugins with the same engine.
-    #[expect(dead_code, reason = "read by hot reload (issue #4)")]
-    pub(crate) plugins: Option<Arc<Runtime>>,
 }
 
 impl Shared {
-    pub(crate) fn new(config: &Config, snapshot: Snapshot, plugins: Option<Arc<Runtime>>) -> Self {
+    pub(crate) fn new(config: &Config, snapshot: Snapshot) -> Self {
         Self {
             live: ArcSwap::from_pointee(snapshot),
-            plugins,
             server: config.server.clone(),
             request_permits: Arc::new(Semaphore::new(config.server.max_concurrent_requests)),
             ready: AtomicBool::new(false),

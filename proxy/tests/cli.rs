@@ -158,16 +158,14 @@ fn bad_usage_exits_2() {
     assert_eq!(out.status.code(), Some(2));
 }
 
-#[test]
-fn run_serves_then_exits_0_on_sigterm() {
-    use std::io::{BufRead, BufReader, Read, Write};
-    use std::time::{Duration, Instant};
+/// Spawns `bff-proxy run` with JSON logs and waits for "proxy ready"; returns the child and
+/// its admin address.
+fn spawn_ready(cfg: &std::path::Path) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
 
-    let dir = TempDir::new("run");
-    let cfg = dir.write("proxy.toml", PLAIN);
     let mut child = bin()
         .args(["--log-format", "json", "run", "--config"])
-        .arg(&cfg)
+        .arg(cfg)
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("spawn bff-proxy");
@@ -182,30 +180,92 @@ fn run_serves_then_exits_0_on_sigterm() {
         }
         line.clear();
     }
+    // Keep draining the log so the child never blocks on a full pipe.
+    std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
     let admin = admin.expect("the proxy logs its admin address when ready");
+    (child, admin)
+}
 
-    let mut s = std::net::TcpStream::connect(&admin).expect("connect admin");
-    s.write_all(b"GET /readyz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-        .expect("write");
+/// `GET path` on `addr` with a bounded wait; the raw response.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect admin");
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("set a read timeout");
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+    )
+    .expect("write");
     let mut resp = String::new();
     s.read_to_string(&mut resp).expect("read");
-    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    resp
+}
 
+fn signal(child: &std::process::Child, sig: &str) {
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([sig, &child.id().to_string()])
         .status()
         .expect("kill");
     assert!(status.success());
+}
+
+/// Waits (bounded) for the child to exit; its exit code.
+fn exit_code(child: &mut std::process::Child) -> Option<i32> {
+    use std::time::{Duration, Instant};
     let deadline = Instant::now() + Duration::from_secs(10);
-    let code = loop {
+    loop {
         if let Some(st) = child.try_wait().expect("wait") {
-            break st.code();
+            return st.code();
         }
-        assert!(
-            Instant::now() < deadline,
-            "bff-proxy did not exit after SIGTERM"
-        );
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("bff-proxy did not exit after the signal");
+        }
         std::thread::sleep(Duration::from_millis(20));
-    };
-    assert_eq!(code, Some(0));
+    }
+}
+
+#[test]
+fn run_serves_then_exits_0_on_sigterm() {
+    let dir = TempDir::new("run");
+    let cfg = dir.write("proxy.toml", PLAIN);
+    let (mut child, admin) = spawn_ready(&cfg);
+    let resp = http_get(&admin, "/readyz");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    signal(&child, "-TERM");
+    assert_eq!(exit_code(&mut child), Some(0));
+}
+
+/// `SIGHUP` reloads the config file (file watching is off here, so only the signal can).
+#[test]
+fn sighup_reloads_the_config() {
+    use std::time::{Duration, Instant};
+
+    let dir = TempDir::new("hup");
+    let quiet = format!("{PLAIN}\n[reload]\nwatch = false\n");
+    let cfg = dir.write("proxy.toml", &quiet);
+    let (mut child, admin) = spawn_ready(&cfg);
+    dir.write(
+        "proxy.toml",
+        &quiet.replace(
+            "[[routes]]\nid = \"all\"",
+            "[[routes]]\nid = \"everything\"",
+        ),
+    );
+    signal(&child, "-HUP");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let resp = http_get(&admin, "/admin/reloads");
+        let body = resp.split("\r\n\r\n").nth(1).unwrap_or_default();
+        if body.contains(r#""trigger":"signal""#) {
+            assert!(body.contains(r#""outcome":"applied""#), "{body}");
+            assert!(body.contains(r#""config_changed":true"#), "{body}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no reload after SIGHUP: {body}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    signal(&child, "-TERM");
+    assert_eq!(exit_code(&mut child), Some(0));
 }

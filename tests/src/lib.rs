@@ -131,7 +131,12 @@ pub fn fill(template: &str, vars: &[(&str, &str)]) -> String {
 
 /// Lowercase hex SHA-256 of `key`: what the config stores for an API key.
 pub fn sha256_hex(key: &str) -> String {
-    Sha256::digest(key.as_bytes())
+    sha256_hex_bytes(key.as_bytes())
+}
+
+/// Lowercase hex SHA-256 of `bytes` (a plugin file's version).
+pub fn sha256_hex_bytes(bytes: &[u8]) -> String {
+    Sha256::digest(bytes)
         .iter()
         .fold(String::with_capacity(64), |mut s, b| {
             let _ = write!(s, "{b:02x}");
@@ -181,6 +186,48 @@ impl TestProxy {
         let config = bff_proxy::Config::from_toml(config_toml, "test")
             .unwrap_or_else(|e| panic!("the test config is invalid:\n{e}\n---\n{config_toml}"));
         Self::start_config(config).await
+    }
+
+    /// Loads the config file at `path` (as `bff-proxy run` does, so reloads read it again) and
+    /// starts the proxy. The file should set `listen` and `admin.listen` to `127.0.0.1:0` so a
+    /// reload does not see them change.
+    pub async fn start_file(path: &std::path::Path) -> Self {
+        let config = bff_proxy::Config::load(path)
+            .unwrap_or_else(|e| panic!("the test config {} is invalid:\n{e}", path.display()));
+        Self::start_config(config).await
+    }
+
+    /// `GET` on the admin listener, parsed as JSON (panics if it is not).
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        let resp = get(self.admin_addr, path, &[]).await;
+        assert_eq!(resp.status, 200, "GET {path}: {}", resp.text());
+        resp.json()
+    }
+
+    /// `GET /metrics` on the admin listener.
+    pub async fn metrics(&self) -> String {
+        let resp = get(self.admin_addr, "/metrics", &[]).await;
+        assert_eq!(resp.status, 200, "GET /metrics: {}", resp.text());
+        resp.text()
+    }
+
+    /// The value of one sample in `/metrics` (`name{labels}` exactly as exported), or 0.
+    pub async fn metric(&self, series: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.strip_prefix(' '))
+            })
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// `POST /admin/reload`: the status and the reload record.
+    pub async fn reload(&self) -> (u16, serde_json::Value) {
+        let resp = request(self.admin_addr, "POST", "/admin/reload", &[], empty()).await;
+        (resp.status.as_u16(), resp.json()["reload"].clone())
     }
 
     /// Like [`TestProxy::start`] for an already parsed config.

@@ -61,3 +61,29 @@ pub fn example_plugins() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| build(&repo_root().join("plugins")))
 }
+
+/// The marker the `probe` plugin reports as its version (`VERSION` in its source).
+const PROBE_VERSION_MARKER: &[u8] = b"probe-version:AAAAAAAAAA";
+
+/// The `probe` plugin as a distinct version: its version marker patched to ten `tag`
+/// characters (`'A'` is the build as is). Different tags give different files (hashes) whose
+/// `version` mode reports the tag.
+pub fn probe_version(tag: char) -> Vec<u8> {
+    assert!(
+        tag.is_ascii_alphanumeric(),
+        "tags are one ASCII letter or digit"
+    );
+    let mut bytes = std::fs::read(test_plugins().join("probe.wasm")).expect("read probe.wasm");
+    let at = bytes
+        .windows(PROBE_VERSION_MARKER.len())
+        .position(|w| w == PROBE_VERSION_MARKER)
+        .expect("probe.wasm carries its version marker");
+    let start = at + PROBE_VERSION_MARKER.len() - 10;
+    bytes[start..at + PROBE_VERSION_MARKER.len()].fill(tag as u8);
+    bytes
+}
+
+/// What [`probe_version`]'s `version` mode reports for `tag`.
+pub fn version_string(tag: char) -> String {
+    std::iter::repeat_n(tag, 10).collect()
+}

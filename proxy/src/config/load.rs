@@ -16,6 +16,7 @@ use super::{Config, ConfigPath};
 /// Top-level keys, in the order `config/full.toml` documents them.
 const TOP_LEVEL_KEYS: &[&str] = &[
     "listen", "admin", "server", "headers", "identity", "services", "clients", "routes", "plugins",
+    "reload",
 ];
 
 /// Why a config could not be used.
@@ -75,7 +76,7 @@ pub struct Problem {
 }
 
 impl Problem {
-    fn display_with(&self, origin: &str) -> String {
+    pub(crate) fn display_with(&self, origin: &str) -> String {
         match self.line_col {
             Some((l, c)) => format!("{origin}:{l}:{c}: {}: {}", self.path, self.message),
             None => format!("{origin}: {}: {}", self.path, self.message),
@@ -149,6 +150,7 @@ pub(super) fn load(text: &str, origin: &str) -> Result<Config, ConfigError> {
     section!("headers", headers);
     section!("identity", identity);
     section!("plugins", plugins);
+    section!("reload", reload);
     if let Some(v) = table.remove("services") {
         config.services = decode_map(v, &root.key("services"), &mut problems);
     }

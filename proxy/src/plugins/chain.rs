@@ -44,6 +44,8 @@ pub(crate) struct Chain {
     steps: Vec<Step>,
     egress: Arc<[Arc<str>]>,
     runtime: Arc<Runtime>,
+    /// `[plugins] version_header` and its value (`name=version` of each step), when set.
+    versions: Option<(http::HeaderName, HeaderValue)>,
 }
 
 /// Why a plugin call failed. Each has its own error code (see `error.rs`).
@@ -216,12 +218,22 @@ impl Chain {
         steps: Vec<Step>,
         egress: Arc<[Arc<str>]>,
         runtime: Arc<Runtime>,
+        version_header: Option<http::HeaderName>,
     ) -> Self {
+        let versions = version_header.and_then(|name| {
+            let value = steps
+                .iter()
+                .map(|s| format!("{}={}", s.plugin.name, s.plugin.short_version()))
+                .collect::<Vec<_>>()
+                .join(", ");
+            Some((name, HeaderValue::try_from(value).ok()?))
+        });
         Self {
             route,
             steps,
             egress,
             runtime,
+            versions,
         }
     }
 
@@ -229,10 +241,14 @@ impl Chain {
     /// failures and request-body limits, each mapped to a response by `error.rs`.
     pub(crate) async fn run(&self, input: ChainInput) -> Result<Response<Body>, ProxyError> {
         let timeout = input.chain_timeout;
-        match tokio::time::timeout(timeout, self.run_inner(input)).await {
-            Ok(r) => r,
-            Err(_) => Err(ProxyError::ChainTimeout),
+        let mut resp = match tokio::time::timeout(timeout, self.run_inner(input)).await {
+            Ok(r) => r?,
+            Err(_) => return Err(ProxyError::ChainTimeout),
+        };
+        if let Some((name, value)) = &self.versions {
+            resp.headers_mut().insert(name.clone(), value.clone());
         }
+        Ok(resp)
     }
 
     async fn run_inner(&self, input: ChainInput) -> Result<Response<Body>, ProxyError> {

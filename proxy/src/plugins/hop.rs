@@ -34,7 +34,7 @@ impl Hop {
             ..PluginsConfig::default()
         };
         let runtime = Arc::new(Runtime::new(&plugins).map_err(|e| e.to_string())?);
-        let loaded = Arc::new(load_file(&runtime, plugin).await?);
+        let loaded = Arc::new(load_file(&runtime, dir, plugin).await?);
         let limits = plugins.limits;
         let config_json: Arc<str> = config.to_string().into();
         let caps = init(&runtime, &loaded, config_json.clone(), limits).await?;

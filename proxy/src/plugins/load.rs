@@ -1,18 +1,29 @@
 //! Loading: from `<dir>/<name>.wasm` to a type-checked, initialized plugin, off the request path.
 //!
-//! Each plugin file is read, hashed, checked against the contract version, compiled (on a
-//! blocking thread) and pre-instantiated against the linker once (`PluginPre`): that is the
-//! type-check, so a plugin that imports something the proxy does not provide fails here, never
-//! on a request. Then every use of it in a chain is initialized with that use's config (`init`),
-//! so a config the plugin rejects fails the load too. Every problem is collected.
+//! Part of building a snapshot, at startup and on every reload (the same code for both). Each
+//! plugin a route uses is read (and refused while it is still being written), hashed, checked
+//! against the contract version, compiled on a blocking thread (or taken from the in-memory or
+//! on-disk cache by content hash) and pre-instantiated against the linker once (`PluginPre`):
+//! that is the type-check, so a plugin that imports something the proxy does not provide fails
+//! here, never on a request. Then every use of it in a chain is initialized with that use's
+//! config (`init`), so a config the plugin rejects fails the load too.
+//!
+//! A reload never replaces a working plugin with a broken one: if the new file of a plugin that
+//! is serving is missing, unreadable, half-written, not a valid component, of another contract,
+//! or rejects a use's config, the serving version is kept (if it still accepts the new config),
+//! and the problem is recorded in the [`Catalog`] for `/admin/plugins`. Only a plugin with no
+//! serving version, or one the new config breaks, fails the load; every problem is collected.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 
 use super::bindings::{self, bff::plugin::types};
+use super::cache::DiskCache;
 use super::chain::{Chain, FailureKind, Step, new_store};
 use super::{PluginLimits, Runtime};
 use crate::config::Config;
@@ -22,12 +33,17 @@ use crate::config::Config;
 pub(crate) const CONTRACT_VERSION: (u64, u64, u64) = (0, 1, 0);
 const HOOKS_EXPORT: &str = "bff:plugin/hooks";
 
+/// Components compiled but not serving kept in memory (a rollback to one is instant).
+const SPARE_COMPILED: usize = 8;
+
 /// Plugins that could not be loaded, every problem listed.
 #[derive(Debug, thiserror::Error)]
 #[error("{} plugin problem(s):\n  {}", .problems.len(), .problems.join("\n  "))]
 pub struct LoadError {
     /// One line per problem: where (route and chain step, or plugin file) and what.
     pub problems: Vec<String>,
+    /// Some plugin file was still being written: loading again once it settles may succeed.
+    pub retry: bool,
 }
 
 /// A compiled, type-checked plugin file.
@@ -37,6 +53,8 @@ pub(crate) struct LoadedPlugin {
     pub(crate) sha256: String,
     pub(crate) size: u64,
     pub(crate) pre: bindings::PluginPre<super::host::HostState>,
+    /// When this version started serving.
+    pub(crate) loaded_at: SystemTime,
 }
 
 impl std::fmt::Debug for LoadedPlugin {
@@ -49,89 +67,573 @@ impl std::fmt::Debug for LoadedPlugin {
     }
 }
 
-/// Loads every plugin the config's routes use and initializes each use. Returns, per route (in
-/// config order), its chain, or `None` for routes without one.
-pub(crate) async fn load_chains(
-    runtime: &Arc<Runtime>,
-    config: &Config,
-) -> Result<Vec<Option<Arc<Chain>>>, LoadError> {
-    let mut problems = Vec::new();
-    let mut plugins: BTreeMap<&str, Option<Arc<LoadedPlugin>>> = BTreeMap::new();
-    for r in &config.routes {
-        for step in &r.chain {
-            plugins.entry(step.plugin.as_str()).or_insert(None);
+impl LoadedPlugin {
+    /// The short form of the version used in logs and headers.
+    pub(crate) fn short_version(&self) -> &str {
+        &self.sha256[..12]
+    }
+}
+
+/// The plugins of the live snapshot by name, with what the last load learned about each.
+/// Replaced as a whole when a reload is applied.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Catalog {
+    pub(crate) entries: BTreeMap<Arc<str>, CatalogEntry>,
+}
+
+impl Catalog {
+    /// True if both record the same problems for the same plugins.
+    pub(crate) fn same_problems(&self, other: &Catalog) -> bool {
+        self.entries.len() == other.entries.len()
+            && self.entries.iter().all(|(name, e)| {
+                other.entries.get(name).is_some_and(|o| {
+                    o.problem.as_ref().map(|p| (p.kind, &p.message, &p.sha256))
+                        == e.problem.as_ref().map(|p| (p.kind, &p.message, &p.sha256))
+                })
+            })
+    }
+}
+
+/// One loaded plugin.
+#[derive(Debug, Clone)]
+pub(crate) struct CatalogEntry {
+    /// The version serving requests.
+    pub(crate) serving: Arc<LoadedPlugin>,
+    pub(crate) file: PathBuf,
+    /// The newest problem with this plugin's file, if the file on disk is not what serves.
+    pub(crate) problem: Option<FileProblem>,
+    /// Route ids using it, in config order.
+    pub(crate) routes: Vec<String>,
+    /// Clients those routes serve (`*` for a route serving every client).
+    pub(crate) clients: Vec<String>,
+}
+
+/// Why the plugin file on disk is not the version serving.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FileProblem {
+    pub(crate) kind: ProblemKind,
+    pub(crate) message: String,
+    /// SHA-256 of the rejected file, when it could be read.
+    pub(crate) sha256: Option<String>,
+    pub(crate) since: SystemTime,
+}
+
+/// The status shown for a plugin whose file is not serving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ProblemKind {
+    /// The file is gone; the loaded version keeps serving the routes that use it.
+    Missing,
+    /// The file was read but refused (invalid, incompatible, or rejects its config).
+    Rejected,
+}
+
+impl ProblemKind {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Missing => "file_missing",
+            Self::Rejected => "rejected",
         }
     }
-    for (name, slot) in plugins.iter_mut() {
-        match load_file(runtime, name).await {
-            Ok(p) => *slot = Some(Arc::new(p)),
-            Err(e) => problems.push(format!("plugin `{name}`: {e}")),
+}
+
+/// Compiled components by file hash, kept across reloads, backed by the on-disk cache.
+#[derive(Debug, Default)]
+pub(crate) struct Compiler {
+    memory: HashMap<String, (Component, u64)>,
+    /// Files known not to be valid components, by hash: not compiled again.
+    invalid: HashMap<String, String>,
+    disk: Option<DiskCache>,
+    generation: u64,
+    /// Where the components of the current load came from.
+    pub(crate) stats: CompileStats,
+}
+
+/// Where the plugins of one load came from (shown per reload in `/admin/reloads`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub(crate) struct CompileStats {
+    /// Compiled from the `.wasm` file.
+    pub(crate) compiled: u32,
+    /// Deserialized from the on-disk compile cache.
+    pub(crate) from_disk_cache: u32,
+    /// Already compiled in this process (an earlier version coming back).
+    pub(crate) from_memory: u32,
+}
+
+/// A plugin file that failed to load this time.
+#[derive(Debug, Clone)]
+pub(crate) struct LoadIssue {
+    pub(crate) plugin: Arc<str>,
+    pub(crate) problem: FileProblem,
+    /// False when the same file was already reported by an earlier load (log and count once).
+    pub(crate) new: bool,
+}
+
+/// A successful load: the routes' chains and the catalog that goes with them.
+#[derive(Debug)]
+pub(crate) struct Loaded {
+    /// Per route (in config order), its chain, or `None` for routes without one.
+    pub(crate) chains: Vec<Option<Arc<Chain>>>,
+    pub(crate) catalog: Catalog,
+    /// Plugins whose file was refused while their serving version was kept.
+    pub(crate) issues: Vec<LoadIssue>,
+    /// Some plugin file was still being written: load again once it settles.
+    pub(crate) retry: bool,
+    pub(crate) stats: CompileStats,
+}
+
+impl Compiler {
+    /// A compiler with the on-disk cache at `dir` (none if `None` or it cannot be created).
+    pub(crate) fn new(runtime: &Runtime, dir: Option<&Path>) -> Self {
+        Self {
+            disk: dir.and_then(|d| DiskCache::open(d, &runtime.engine)),
+            ..Self::default()
         }
     }
 
+    /// The component for this file content: from memory, from disk, or compiled (on a blocking
+    /// thread, then stored on disk).
+    async fn component(
+        &mut self,
+        runtime: &Runtime,
+        path: &Path,
+        bytes: Arc<[u8]>,
+        sha256: &str,
+    ) -> Result<Component, String> {
+        let generation = self.generation;
+        if let Some((c, used)) = self.memory.get_mut(sha256) {
+            *used = generation;
+            self.stats.from_memory += 1;
+            return Ok(c.clone());
+        }
+        if let Some(e) = self.invalid.get(sha256) {
+            return Err(e.clone());
+        }
+        let engine = runtime.engine.clone();
+        let disk = self.disk.clone();
+        let sha = sha256.to_owned();
+        let shown = path.display().to_string();
+        // Compiling takes milliseconds to seconds: never on a runtime worker.
+        let compiled = tokio::task::spawn_blocking(move || {
+            if let Some(c) = disk.as_ref().and_then(|d| d.get(&engine, &sha)) {
+                return Ok((c, true));
+            }
+            let invalid = |e: wasmtime::Error| {
+                format!(
+                    "{shown} is not a valid WebAssembly component: {}",
+                    first_line(&e)
+                )
+            };
+            match &disk {
+                Some(d) => {
+                    let artifact = engine.precompile_component(&bytes).map_err(invalid)?;
+                    d.put(&sha, &artifact);
+                    super::cache::deserialize(&engine, &artifact).map_err(invalid)
+                }
+                None => Component::new(&engine, &bytes).map_err(invalid),
+            }
+            .map(|c| (c, false))
+        })
+        .await
+        .map_err(|e| format!("loading was interrupted: {e}"))?;
+        match &compiled {
+            Ok((c, from_disk)) => {
+                if *from_disk {
+                    self.stats.from_disk_cache += 1;
+                } else {
+                    self.stats.compiled += 1;
+                }
+                self.memory
+                    .insert(sha256.to_owned(), (c.clone(), generation));
+            }
+            Err(e) => {
+                if self.invalid.len() >= 64 {
+                    self.invalid.clear();
+                }
+                self.invalid.insert(sha256.to_owned(), e.clone());
+            }
+        }
+        compiled.map(|(c, _)| c)
+    }
+
+    /// Forgets compiled components neither serving in `catalog` nor among the most recent spares.
+    fn retain(&mut self, catalog: &Catalog) {
+        let serving: std::collections::HashSet<&str> = catalog
+            .entries
+            .values()
+            .map(|e| e.serving.sha256.as_str())
+            .collect();
+        let mut spares: Vec<(u64, String)> = self
+            .memory
+            .iter()
+            .filter(|(sha, _)| !serving.contains(sha.as_str()))
+            .map(|(sha, (_, used))| (*used, sha.clone()))
+            .collect();
+        if spares.len() > SPARE_COMPILED {
+            spares.sort();
+            for (_, sha) in &spares[..spares.len() - SPARE_COMPILED] {
+                self.memory.remove(sha);
+            }
+        }
+        self.generation += 1;
+    }
+}
+
+/// A plugin file as read from disk.
+enum FileState {
+    Read {
+        bytes: Arc<[u8]>,
+        sha256: String,
+        /// Modified within the settle window: if it does not load, it may still be being written.
+        young: bool,
+    },
+    Missing,
+    /// Its size or modification time changed while it was read.
+    Changing,
+    Unreadable(String),
+}
+
+/// Reads a plugin file, refusing one that changes while it is read.
+fn read_file(path: &Path, settle: Duration) -> FileState {
+    let stat = |p: &Path| std::fs::metadata(p).map(|m| (m.len(), m.modified().ok()));
+    let before = match stat(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return FileState::Missing,
+        Err(e) => return FileState::Unreadable(format!("cannot read {}: {e}", path.display())),
+    };
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return FileState::Missing,
+        Err(e) => return FileState::Unreadable(format!("cannot read {}: {e}", path.display())),
+    };
+    match stat(path) {
+        Ok(after) if after == before && after.0 == bytes.len() as u64 => {}
+        _ => return FileState::Changing,
+    }
+    let young = before
+        .1
+        .and_then(|m| m.elapsed().ok())
+        .is_some_and(|age| age < settle);
+    FileState::Read {
+        sha256: hex::encode(Sha256::digest(&bytes)),
+        bytes: bytes.into(),
+        young,
+    }
+}
+
+/// One use of a plugin in a route's chain.
+struct Use {
+    route: usize,
+    step: usize,
+    config_json: Arc<str>,
+    limits: PluginLimits,
+}
+
+/// What loading one plugin name came to.
+enum Resolution {
+    Ready {
+        plugin: Arc<LoadedPlugin>,
+        /// Per use, in the order of the uses.
+        caps: Vec<types::Capabilities>,
+        issue: Option<FileProblem>,
+    },
+    Failed(Vec<String>),
+}
+
+/// Loads every plugin the config's routes use and initializes each use, keeping the serving
+/// version (from `previous`) of any plugin whose new file is refused.
+pub(crate) async fn load_chains(
+    runtime: &Arc<Runtime>,
+    config: &Config,
+    previous: &Catalog,
+    compiler: &mut Compiler,
+    settle: Duration,
+) -> Result<Loaded, LoadError> {
+    compiler.stats = CompileStats::default();
+    let mut uses: BTreeMap<&str, Vec<Use>> = BTreeMap::new();
+    for (i, r) in config.routes.iter().enumerate() {
+        for (j, step) in r.chain.iter().enumerate() {
+            uses.entry(step.plugin.as_str()).or_default().push(Use {
+                route: i,
+                step: j,
+                config_json: serde_json::to_string(&step.config)
+                    .unwrap_or_else(|_| "{}".into())
+                    .into(),
+                limits: config.plugins.limits.with(&step.limits),
+            });
+        }
+    }
+
+    let mut problems = Vec::new();
+    let mut retry = false;
+    let mut issues = Vec::new();
+    let mut catalog = Catalog::default();
+    // Per (route, step): the plugin and its capabilities.
+    let mut ready: HashMap<(usize, usize), (Arc<LoadedPlugin>, types::Capabilities)> =
+        HashMap::new();
+    for (name, uses) in &uses {
+        let file = config.plugins.dir.join(format!("{name}.wasm"));
+        let prev = previous.entries.get(*name);
+        let (resolution, changing) =
+            resolve(runtime, config, name, &file, uses, prev, compiler, settle).await;
+        retry |= changing;
+        match resolution {
+            Resolution::Ready {
+                plugin,
+                caps,
+                issue,
+            } => {
+                for (u, c) in uses.iter().zip(caps) {
+                    ready.insert((u.route, u.step), (plugin.clone(), c));
+                }
+                let name: Arc<str> = Arc::from(*name);
+                if let Some(p) = &issue
+                    && !changing
+                {
+                    let seen = prev
+                        .and_then(|e| e.problem.as_ref())
+                        .is_some_and(|old| old.sha256 == p.sha256 && old.message == p.message);
+                    issues.push(LoadIssue {
+                        plugin: name.clone(),
+                        problem: p.clone(),
+                        new: !seen,
+                    });
+                }
+                // While the file is being written its state says nothing yet; an unchanged
+                // problem keeps the time it was first seen.
+                let problem = if changing {
+                    prev.and_then(|e| e.problem.clone())
+                } else {
+                    match (issue, prev.and_then(|e| e.problem.as_ref())) {
+                        (Some(p), Some(old))
+                            if old.sha256 == p.sha256 && old.message == p.message =>
+                        {
+                            Some(old.clone())
+                        }
+                        (p, _) => p,
+                    }
+                };
+                let mut routes = Vec::new();
+                let mut clients = Vec::new();
+                for u in uses {
+                    let r = &config.routes[u.route];
+                    if !routes.contains(&r.id) {
+                        routes.push(r.id.clone());
+                    }
+                    let serves: Vec<String> = if r.clients.is_empty() {
+                        vec!["*".to_owned()]
+                    } else {
+                        r.clients.clone()
+                    };
+                    for c in serves {
+                        if !clients.contains(&c) {
+                            clients.push(c);
+                        }
+                    }
+                }
+                catalog.entries.insert(
+                    name,
+                    CatalogEntry {
+                        serving: plugin,
+                        file,
+                        problem,
+                        routes,
+                        clients,
+                    },
+                );
+            }
+            Resolution::Failed(p) => problems.extend(p),
+        }
+    }
+    if !problems.is_empty() {
+        return Err(LoadError { problems, retry });
+    }
+
+    let version_header = config
+        .plugins
+        .version_header
+        .as_deref()
+        .and_then(|h| http::HeaderName::try_from(h).ok());
     let mut chains = Vec::with_capacity(config.routes.len());
     for (i, r) in config.routes.iter().enumerate() {
         if r.chain.is_empty() {
             chains.push(None);
             continue;
         }
-        let mut steps = Vec::with_capacity(r.chain.len());
-        for (j, use_) in r.chain.iter().enumerate() {
-            let Some(Some(plugin)) = plugins.get(use_.plugin.as_str()) else {
-                continue; // already reported
-            };
-            let limits = runtime.config.limits.with(&use_.limits);
-            let config_json: Arc<str> = serde_json::to_string(&use_.config)
-                .unwrap_or_else(|_| "{}".into())
-                .into();
-            match init(runtime, plugin, config_json.clone(), limits).await {
-                Ok(caps) => steps.push(Step {
-                    plugin: plugin.clone(),
-                    config_json,
+        let steps = r
+            .chain
+            .iter()
+            .enumerate()
+            .map(|(j, use_)| {
+                let (plugin, caps) = ready
+                    .remove(&(i, j))
+                    .expect("every use of a loaded plugin was initialized");
+                Step {
+                    plugin,
+                    config_json: uses[use_.plugin.as_str()]
+                        .iter()
+                        .find(|u| u.route == i && u.step == j)
+                        .map(|u| u.config_json.clone())
+                        .unwrap_or_else(|| "{}".into()),
                     on_error: use_.on_error,
-                    limits,
+                    limits: config.plugins.limits.with(&use_.limits),
                     caps,
-                }),
-                Err(e) => problems.push(format!(
-                    "routes[{i}].chain[{j}] (route `{}`, plugin `{}`): {e}",
-                    r.id, use_.plugin
-                )),
-            }
-        }
+                }
+            })
+            .collect();
         chains.push(Some(Arc::new(Chain::new(
             r.id.as_str().into(),
             steps,
             r.egress.iter().map(|s| Arc::from(s.as_str())).collect(),
             runtime.clone(),
+            version_header.clone(),
         ))));
     }
+    compiler.retain(&catalog);
+    Ok(Loaded {
+        chains,
+        catalog,
+        issues,
+        retry,
+        stats: compiler.stats,
+    })
+}
+
+/// Loads one plugin name for all its uses. Returns the resolution and whether its file was
+/// (possibly) still being written.
+#[allow(clippy::too_many_arguments)]
+async fn resolve(
+    runtime: &Runtime,
+    config: &Config,
+    name: &str,
+    file: &Path,
+    uses: &[Use],
+    prev: Option<&CatalogEntry>,
+    compiler: &mut Compiler,
+    settle: Duration,
+) -> (Resolution, bool) {
+    let path = file.to_path_buf();
+    let state = tokio::task::spawn_blocking(move || read_file(&path, settle))
+        .await
+        .unwrap_or_else(|e| FileState::Unreadable(format!("reading was interrupted: {e}")));
+    let problem = |kind, message: String, sha256: Option<String>| FileProblem {
+        kind,
+        message,
+        sha256,
+        since: SystemTime::now(),
+    };
+    let mut changing = false;
+    let candidate: Result<Arc<LoadedPlugin>, FileProblem> = match state {
+        FileState::Read {
+            bytes,
+            sha256,
+            young,
+        } => match prev {
+            Some(p) if p.serving.sha256 == sha256 => Ok(p.serving.clone()),
+            _ => match compile(runtime, compiler, name, file, bytes, &sha256).await {
+                Ok(p) => Ok(Arc::new(p)),
+                Err(e) => {
+                    changing = young;
+                    Err(problem(ProblemKind::Rejected, e, Some(sha256)))
+                }
+            },
+        },
+        FileState::Missing => Err(problem(
+            ProblemKind::Missing,
+            format!("{} does not exist", file.display()),
+            None,
+        )),
+        FileState::Changing => {
+            changing = true;
+            Err(problem(
+                ProblemKind::Rejected,
+                format!(
+                    "{} changed while it was read (still being written?)",
+                    file.display()
+                ),
+                None,
+            ))
+        }
+        FileState::Unreadable(e) => Err(problem(ProblemKind::Rejected, e, None)),
+    };
+    let label = |u: &Use| {
+        format!(
+            "routes[{}].chain[{}] (route `{}`, plugin `{name}`)",
+            u.route, u.step, config.routes[u.route].id
+        )
+    };
+    let prev_serving = prev.map(|p| p.serving.clone());
+    let resolution = match candidate {
+        Ok(plugin) => match init_all(runtime, &plugin, uses, &label).await {
+            Ok(caps) => Resolution::Ready {
+                plugin,
+                caps,
+                issue: None,
+            },
+            Err(problems) => match prev_serving.filter(|p| p.sha256 != plugin.sha256) {
+                // The new version rejects a use's config: keep the serving one if it accepts.
+                Some(old) => match init_all(runtime, &old, uses, &label).await {
+                    Ok(caps) => Resolution::Ready {
+                        plugin: old,
+                        caps,
+                        issue: Some(problem(
+                            ProblemKind::Rejected,
+                            problems.join("; "),
+                            Some(plugin.sha256.clone()),
+                        )),
+                    },
+                    Err(_) => Resolution::Failed(problems),
+                },
+                None => Resolution::Failed(problems),
+            },
+        },
+        Err(issue) => match prev_serving {
+            Some(old) => match init_all(runtime, &old, uses, &label).await {
+                Ok(caps) => Resolution::Ready {
+                    plugin: old,
+                    caps,
+                    issue: Some(issue),
+                },
+                Err(problems) => Resolution::Failed(problems),
+            },
+            None => Resolution::Failed(vec![format!("plugin `{name}`: {}", issue.message)]),
+        },
+    };
+    (resolution, changing)
+}
+
+/// Initializes every use; all problems, or each use's capabilities.
+async fn init_all(
+    runtime: &Runtime,
+    plugin: &LoadedPlugin,
+    uses: &[Use],
+    label: &(dyn Fn(&Use) -> String + Sync),
+) -> Result<Vec<types::Capabilities>, Vec<String>> {
+    let mut caps = Vec::with_capacity(uses.len());
+    let mut problems = Vec::new();
+    for u in uses {
+        match init(runtime, plugin, u.config_json.clone(), u.limits).await {
+            Ok(c) => caps.push(c),
+            Err(e) => problems.push(format!("{}: {e}", label(u))),
+        }
+    }
     if problems.is_empty() {
-        Ok(chains)
+        Ok(caps)
     } else {
-        Err(LoadError { problems })
+        Err(problems)
     }
 }
 
-/// Reads, checks and compiles one plugin file.
-pub(crate) async fn load_file(runtime: &Runtime, name: &str) -> Result<LoadedPlugin, String> {
-    let path = runtime.config.dir.join(format!("{name}.wasm"));
-    let engine = runtime.engine.clone();
-    // Reading and compiling take milliseconds to seconds: never on a runtime worker.
-    let (component, sha256, size) = tokio::task::spawn_blocking(move || {
-        let bytes =
-            std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        let sha256 = hex::encode(Sha256::digest(&bytes));
-        let component = Component::new(&engine, &bytes).map_err(|e| {
-            format!(
-                "{} is not a valid WebAssembly component: {}",
-                path.display(),
-                first_line(&e)
-            )
-        })?;
-        Ok::<_, String>((component, sha256, bytes.len() as u64))
-    })
-    .await
-    .map_err(|e| format!("loading was interrupted: {e}"))??;
+/// Checks and type-checks a component for `name`.
+async fn compile(
+    runtime: &Runtime,
+    compiler: &mut Compiler,
+    name: &str,
+    path: &Path,
+    bytes: Arc<[u8]>,
+    sha256: &str,
+) -> Result<LoadedPlugin, String> {
+    let size = bytes.len() as u64;
+    let component = compiler.component(runtime, path, bytes, sha256).await?;
     check_contract(runtime, &component)?;
     let pre = runtime.linker.instantiate_pre(&component).map_err(|e| {
         format!(
@@ -147,10 +649,32 @@ pub(crate) async fn load_file(runtime: &Runtime, name: &str) -> Result<LoadedPlu
     })?;
     Ok(LoadedPlugin {
         name: name.into(),
-        sha256,
+        sha256: sha256.to_owned(),
         size,
         pre,
+        loaded_at: SystemTime::now(),
     })
+}
+
+/// Reads, checks and compiles one plugin file without any cache (the benchmark's `Hop`).
+#[cfg(feature = "test-util")]
+pub(crate) async fn load_file(
+    runtime: &Runtime,
+    dir: &Path,
+    name: &str,
+) -> Result<LoadedPlugin, String> {
+    let path = dir.join(format!("{name}.wasm"));
+    let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    compile(
+        runtime,
+        &mut Compiler::default(),
+        name,
+        &path,
+        bytes.into(),
+        &sha256,
+    )
+    .await
 }
 
 /// Refuses a component built against an incompatible contract version, naming both versions.

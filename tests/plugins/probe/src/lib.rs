@@ -13,6 +13,16 @@ use serde_json::{Value, json};
 
 struct Probe;
 
+/// The build's version marker. The hot-reload tests make a second version of this plugin by
+/// patching these bytes in the `.wasm` file (same length), so it must be read from memory at
+/// run time, never folded into the code.
+static VERSION: [u8; 24] = *b"probe-version:AAAAAAAAAA";
+
+fn version() -> String {
+    let bytes: &[u8; 24] = std::hint::black_box(&VERSION);
+    String::from_utf8_lossy(&bytes[14..]).into_owned()
+}
+
 fn config() -> Value {
     serde_json::from_str(&host::config()).unwrap_or(Value::Null)
 }
@@ -117,6 +127,13 @@ impl exports::bff::plugin::hooks::Guest for Probe {
                     "mode `reject-config` rejects every config",
                 ));
             }
+            // A version that refuses a config its predecessor accepted.
+            "reject-on-version" if cfg["version"].as_str() == Some(version().as_str()) => {
+                return Err(err(
+                    ErrorKind::InvalidConfig,
+                    &format!("version {} refuses this config", version()),
+                ));
+            }
             "spin-init" => spin(),
             _ => {}
         }
@@ -190,6 +207,12 @@ impl exports::bff::plugin::hooks::Guest for Probe {
                     &json!({ "first": first.ok(), "second": second.err() }),
                 )))
             }
+            "version" | "reject-on-version" => {
+                // Both phases report the version that ran them: a request served half by one
+                // version and half by another would show two different values.
+                req.headers.push(("x-probe-version".into(), version()));
+                Ok(Action::Forward(req))
+            }
             "upper-request-body" => {
                 req.body = req.body.to_ascii_uppercase();
                 Ok(Action::Forward(req))
@@ -236,7 +259,11 @@ impl exports::bff::plugin::hooks::Guest for Probe {
     fn on_response(_ctx: Context, mut resp: Response) -> Result<Response, PluginError> {
         let cfg = config();
         let me = name(&cfg);
-        match cfg["response_mode"].as_str().unwrap_or("tag") {
+        let response_mode = match mode(&cfg) {
+            "version" | "reject-on-version" => "version",
+            _ => cfg["response_mode"].as_str().unwrap_or("tag"),
+        };
+        match response_mode {
             "upper-body" => {
                 resp.body = resp.body.to_ascii_uppercase();
                 Ok(resp)
@@ -246,6 +273,10 @@ impl exports::bff::plugin::hooks::Guest for Probe {
             "error" => Err(err(ErrorKind::Internal, "probe fails the response")),
             "bad-header" => {
                 resp.headers.push(("x-ok".into(), "line\nbreak".into()));
+                Ok(resp)
+            }
+            "version" => {
+                resp.headers.push(("x-probe-version".into(), version()));
                 Ok(resp)
             }
             "set-status" => {

@@ -1,0 +1,31 @@
+//! `cargo bench -p bff-proxy-benches --bench reload [-- OPTIONS]`: hot reload (time to serve a
+//! new plugin version, latency during a reload storm, startup with cached plugins). See
+//! `benches/README.md`.
+
+use std::process::ExitCode;
+
+use bff_proxy_benches::reload::{ReloadOptions, USAGE, run};
+
+fn main() -> ExitCode {
+    let opts = match ReloadOptions::parse(std::env::args().skip(1)) {
+        Ok(Some(opts)) => opts,
+        Ok(None) => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&opts, &mut std::io::stdout()) {
+        Ok(report) => {
+            println!("{}", report.render());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

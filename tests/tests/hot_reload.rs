@@ -1,0 +1,740 @@
+//! Hot reload end to end: the proxy started from a config file in a temporary directory, its
+//! plugin directory changed underneath it the ways ops change files (atomic rename, in-place
+//! write, delete, editor leftovers, bursts, a Kubernetes `..data` symlink swap), the config file
+//! edited, and the admin API and metrics checked. Versions of the `probe` plugin are made by
+//! patching its version marker ([`probe_version`]); its `version` mode reports the version in
+//! both phases, so a request served half by one version and half by another would show.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bff_proxy_tests::plugins::{probe_version, test_plugins, version_string};
+use bff_proxy_tests::{TestProxy, Upstream, get, request};
+
+/// Upper bound for a change to show: generous, since a debug build compiles plugins slowly.
+const SHOW_WITHIN: Duration = Duration::from_secs(60);
+
+/// A config file and a plugin directory in a fresh temporary directory.
+struct Setup {
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().expect("create a temporary directory");
+        std::fs::create_dir(dir.path().join("plugins")).expect("create the plugin directory");
+        Self { dir }
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("bff.toml")
+    }
+
+    fn plugins(&self) -> PathBuf {
+        self.dir.path().join("plugins")
+    }
+
+    fn cache(&self) -> PathBuf {
+        self.dir.path().join("cache")
+    }
+
+    fn plugin(&self, name: &str) -> PathBuf {
+        self.plugins().join(format!("{name}.wasm"))
+    }
+
+    /// Writes the config: the common head (loopback listeners, this setup's plugin and cache
+    /// directories) followed by `body`.
+    fn write_config(&self, body: &str) {
+        write_atomic(&self.config(), &config_text(body).into_bytes());
+    }
+}
+
+fn config_text(body: &str) -> String {
+    format!(
+        r#"
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[plugins]
+dir = "plugins"
+cache_dir = "cache"
+
+{body}
+"#
+    )
+}
+
+/// One service `up`, client `web` (the default) and a route `/v` running `probe` in `version`
+/// mode (plus `extra` TOML).
+fn version_route(upstream: &str, extra: &str) -> String {
+    format!(
+        r#"
+[identity]
+default_client = "web"
+
+[services.up]
+urls = ["{upstream}"]
+
+[[clients]]
+name = "web"
+identify = [{{ header = "x-client", equals = "web" }}]
+
+[[routes]]
+id = "v"
+path = "/v"
+service = "up"
+chain = [{{ plugin = "probe", config = {{ mode = "reject-on-version", version = "{refused}" }} }}]
+{extra}
+"#,
+        refused = version_string('D')
+    )
+}
+
+/// Writes a file the safe way ops do: a temporary name in the same directory, then a rename.
+fn write_atomic(path: &Path, bytes: &[u8]) {
+    let name = path.file_name().expect("a file name").to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
+    std::fs::write(&tmp, bytes).expect("write the temporary file");
+    std::fs::rename(&tmp, path).expect("rename it into place");
+}
+
+/// Polls `check` every 10 ms until it holds; panics after [`SHOW_WITHIN`]. Returns the wait.
+async fn eventually<F, Fut>(what: &str, mut check: F) -> Duration
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = Instant::now();
+    loop {
+        if check().await {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < SHOW_WITHIN,
+            "{what}: not within {SHOW_WITHIN:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The version answering `/v` (both phases must agree), or the failure.
+async fn version_at(proxy: &TestProxy) -> Result<String, String> {
+    let resp = get(proxy.addr(), "/v", &[]).await;
+    if resp.status != 200 {
+        return Err(format!("{}: {}", resp.status, resp.text()));
+    }
+    let request_phase = resp.echo().header("x-probe-version").map(str::to_owned);
+    let response_phase = resp.header("x-probe-version").map(str::to_owned);
+    match (request_phase, response_phase) {
+        (Some(a), Some(b)) if a == b => Ok(a),
+        other => Err(format!("versions differ between phases: {other:?}")),
+    }
+}
+
+async fn serves(proxy: &TestProxy, tag: char) -> bool {
+    version_at(proxy).await.as_deref() == Ok(version_string(tag).as_str())
+}
+
+/// `/admin/plugins`' entry for `name`.
+async fn plugin_entry(proxy: &TestProxy, name: &str) -> Option<serde_json::Value> {
+    proxy.admin_json("/admin/plugins").await["plugins"]
+        .as_array()
+        .expect("a plugin list")
+        .iter()
+        .find(|p| p["name"] == name)
+        .cloned()
+}
+
+async fn reload_count(proxy: &TestProxy) -> usize {
+    proxy.admin_json("/admin/reloads").await["reloads"]
+        .as_array()
+        .map_or(0, Vec::len)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_swaps_under_load_fail_nothing_and_never_mix_versions() {
+    let up = Upstream::echo("up").await;
+    let setup = Setup::new();
+    write_atomic(&setup.plugin("probe"), &probe_version('A'));
+    setup.write_config(&version_route(&up.url(), ""));
+    let proxy = Arc::new(TestProxy::start_file(&setup.config()).await);
+    assert!(serves(&proxy, 'A').await);
+
+    // Continuous load: 4 clients, each bounded in requests and time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let (proxy, stop) = (proxy.clone(), stop.clone());
+        load.push(tokio::spawn(async move {
+            let (mut ok, mut failures) = (0u64, Vec::new());
+            for _ in 0..200_000 {
+                if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                    break;
+                }
+                match version_at(&proxy).await {
+                    Ok(_) => ok += 1,
+                    Err(e) => failures.push(e),
+                }
+            }
+            (ok, failures)
+        }));
+    }
+
+    let mut slowest = Duration::ZERO;
+    for i in 0..50 {
+        let tag = if i % 2 == 0 { 'B' } else { 'A' };
+        write_atomic(&setup.plugin("probe"), &probe_version(tag));
+        let took = eventually(&format!("swap {i} to {tag}"), || serves(&proxy, tag)).await;
+        slowest = slowest.max(took);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (mut ok, mut failures) = (0, Vec::new());
+    for task in load {
+        let (o, f) = task.await.expect("load task");
+        ok += o;
+        failures.extend(f);
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {} requests failed during the swaps, e.g. {:?}",
+        failures.len(),
+        ok + failures.len() as u64,
+        &failures[..failures.len().min(5)]
+    );
+    assert!(ok >= 50, "the load loop ran ({ok} requests)");
+    eprintln!("50 swaps under load: {ok} requests, all 2xx; slowest swap showed after {slowest:?}");
+
+    let reloads = proxy.admin_json("/admin/reloads").await;
+    let applied = reloads["reloads"]
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter(|r| r["outcome"] == "applied")
+        .count();
+    assert!(applied >= 2, "{reloads}");
+}
+
+#[tokio::test]
+async fn a_bad_file_never_replaces_the_serving_version() {
+    let up = Upstream::echo("up").await;
+    let setup = Setup::new();
+    let good = probe_version('A');
+    write_atomic(&setup.plugin("probe"), &good);
+    setup.write_config(&version_route(&up.url(), ""));
+    let proxy = TestProxy::start_file(&setup.config()).await;
+    let sha_a = plugin_entry(&proxy, "probe").await.expect("probe loaded")["sha256"].clone();
+
+    let old_contract =
+        std::fs::read(test_plugins().join("old_contract.wasm")).expect("old_contract.wasm");
+    let cases: Vec<(&str, Option<Vec<u8>>, &str, &str)> = vec![
+        (
+            "garbage",
+            Some(b"this is not wasm".to_vec()),
+            "rejected",
+            "not a valid WebAssembly component",
+        ),
+        (
+            "truncated",
+            Some(probe_version('C')[..good.len() / 2].to_vec()),
+            "rejected",
+            "not a valid WebAssembly component",
+        ),
+        (
+            "core module",
+            Some(b"\0asm\x01\0\0\0".to_vec()),
+            "rejected",
+            "not a valid WebAssembly component",
+        ),
+        ("other contract", Some(old_contract), "rejected", "contract"),
+        (
+            "rejects its config",
+            Some(probe_version('D')),
+            "rejected",
+            "refuses this config",
+        ),
+        ("deleted", None, "file_missing", "does not exist"),
+    ];
+    for (case, bytes, status, reason) in cases {
+        let errors_before = proxy
+            .metric("bff_plugin_load_errors_total{plugin=\"probe\"}")
+            .await;
+        match &bytes {
+            Some(b) => write_atomic(&setup.plugin("probe"), b),
+            None => std::fs::remove_file(setup.plugin("probe")).expect("delete probe.wasm"),
+        }
+        eventually(&format!("{case}: reported in /admin/plugins"), || async {
+            plugin_entry(&proxy, "probe")
+                .await
+                .is_some_and(|p| p["status"] == status)
+        })
+        .await;
+        let entry = plugin_entry(&proxy, "probe").await.expect("still loaded");
+        assert_eq!(
+            entry["sha256"], sha_a,
+            "{case}: the serving version changed"
+        );
+        let message = entry["last_error"]["message"].as_str().unwrap_or_default();
+        assert!(message.contains(reason), "{case}: {entry}");
+        assert_eq!(version_at(&proxy).await, Ok(version_string('A')), "{case}");
+        assert_eq!(
+            proxy
+                .metric("bff_plugin_load_errors_total{plugin=\"probe\"}")
+                .await,
+            errors_before + 1.0,
+            "{case}: counted once"
+        );
+
+        // Putting the good file back clears the problem.
+        write_atomic(&setup.plugin("probe"), &good);
+        eventually(&format!("{case}: recovered"), || async {
+            plugin_entry(&proxy, "probe")
+                .await
+                .is_some_and(|p| p["status"] == "ok")
+        })
+        .await;
+    }
+
+    // A good new version after all that goes live.
+    write_atomic(&setup.plugin("probe"), &probe_version('E'));
+    eventually("a good new version serves", || serves(&proxy, 'E')).await;
+    let reloads = proxy.admin_json("/admin/reloads").await;
+    assert!(
+        reloads["reloads"]
+            .as_array()
+            .expect("a list")
+            .iter()
+            .any(|r| r["warnings"].as_array().is_some_and(|w| w
+                .iter()
+                .any(|w| w.as_str().unwrap_or_default().contains("keeps serving")))),
+        "reloads that kept a version say so: {reloads}"
+    );
+}
+
+#[tokio::test]
+async fn a_half_written_file_is_never_loaded() {
+    use std::io::Write as _;
+    let up = Upstream::echo("up").await;
+    let setup = Setup::new();
+    write_atomic(&setup.plugin("probe"), &probe_version('A'));
+    setup.write_config(&version_route(&up.url(), ""));
+    let proxy = TestProxy::start_file(&setup.config()).await;
+
+    // An in-place write that stalls halfway for far longer than the debounce.
+    let next = probe_version('C');
+    let mut f = std::fs::File::create(setup.plugin("probe")).expect("open probe.wasm in place");
+    f.write_all(&next[..next.len() / 2])
+        .expect("write the first half");
+    f.flush().expect("flush");
+    // Shorter than the 1 s a failing file is given to settle.
+    let stalled = Instant::now();
+    while stalled.elapsed() < Duration::from_millis(600) {
+        assert_eq!(
+            version_at(&proxy).await,
+            Ok(version_string('A')),
+            "while the file is half written, the old version serves"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f.write_all(&next[next.len() / 2..])
+        .expect("write the rest");
+    drop(f);
+    eventually("the completed file serves", || serves(&proxy, 'C')).await;
+    let entry = plugin_entry(&proxy, "probe").await.expect("loaded");
+    assert_eq!(entry["status"], "ok", "{entry}");
+    // The half-written state was retried, never reported as a bad file.
+    assert_eq!(
+        proxy
+            .metric("bff_plugin_load_errors_total{plugin=\"probe\"}")
+            .await,
+        0.0
+    );
+    let reloads = proxy.admin_json("/admin/reloads").await;
+    assert!(
+        !reloads
+            .to_string()
+            .contains("not a valid WebAssembly component"),
+        "{reloads}"
+    );
+}
+
+#[tokio::test]
+async fn editor_leftovers_are_ignored_and_bursts_coalesce() {
+    let up = Upstream::echo("up").await;
+    let setup = Setup::new();
+    write_atomic(&setup.plugin("probe"), &probe_version('A'));
+    setup.write_config(&version_route(&up.url(), ""));
+    let proxy = TestProxy::start_file(&setup.config()).await;
+    let before = reload_count(&proxy).await;
+
+    for noise in [
+        ".probe.wasm.swp",
+        "probe.wasm~",
+        ".#probe.wasm",
+        "4913",
+        "notes.txt",
+    ] {
+        std::fs::write(setup.plugins().join(noise), b"noise").expect("write an editor file");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        reload_count(&proxy).await,
+        before,
+        "editor files caused a reload"
+    );
+
+    // A burst of 20 writes within ~100 ms becomes a few reloads, and the last write wins.
+    for i in 0..20 {
+        let tag = if i == 19 {
+            'F'
+        } else if i % 2 == 0 {
+            'B'
+        } else {
+            'C'
+        };
+        write_atomic(&setup.plugin("probe"), &probe_version(tag));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    eventually("the last write of the burst serves", || serves(&proxy, 'F')).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reloads = reload_count(&proxy).await - before;
+    assert!(
+        (1..=4).contains(&reloads),
+        "20 writes in a burst gave {reloads} reloads"
+    );
+}
+
+#[tokio::test]
+async fn config_reload_adds_removes_and_changes_and_rejects_invalid_as_a_whole() {
+    let up1 = Upstream::echo("one").await;
+    let up2 = Upstream::echo("two").await;
+    let setup = Setup::new();
+    write_atomic(&setup.plugin("probe"), &probe_version('A'));
+    let v1 = |url: &str| {
+        format!(
+            r#"
+[identity]
+default_client = "web"
+
+[services.main]
+urls = ["{url}"]
+
+[[clients]]
+name = "web"
+identify = [{{ header = "x-client", equals = "web" }}]
+
+[[clients]]
+name = "mobile"
+identify = [{{ header = "x-client", equals = "mobile" }}]
+
+[[routes]]
+id = "home"
+path = "/home"
+service = "main"
+
+[[routes]]
+id = "old"
+path = "/old"
+service = "main"
+"#
+        )
+    };
+    setup.write_config(&v1(&up1.url()));
+    let proxy = TestProxy::start_file(&setup.config()).await;
+    assert_eq!(get(proxy.addr(), "/old", &[]).await.status, 200);
+    assert_eq!(
+        proxy.admin_json("/admin/plugins").await["plugins"],
+        serde_json::json!([])
+    );
+
+    // v2: `main` moves to another upstream, `old` goes, a `voice` client with its own
+    // plugin route arrives (the plugin runtime starts on this reload).
+    let v2 = format!(
+        r#"
+[identity]
+default_client = "web"
+
+[services.main]
+urls = ["{url}"]
+
+[[clients]]
+name = "web"
+identify = [{{ header = "x-client", equals = "web" }}]
+
+[[clients]]
+name = "mobile"
+identify = [{{ header = "x-client", equals = "mobile" }}]
+
+[[clients]]
+name = "voice"
+identify = [{{ header = "x-client", equals = "voice" }}]
+
+[[routes]]
+id = "voice-home"
+clients = ["voice"]
+path = "/home"
+service = "main"
+chain = [{{ plugin = "probe", config = {{ mode = "version" }} }}]
+
+[[routes]]
+id = "home"
+path = "/home"
+service = "main"
+"#,
+        url = up2.url()
+    );
+    setup.write_config(&v2);
+    eventually("the config change serves", || async {
+        get(proxy.addr(), "/old", &[]).await.status == 404
+    })
+    .await;
+    let home = get(proxy.addr(), "/home", &[("x-client", "mobile")]).await;
+    assert_eq!(home.echo().upstream, "two", "the service URL changed");
+    let voice = get(proxy.addr(), "/home", &[("x-client", "voice")]).await;
+    assert_eq!(voice.status, 200, "{}", voice.text());
+    assert_eq!(
+        voice.header("x-probe-version"),
+        Some(version_string('A').as_str())
+    );
+    let entry = plugin_entry(&proxy, "probe")
+        .await
+        .expect("probe loaded by the reload");
+    assert_eq!(entry["routes"], serde_json::json!(["voice-home"]));
+    assert_eq!(entry["clients"], serde_json::json!(["voice"]));
+
+    // An invalid config is rejected as a whole, every problem listed; v2 keeps serving.
+    let rejected_before = proxy
+        .metric("bff_reloads_total{outcome=\"rejected\"}")
+        .await;
+    let broken = v2
+        .replace(
+            "[[routes]]\nid = \"home\"",
+            "[[routes]]\nid = \"home\"\ntypo = 1",
+        )
+        .replace("equals = \"voice\"", "regex = \"(\"");
+    std::fs::write(setup.config(), config_text(&broken)).expect("write the broken config");
+    let (status, record) = proxy.reload().await;
+    assert_eq!(status, 422, "{record}");
+    assert_eq!(record["outcome"], "rejected");
+    let errors = record["errors"].to_string();
+    assert!(
+        errors.contains("typo") && errors.contains("regex"),
+        "{errors}"
+    );
+    assert!(
+        proxy
+            .metric("bff_reloads_total{outcome=\"rejected\"}")
+            .await
+            > rejected_before
+    );
+    let voice = get(proxy.addr(), "/home", &[("x-client", "voice")]).await;
+    assert_eq!(voice.status, 200, "v2 still serves: {}", voice.text());
+    let last = proxy.admin_json("/admin/reloads").await["reloads"]
+        .as_array()
+        .and_then(|r| r.last().cloned())
+        .expect("a reload");
+    assert_eq!(last["outcome"], "rejected");
+
+    // Back to v1 (admin-triggered): the plugin no route uses any more is unloaded.
+    std::fs::write(setup.config(), config_text(&v1(&up1.url()))).expect("write v1");
+    let (status, record) = proxy.reload().await;
+    assert_eq!(status, 200, "{record}");
+    assert_eq!(record["outcome"], "applied");
+    assert_eq!(record["trigger"], "admin");
+    assert_eq!(
+        record["plugins"],
+        serde_json::json!([{ "plugin": "probe", "from": entry["version"], "to": null }])
+    );
+    assert_eq!(
+        proxy.admin_json("/admin/plugins").await["plugins"],
+        serde_json::json!([])
+    );
+    assert_eq!(get(proxy.addr(), "/old", &[]).await.echo().upstream, "one");
+    // Nothing changed since: the next reload says so and swaps nothing.
+    let (_, record) = proxy.reload().await;
+    assert_eq!(record["outcome"], "unchanged");
+}
+
+/// Kubernetes mounts ConfigMaps and Secrets as `name -> ..data/name` with `..data` a symlink to
+/// a timestamped directory; an update writes a new directory and renames a new `..data` over
+/// the old one.
+#[cfg(unix)]
+#[tokio::test]
+async fn kubernetes_volume_updates_of_config_and_plugins() {
+    use std::os::unix::fs::symlink;
+    let up = Upstream::echo("up").await;
+    let root = tempfile::tempdir().expect("temp dir");
+    let (config_dir, plugin_dir) = (root.path().join("config"), root.path().join("plugins"));
+    // One "volume" directory with the given files, switched to atomically like the kubelet.
+    let publish = |volume: &Path, generation: u32, files: &[(&str, Vec<u8>)]| {
+        let data = volume.join(format!("..2026_12_01_{generation}"));
+        std::fs::create_dir_all(&data).expect("create the data directory");
+        for (name, bytes) in files {
+            std::fs::write(data.join(name), bytes).expect("write a volume file");
+            let link = volume.join(name);
+            if std::fs::symlink_metadata(&link).is_err() {
+                symlink(Path::new("..data").join(name), &link).expect("link the file");
+            }
+        }
+        let tmp = volume.join("..data_tmp");
+        symlink(data.file_name().expect("a name"), &tmp).expect("link ..data_tmp");
+        std::fs::rename(&tmp, volume.join("..data")).expect("swap ..data");
+    };
+    let config = |route_mode: &str| {
+        config_text(&format!(
+            r#"
+[identity]
+default_client = "web"
+
+[services.up]
+urls = ["{url}"]
+
+[[clients]]
+name = "web"
+identify = [{{ header = "x-client", equals = "web" }}]
+
+[[routes]]
+id = "v"
+path = "/v"
+service = "up"
+chain = [{{ plugin = "probe", config = {{ mode = "{route_mode}" }} }}]
+"#,
+            url = up.url()
+        ))
+        .replace(
+            "dir = \"plugins\"",
+            &format!("dir = {:?}", plugin_dir.display().to_string()),
+        )
+    };
+    std::fs::create_dir_all(&config_dir).expect("config volume");
+    std::fs::create_dir_all(&plugin_dir).expect("plugin volume");
+    publish(&plugin_dir, 1, &[("probe.wasm", probe_version('A'))]);
+    publish(
+        &config_dir,
+        1,
+        &[("bff.toml", config("version").into_bytes())],
+    );
+    let proxy = TestProxy::start_file(&config_dir.join("bff.toml")).await;
+    assert!(serves(&proxy, 'A').await);
+
+    publish(&plugin_dir, 2, &[("probe.wasm", probe_version('B'))]);
+    eventually("the plugin volume update serves", || serves(&proxy, 'B')).await;
+
+    // The config volume update switches the route to `respond` mode (answers itself).
+    publish(
+        &config_dir,
+        2,
+        &[("bff.toml", config("respond").into_bytes())],
+    );
+    eventually("the config volume update serves", || async {
+        get(proxy.addr(), "/v", &[]).await.json()["plugin"] == "probe"
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn restarts_use_the_compile_cache_and_ignore_a_corrupt_entry() {
+    let up = Upstream::echo("up").await;
+    let setup = Setup::new();
+    write_atomic(&setup.plugin("probe"), &probe_version('A'));
+    setup.write_config(&version_route(&up.url(), ""));
+    let startup_compile = |proxy: TestProxy| async move {
+        let reloads = proxy.admin_json("/admin/reloads").await;
+        assert!(serves(&proxy, 'A').await);
+        proxy.shutdown().await;
+        let first = reloads["reloads"][0].clone();
+        assert_eq!(first["trigger"], "startup", "{reloads}");
+        first["compile"].clone()
+    };
+
+    let cold = startup_compile(TestProxy::start_file(&setup.config()).await).await;
+    assert_eq!(
+        cold,
+        serde_json::json!({"compiled": 1, "from_disk_cache": 0, "from_memory": 0})
+    );
+    let entries: Vec<PathBuf> = std::fs::read_dir(setup.cache())
+        .expect("the cache directory exists")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "cwasm"))
+        .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+
+    let warm = startup_compile(TestProxy::start_file(&setup.config()).await).await;
+    assert_eq!(
+        warm,
+        serde_json::json!({"compiled": 0, "from_disk_cache": 1, "from_memory": 0})
+    );
+
+    // A corrupted entry is never loaded: it is compiled again (and the entry replaced).
+    let mut bytes = std::fs::read(&entries[0]).expect("read the entry");
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0xff;
+    std::fs::write(&entries[0], &bytes).expect("corrupt the entry");
+    let again = startup_compile(TestProxy::start_file(&setup.config()).await).await;
+    assert_eq!(
+        again,
+        serde_json::json!({"compiled": 1, "from_disk_cache": 0, "from_memory": 0})
+    );
+    let warm = startup_compile(TestProxy::start_file(&setup.config()).await).await;
+    assert_eq!(warm["from_disk_cache"], 1, "the entry was rewritten");
+}
+
+#[tokio::test]
+async fn optional_version_header_and_admin_methods() {
+    let up = Upstream::echo("up").await;
+    let setup = Setup::new();
+    let bytes = probe_version('A');
+    write_atomic(&setup.plugin("probe"), &bytes);
+    setup.write_config(&version_route(&up.url(), ""));
+    // The header is off by default.
+    let proxy = TestProxy::start_file(&setup.config()).await;
+    assert_eq!(
+        get(proxy.addr(), "/v", &[])
+            .await
+            .header("x-bff-plugin-versions"),
+        None
+    );
+
+    let with_header = config_text(&version_route(&up.url(), "")).replace(
+        "cache_dir = \"cache\"",
+        "cache_dir = \"cache\"\nversion_header = \"x-bff-plugin-versions\"",
+    );
+    std::fs::write(setup.config(), with_header).expect("write the config");
+    let (status, record) = proxy.reload().await;
+    assert_eq!(status, 200, "{record}");
+    let sha = bff_proxy_tests::sha256_hex_bytes(&bytes);
+    assert_eq!(
+        get(proxy.addr(), "/v", &[])
+            .await
+            .header("x-bff-plugin-versions"),
+        Some(format!("probe={}", &sha[..12]).as_str())
+    );
+
+    // Mutations only by POST; reads only by GET.
+    let resp = get(proxy.admin_addr(), "/admin/reload", &[]).await;
+    assert_eq!(resp.status, 405);
+    assert_eq!(resp.header("allow"), Some("POST"));
+    let resp = request(
+        proxy.admin_addr(),
+        "POST",
+        "/admin/plugins",
+        &[],
+        bff_proxy_tests::empty(),
+    )
+    .await;
+    assert_eq!(resp.status, 405);
+    assert_eq!(resp.header("allow"), Some("GET, HEAD"));
+    let metrics = proxy.metrics().await;
+    for name in [
+        "bff_reloads_total",
+        "bff_reload_duration_seconds",
+        "bff_last_reload_success_timestamp_seconds",
+        "bff_plugins_loaded",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
+    }
+}
