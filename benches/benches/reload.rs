@@ -7,6 +7,10 @@ use std::process::ExitCode;
 use bff_proxy_benches::reload::{ReloadOptions, USAGE, run};
 
 fn main() -> ExitCode {
+    // BENCH_LOG=debug shows the proxy's reload log lines.
+    if let Ok(filter) = std::env::var("BENCH_LOG") {
+        let _ = bff_proxy::telemetry::init(bff_proxy::telemetry::LogFormat::Text, &filter);
+    }
     let opts = match ReloadOptions::parse(std::env::args().skip(1)) {
         Ok(Some(opts)) => opts,
         Ok(None) => {

@@ -6,7 +6,8 @@
 //!    compiled; the on-disk cache is off) and for versions coming back (already compiled).
 //! 2. **Storm**: latency of a route running that plugin under steady load, with and without a
 //!    new version being shipped every 100 ms (each compiled on the same two cores that serve).
-//! 3. **Startup**: `Proxy::bind` to ready with 10 plugins, with the compile cache cold and warm.
+//! 3. **Startup**: `Proxy::bind` to ready with 10 plugins, with the compile cache cold and warm
+//!    (`Proxy::bind` runs the first load; the listeners accept as soon as it returns).
 //!
 //! Distinct versions of one plugin are made by appending a custom section (a valid component
 //! with another SHA-256), so nothing but the file's identity changes.
@@ -37,6 +38,8 @@ pub struct ReloadOptions {
     pub rounds: usize,
     /// Warm restarts measured in part 3.
     pub restarts: usize,
+    /// Plugins in part 3's config.
+    pub startup_plugins: usize,
     /// Where to write the JSON results (`None`: nowhere).
     pub json_out: Option<PathBuf>,
     /// Use the built-in load generator even if wrk is installed.
@@ -50,6 +53,7 @@ impl Default for ReloadOptions {
             duration: Duration::from_secs(5),
             rounds: 3,
             restarts: 5,
+            startup_plugins: 10,
             json_out: Some(crate::default_json_path().with_file_name("bench-reload.json")),
             builtin: false,
         }
@@ -63,7 +67,7 @@ cargo bench -p bff-proxy-benches --bench reload [-- OPTIONS]
 Measures hot reload: time from a new plugin file settling to it serving, request latency
 during a reload storm vs steady state, and startup with 10 plugins (compile cache cold/warm).
 
-  --quick           smoke run: 3 swaps, 1 s phases, 1 round, 2 restarts
+  --quick           smoke run: 3 swaps, 1 s phases, 1 round, 2 restarts with 2 plugins
   --swaps N         swaps measured per kind (default 20)
   --duration SECS   measured time per phase per round (default 5)
   --rounds N        interleaved steady/storm rounds, median reported (default 3)
@@ -105,6 +109,7 @@ impl ReloadOptions {
         self.duration = Duration::from_secs(1);
         self.rounds = 1;
         self.restarts = 2;
+        self.startup_plugins = 2;
     }
 }
 
@@ -164,6 +169,8 @@ pub struct ReloadReport {
     pub startup_warm: Spread,
     /// Part 3: how many warm restarts.
     pub restarts: usize,
+    /// Part 3: plugins loaded at each start.
+    pub startup_plugins: usize,
 }
 
 /// A component with a custom section `bench-version` appended: a distinct file (and version)
@@ -436,11 +443,12 @@ pub fn run(opts: &ReloadOptions, log: &mut dyn Write) -> anyhow::Result<ReloadRe
     drop(proxy);
 
     // Part 3: startup with 10 plugins, cold then warm.
-    writeln!(log, "startup: 10 plugins, compile cache cold then warm...")?;
+    let n = opts.startup_plugins.max(1);
+    writeln!(log, "startup: {n} plugins, compile cache cold then warm...")?;
     let dir = TempDir::new("startup")?;
     let cache = dir.0.join("cache");
     let mut routes = String::new();
-    for i in 0..10 {
+    for i in 0..n {
         ship(
             &dir.0.join(format!("p{i}.wasm")),
             &variant(&voice, &format!("plugin-{i}")),
@@ -458,9 +466,10 @@ pub fn run(opts: &ReloadOptions, log: &mut dyn Write) -> anyhow::Result<ReloadRe
         let started = Instant::now();
         let proxy = BffProxy::start_config(&text, 1, None)?;
         let ready = started.elapsed();
+        let last = format!("/r{}", n - 1);
         anyhow::ensure!(
-            get_header(proxy.addr(), "/r9", VERSION_HEADER)?.is_some(),
-            "plugin p9 serves"
+            get_header(proxy.addr(), &last, VERSION_HEADER)?.is_some(),
+            "the last plugin serves"
         );
         Ok(ready)
     };
@@ -482,6 +491,7 @@ pub fn run(opts: &ReloadOptions, log: &mut dyn Write) -> anyhow::Result<ReloadRe
         startup_cold,
         startup_warm: Spread::of(&warm),
         restarts: warm.len(),
+        startup_plugins: n,
     };
     if let Some(path) = &opts.json_out {
         if let Some(dir) = path.parent() {
@@ -509,7 +519,7 @@ impl ReloadReport {
              | measure | p50 | p90 | max | goal |\n|---|---:|---:|---:|---|\n\
              | new version serving after the file settles (compiled) | {:.1} ms | {:.1} ms | {:.1} ms | < 300 ms: {} |\n\
              | earlier version back (already compiled) | {:.1} ms | {:.1} ms | {:.1} ms | |\n\
-             | startup to ready, 10 plugins, cache warm ({} restarts) | {:.1} ms | {:.1} ms | {:.1} ms | < 100 ms: {} |\n\n\
+             | startup to ready, {} plugins, cache warm ({} restarts) | {:.1} ms | {:.1} ms | {:.1} ms | < 100 ms with 10: {} |\n\n\
              Startup with the cache cold: {:.1} ms.\n\n\
              | load on /v ({}) | req/s | p50 | p99 |\n|---|---:|---:|---:|\n\
              | steady | {:.0} | {} | {} |\n\
@@ -524,11 +534,12 @@ impl ReloadReport {
             self.swap_known.p50_ms,
             self.swap_known.p90_ms,
             self.swap_known.max_ms,
+            self.startup_plugins,
             self.restarts,
             self.startup_warm.p50_ms,
             self.startup_warm.p90_ms,
             self.startup_warm.max_ms,
-            verdict(self.startup_warm.p50_ms < 100.0),
+            verdict(self.startup_plugins >= 10 && self.startup_warm.p50_ms < 100.0),
             self.startup_cold.as_secs_f64() * 1e3,
             self.generator,
             self.steady.rps,
@@ -556,6 +567,7 @@ impl ReloadReport {
             "storm": m(&self.storm),
             "storm_reloads": self.storm_reloads,
             "p99_ratio": self.p99_ratio(),
+            "startup_plugins": self.startup_plugins,
             "startup_cold_ms": self.startup_cold.as_secs_f64() * 1e3,
             "startup_warm": self.startup_warm.to_json(),
         })

@@ -208,12 +208,15 @@ pub fn banner(data: SocketAddr, admin: SocketAddr, services: &DemoServices) -> S
             let _ = writeln!(out, "  # {}\n  {}", e.shows, curl(&base, e));
         }
     }
+    let admin = reachable(admin);
     let _ = write!(
         out,
-        "\nReadiness: curl -s http://{}/readyz\n\
+        "\nReadiness: curl -s http://{admin}/readyz\n\
+         Loaded plugins and their versions: curl -s http://{admin}/admin/plugins\n\
+         Ship a new plugin version by copying its .wasm into the plugin directory: it goes live \
+         without a restart (README, \"Shipping a plugin\").\n\
          Responses end with \"meta\": the service that answered and the client the proxy \
-         told it about (x-bff-client).\n",
-        reachable(admin)
+         told it about (x-bff-client).\n"
     );
     out
 }

@@ -258,6 +258,8 @@ pub(crate) struct Reloader {
     state: tokio::sync::Mutex<State>,
     history: Mutex<VecDeque<ReloadRecord>>,
     next_id: AtomicU64,
+    /// When the first load started: files changed after that may not be in the snapshot.
+    first_load_at: SystemTime,
 }
 
 /// The first load, before anything is bound: the same path as every reload, but a failure
@@ -290,7 +292,14 @@ pub(crate) async fn first_load(
         retry: false,
     };
     observe(metrics, &record, &built.snapshot);
-    Ok((built.snapshot, FirstLoad { state, record }))
+    Ok((
+        built.snapshot,
+        FirstLoad {
+            state,
+            record,
+            started: at,
+        },
+    ))
 }
 
 /// What [`first_load`] hands the [`Reloader`].
@@ -298,6 +307,7 @@ pub(crate) async fn first_load(
 pub(crate) struct FirstLoad {
     state: State,
     record: ReloadRecord,
+    started: SystemTime,
 }
 
 impl Reloader {
@@ -310,11 +320,16 @@ impl Reloader {
             state: tokio::sync::Mutex::new(first.state),
             history: Mutex::new(history),
             next_id: AtomicU64::new(2),
+            first_load_at: first.started,
         }
     }
 
     pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    pub(crate) fn first_load_at(&self) -> SystemTime {
+        self.first_load_at
     }
 
     pub(crate) fn metrics(&self) -> &Metrics {
@@ -366,8 +381,15 @@ impl Reloader {
         match built {
             Ok(built) => {
                 for issue in built.issues.iter().filter(|i| i.new) {
+                    let file = built
+                        .snapshot
+                        .catalog
+                        .entries
+                        .get(&issue.plugin)
+                        .map(|e| e.file.display().to_string());
                     tracing::error!(
                         plugin = %issue.plugin,
+                        file = file.as_deref().unwrap_or_default(),
                         problem = issue.problem.kind.as_str(),
                         reason = %issue.problem.message,
                         "plugin file refused; the serving version is kept"
@@ -401,8 +423,11 @@ impl Reloader {
         drop(state);
         self.log(&record);
         observe(&self.metrics, &record, &self.shared.live.load());
-        // A deferred attempt (a file still being written, nothing swapped) is not history yet.
-        if record.retry && record.outcome != Outcome::Applied {
+        // A deferred attempt (a file still being written, nothing swapped) is not history yet,
+        // and a file event that changed nothing (a `touch`, the startup catch-up) is noise.
+        if (record.retry && record.outcome != Outcome::Applied)
+            || (trigger == Trigger::Watch && record.outcome == Outcome::Unchanged)
+        {
             return record;
         }
         let mut history = lock(&self.history);

@@ -212,8 +212,9 @@ impl Compiler {
         let disk = self.disk.clone();
         let sha = sha256.to_owned();
         let shown = path.display().to_string();
-        // Compiling takes milliseconds to seconds: never on a runtime worker.
-        let compiled = tokio::task::spawn_blocking(move || {
+        // Compiling takes milliseconds to seconds: never on a runtime worker, and at low
+        // priority, so a reload under load slows itself down, not the requests.
+        let compiled = on_compile_thread(move || {
             if let Some(c) = disk.as_ref().and_then(|d| d.get(&engine, &sha)) {
                 return Ok((c, true));
             }
@@ -233,8 +234,7 @@ impl Compiler {
             }
             .map(|c| (c, false))
         })
-        .await
-        .map_err(|e| format!("loading was interrupted: {e}"))?;
+        .await?;
         match &compiled {
             Ok((c, from_disk)) => {
                 if *from_disk {
@@ -276,6 +276,22 @@ impl Compiler {
         }
         self.generation += 1;
     }
+}
+
+/// Runs `f` on a fresh low-priority thread (see `runtime::lower_priority`) and awaits it.
+async fn on_compile_thread<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("bff-compile".into())
+        .spawn(move || {
+            super::runtime::lower_priority();
+            let _ = tx.send(f());
+        })
+        .map_err(|e| format!("cannot start a compile thread: {e}"))?;
+    rx.await
+        .map_err(|_| "compiling was interrupted (the compile thread panicked)".to_owned())
 }
 
 /// A plugin file as read from disk.

@@ -18,6 +18,34 @@ use super::host::HostState;
 /// once per tick, so this is the granularity of CPU budgets and of fairness between requests.
 pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(2);
 
+/// Nice value of the threads that compile plugins (`0` is normal, `19` the lowest priority):
+/// a reload compiles on the cores that serve traffic, and must yield to it.
+const COMPILE_NICE: i32 = 10;
+
+/// Lowers the calling thread's CPU priority to [`COMPILE_NICE`] (Linux: per thread). Best
+/// effort: where it cannot be changed, compilation runs at normal priority.
+pub(crate) fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = rustix::process::setpriority_process(None, COMPILE_NICE) {
+        tracing::debug!(error = %e, "cannot lower the compile thread's priority");
+    }
+}
+
+/// Compiling runs on rayon's global pool (wasmtime's parallel compilation): start it with
+/// low-priority threads before wasmtime first uses it. Once per process.
+fn low_priority_compile_pool() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let built = rayon::ThreadPoolBuilder::new()
+            .thread_name(|i| format!("bff-compile-{i}"))
+            .start_handler(|_| lower_priority())
+            .build_global();
+        if let Err(e) = built {
+            tracing::debug!(error = %e, "the compile pool was already started");
+        }
+    });
+}
+
 /// Why the plugin runtime could not start.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot start the plugin runtime")]
@@ -42,6 +70,7 @@ impl std::fmt::Debug for Runtime {
 impl Runtime {
     /// Creates the engine (sized from `[plugins]`) and starts the epoch ticker thread.
     pub fn new(config: &PluginsConfig) -> Result<Self, RuntimeError> {
+        low_priority_compile_pool();
         let engine = Engine::new(&engine_config(config)).map_err(RuntimeError)?;
         let mut linker = Linker::new(&engine);
         // Deny-by-default WASI p2: components built by other languages' toolchains import it;

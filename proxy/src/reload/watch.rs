@@ -25,6 +25,9 @@ use super::{Reloader, Trigger, lock};
 
 /// Longest a burst of events may postpone a reload, in debounce periods.
 const MAX_POSTPONE: u32 = 40;
+/// File timestamps can lag the clock by a scheduler tick: mtimes this close before the first
+/// load count as possibly after it.
+const MTIME_SLACK: Duration = Duration::from_secs(1);
 /// Reloads retried while a plugin file keeps changing under the reader.
 const MAX_RETRIES: u32 = 100;
 
@@ -135,6 +138,16 @@ pub(crate) async fn watch(reloader: Arc<Reloader>, stop: CancellationToken) {
         failed: BTreeSet::new(),
     };
     watched.sync(&lock(&targets).dirs());
+    // A file changed between the first load and now raised no event anyone saw: catch up.
+    let first = reloader.first_load_at();
+    let since = first.checked_sub(MTIME_SLACK).unwrap_or(first);
+    let targets_now = lock(&targets).clone();
+    if tokio::task::spawn_blocking(move || changed_since(&targets_now, since))
+        .await
+        .unwrap_or(true)
+    {
+        wake.notify_one();
+    }
 
     let hangup = hangups(wake.clone(), stop.clone());
     let hangup_requested = hangup.1;
@@ -167,6 +180,24 @@ pub(crate) async fn watch(reloader: Arc<Reloader>, stop: CancellationToken) {
         watched.sync(&now.dirs());
         *lock(&targets) = now;
     }
+}
+
+/// True if a relevant file in the watched directories was modified at or after `since` (the
+/// file or, for symlinks, the link itself).
+fn changed_since(targets: &Targets, since: std::time::SystemTime) -> bool {
+    targets.dirs().iter().any(|dir| {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return false;
+        };
+        entries.filter_map(Result::ok).any(|e| {
+            let path = e.path();
+            targets.relevant(&path)
+                && [std::fs::symlink_metadata(&path), std::fs::metadata(&path)]
+                    .into_iter()
+                    .filter_map(|m| m.ok()?.modified().ok())
+                    .any(|m| m >= since)
+        })
+    })
 }
 
 /// Waits until no wake-up came for `debounce` (at most [`MAX_POSTPONE`] periods). False if
