@@ -1,8 +1,8 @@
 //! Reload triggers that come from outside the admin API: file changes (`notify`) and `SIGHUP`.
 //!
-//! The watcher observes, non-recursively, the config file's directory and the plugin directory
-//! of the live config (re-targeted after every reload, so a config that moves `plugins.dir` is
-//! followed). Events that matter: the config file itself, `*.wasm` files in the plugin directory,
+//! The watcher observes, non-recursively, the config file's directory and (when some route
+//! runs plugins) the plugin directory of the live config, re-targeted after every reload, so a
+//! config that adds plugins or moves `plugins.dir` is followed. Events that matter: the config file itself, `*.wasm` files in the plugin directory,
 //! and Kubernetes volume updates, which swap a `..data` symlink (any name starting with `..`).
 //! Editor leftovers (`.#x`, `#x#`, `x~`, `.x.swp`, `4913`) and reads are ignored.
 //!
@@ -53,7 +53,8 @@ impl Targets {
                 .as_deref()
                 .and_then(Path::file_name)
                 .map(ToOwned::to_owned),
-            plugin_dir: Some(absolute(&config.plugins.dir)),
+            // Only when some route runs plugins; a config reload that adds one re-targets.
+            plugin_dir: config.uses_plugins().then(|| absolute(&config.plugins.dir)),
         }
     }
 
