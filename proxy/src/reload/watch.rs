@@ -107,8 +107,18 @@ fn absolute(p: &Path) -> PathBuf {
     std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
-/// Watches files (if `reload.watch`) and `SIGHUP` until `stop`; each trigger reloads.
-pub(crate) async fn watch(reloader: Arc<Reloader>, stop: CancellationToken) {
+/// Watches files (if `reload.watch`) and `SIGHUP` until `stop`; each trigger reloads. `SIGHUP`
+/// is registered before this returns (so before the proxy reports ready), the rest when the
+/// returned future first runs.
+pub(crate) fn watch(
+    reloader: Arc<Reloader>,
+    stop: CancellationToken,
+) -> impl Future<Output = ()> + Send + 'static {
+    let hup = register_hangup();
+    watch_loop(reloader, stop, hup)
+}
+
+async fn watch_loop(reloader: Arc<Reloader>, stop: CancellationToken, hup: Hangup) {
     let wake = Arc::new(Notify::new());
     let targets = Arc::new(Mutex::new(Targets::of(&reloader)));
     let watcher = if reloader.shared().live.load().config.reload.watch {
@@ -150,7 +160,7 @@ pub(crate) async fn watch(reloader: Arc<Reloader>, stop: CancellationToken) {
         wake.notify_one();
     }
 
-    let hangup = hangups(wake.clone(), stop.clone());
+    let hangup = hangups(hup, wake.clone(), stop.clone());
     let hangup_requested = hangup.1;
     tokio::spawn(hangup.0);
 
@@ -250,8 +260,32 @@ impl Watched {
     }
 }
 
+/// `SIGHUP`, registered when the watcher is created: from then on the signal no longer has its
+/// default effect (ending the process).
+#[cfg(unix)]
+type Hangup = Option<tokio::signal::unix::Signal>;
+#[cfg(not(unix))]
+type Hangup = Option<()>;
+
+fn register_hangup() -> Hangup {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP");
+                None
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    None
+}
+
 /// A task turning `SIGHUP` into wake-ups (the flag tells the loop the trigger was a signal).
 fn hangups(
+    hup: Hangup,
     wake: Arc<Notify>,
     stop: CancellationToken,
 ) -> (
@@ -263,14 +297,7 @@ fn hangups(
     let task = async move {
         #[cfg(unix)]
         {
-            use tokio::signal::unix::{SignalKind, signal};
-            let mut hup = match signal(SignalKind::hangup()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for SIGHUP");
-                    return;
-                }
-            };
+            let Some(mut hup) = hup else { return };
             loop {
                 tokio::select! {
                     () = stop.cancelled() => return,
@@ -287,7 +314,7 @@ fn hangups(
         }
         #[cfg(not(unix))]
         {
-            let _ = (wake, stop, set);
+            let _ = (hup, wake, stop, set);
         }
     };
     (task, flag)
