@@ -383,8 +383,8 @@ pub(crate) async fn load_chains(
     let mut retry = false;
     let mut issues = Vec::new();
     let mut catalog = Catalog::default();
-    // Per (route, step): the plugin and its capabilities.
-    let mut ready: HashMap<(usize, usize), (Arc<LoadedPlugin>, types::Capabilities)> =
+    // Per (route, step): the use, its plugin and its capabilities.
+    let mut ready: HashMap<(usize, usize), (&Use, Arc<LoadedPlugin>, types::Capabilities)> =
         HashMap::new();
     for (name, uses) in &uses {
         let file = config.plugins.dir.join(format!("{name}.wasm"));
@@ -399,7 +399,7 @@ pub(crate) async fn load_chains(
                 issue,
             } => {
                 for (u, c) in uses.iter().zip(caps) {
-                    ready.insert((u.route, u.step), (plugin.clone(), c));
+                    ready.insert((u.route, u.step), (u, plugin.clone(), c));
                 }
                 let name: Arc<str> = Arc::from(*name);
                 if let Some(p) = &issue
@@ -480,18 +480,14 @@ pub(crate) async fn load_chains(
             .iter()
             .enumerate()
             .map(|(j, use_)| {
-                let (plugin, caps) = ready
+                let (u, plugin, caps) = ready
                     .remove(&(i, j))
                     .expect("every use of a loaded plugin was initialized");
                 Step {
                     plugin,
-                    config_json: uses[use_.plugin.as_str()]
-                        .iter()
-                        .find(|u| u.route == i && u.step == j)
-                        .map(|u| u.config_json.clone())
-                        .unwrap_or_else(|| "{}".into()),
+                    config_json: u.config_json.clone(),
                     on_error: use_.on_error,
-                    limits: config.plugins.limits.with(&use_.limits),
+                    limits: u.limits,
                     caps,
                 }
             })
