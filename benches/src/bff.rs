@@ -50,8 +50,9 @@ service = "upstream"
     )
 }
 
-/// Name prefix of bff-proxy's threads (for CPU accounting).
-pub const THREAD_PREFIX: &str = "bench-bff";
+/// Name prefixes of bff-proxy's threads (for CPU accounting): the runtime's, and the access
+/// log writer's.
+pub const THREAD_PREFIXES: &[&str] = &["bench-bff", "bff-access-log"];
 
 /// A running bff-proxy. Dropping it asks it to drain and joins its thread.
 #[derive(Debug)]
@@ -64,15 +65,23 @@ pub struct BffProxy {
 impl BffProxy {
     /// Starts bff-proxy in front of `upstream` with `worker_threads` Tokio workers and an
     /// upstream keep-alive pool of `pool` connections, pinned to the CPU list `pin` if given.
+    /// With `access_log`, it writes its access log (text) to that file.
     pub fn start(
         upstream: SocketAddr,
         worker_threads: usize,
         pool: usize,
         pin: Option<&str>,
+        access_log: Option<&std::path::Path>,
     ) -> anyhow::Result<Self> {
         let workers = worker_threads.max(1);
         let admin_port = crate::free_port().context("finding a port for the admin listener")?;
-        let text = config_toml(upstream, admin_port, workers, pool);
+        let mut text = config_toml(upstream, admin_port, workers, pool);
+        if let Some(path) = access_log {
+            text.push_str(&format!(
+                "\n[access_log]\noutput = {:?}\n",
+                path.display().to_string()
+            ));
+        }
         Self::start_config(&text, workers, pin)
     }
 
@@ -84,8 +93,14 @@ impl BffProxy {
         pin: Option<&str>,
     ) -> anyhow::Result<Self> {
         let workers = worker_threads.max(1);
-        let config = bff_proxy::Config::from_toml(text, "bench")
+        let mut config = bff_proxy::Config::from_toml(text, "bench")
             .map_err(|e| anyhow::anyhow!("bench config rejected: {e}"))?;
+        // An access log to stderr is turned off, like `access_log off;` in the nginx config
+        // it is compared with (and a line per request would drown the benchmark's output);
+        // `--access-log` gives both proxies a file instead.
+        if config.access_log.output == "stderr" {
+            config.access_log.enabled = false;
+        }
         // The same runtime `bff-proxy run` builds for this many workers.
         let mut builder = bff_proxy::runtime_builder(workers);
         builder.thread_name("bench-bff-proxy");

@@ -11,8 +11,8 @@ use std::time::Instant;
 /// Which process or threads a target's CPU time is read from.
 #[derive(Debug, Clone)]
 pub enum Source {
-    /// Threads of this process whose name starts with this prefix.
-    Threads(&'static str),
+    /// Threads of this process whose name starts with one of these prefixes.
+    Threads(&'static [&'static str]),
     /// Another process and its direct children (nginx's master and workers).
     Process(u32),
     /// Nothing to read (the direct target has no proxy).
@@ -22,7 +22,7 @@ pub enum Source {
 impl Source {
     fn ticks(&self) -> Option<u64> {
         match self {
-            Self::Threads(prefix) => threads_ticks(prefix),
+            Self::Threads(prefixes) => threads_ticks(prefixes),
             Self::Process(pid) => tree_ticks(*pid),
             Self::None => Some(0),
         }
@@ -62,7 +62,7 @@ pub fn snapshot(target: &Source, nginx: Option<u32>) -> Snapshot {
         machine_total: total,
         own: proc_ticks("/proc/self/stat"),
         target: target.ticks(),
-        upstream: threads_ticks(crate::upstream::THREAD_PREFIX),
+        upstream: threads_ticks(&[crate::upstream::THREAD_PREFIX]),
         nginx: nginx.and_then(|pid| Source::Process(pid).ticks()),
     }
 }
@@ -181,7 +181,7 @@ fn tree_ticks(pid: u32) -> Option<u64> {
 }
 
 /// Summed CPU ticks of this process's live threads whose name starts with `prefix`.
-fn threads_ticks(prefix: &str) -> Option<u64> {
+fn threads_ticks(prefixes: &[&str]) -> Option<u64> {
     let mut sum = 0;
     for entry in std::fs::read_dir("/proc/self/task").ok()? {
         let Ok(entry) = entry else { continue };
@@ -189,7 +189,7 @@ fn threads_ticks(prefix: &str) -> Option<u64> {
             continue;
         };
         if let Some((comm, t)) = parse_stat(&text)
-            && comm.starts_with(prefix)
+            && prefixes.iter().any(|p| comm.starts_with(p))
         {
             sum += t.own;
         }
@@ -215,7 +215,7 @@ mod tests {
         if std::fs::metadata("/proc/self/task").is_err() {
             return; // not Linux
         }
-        assert!(threads_ticks("").is_some());
+        assert!(threads_ticks(&[""]).is_some());
         assert!(machine_ticks().is_some());
     }
 }

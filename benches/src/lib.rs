@@ -74,6 +74,9 @@ pub struct Options {
     pub nginx_same_headers: bool,
     /// Also measure the minimal hyper proxy ([`hyper_min`]).
     pub hyper_min: bool,
+    /// Both proxies write an access log to a file (`--access-log`); off by default, as in
+    /// most published proxy benchmarks.
+    pub access_log: bool,
     /// Pin the generator and the servers to separate CPUs ([`pin`]) when `taskset` is there.
     pub pin: bool,
     /// Load generator.
@@ -96,6 +99,7 @@ impl Default for Options {
             nginx: true,
             nginx_same_headers: true,
             hyper_min: false,
+            access_log: false,
             pin: true,
             generator: GeneratorChoice::Auto,
             json_out: Some(default_json_path()),
@@ -123,6 +127,7 @@ and through nginx (one worker each by default), for each body size, on 127.0.0.1
   --nginx-plain         nginx as a bare pass-through (default: it also sets the request-id
                         and forwarded headers bff-proxy sets, so both do the same work)
   --hyper-min           also measure a minimal hyper proxy (same stack, no pipeline)
+  --access-log          both proxies write an access log to a file (bff-proxy text, nginx combined)
   --no-pin              let the scheduler place threads (default: generator on the first
                         CPU, upstream and proxy on the others, via taskset)
   --builtin             use the built-in generator even if wrk is installed
@@ -197,6 +202,7 @@ impl Options {
                 }
                 "--no-nginx" => opts.nginx = false,
                 "--hyper-min" => opts.hyper_min = true,
+                "--access-log" => opts.access_log = true,
                 "--nginx-plain" => opts.nginx_same_headers = false,
                 "--no-pin" => opts.pin = false,
                 "--builtin" => opts.generator = GeneratorChoice::Builtin,
@@ -233,6 +239,7 @@ fn is_switch(flag: &str) -> bool {
             | "--no-nginx"
             | "--nginx-plain"
             | "--hyper-min"
+            | "--access-log"
             | "--no-pin"
             | "--builtin"
             | "--wrk"
@@ -359,7 +366,17 @@ pub fn run(opts: &Options, log: &mut dyn Write) -> anyhow::Result<Report> {
         let body = upstream::json_body(size);
         let pin = servers_cpus.as_deref();
         let up = upstream::Upstream::start(body, opts.upstream_threads, pin)?;
-        let bff = bff::BffProxy::start(up.addr(), opts.proxy_workers, pool, pin)?;
+        let log_dir = std::env::temp_dir().join(format!(
+            "bff-bench-access-{}-{}",
+            std::process::id(),
+            unique()
+        ));
+        let bff_log = opts.access_log.then(|| log_dir.join("bff-proxy.log"));
+        if opts.access_log {
+            std::fs::create_dir_all(&log_dir)?;
+        }
+        let bff =
+            bff::BffProxy::start(up.addr(), opts.proxy_workers, pool, pin, bff_log.as_deref())?;
         let ngx = match &nginx_bin {
             Some(bin) => {
                 let n = nginx::Nginx::start(
@@ -368,6 +385,7 @@ pub fn run(opts: &Options, log: &mut dyn Write) -> anyhow::Result<Report> {
                     pool,
                     opts.proxy_workers,
                     opts.nginx_same_headers,
+                    opts.access_log,
                     servers_cpus.as_deref(),
                 )?;
                 nginx_version = n.version().to_owned();
@@ -388,7 +406,7 @@ pub fn run(opts: &Options, log: &mut dyn Write) -> anyhow::Result<Report> {
         let nginx_pid = ngx.as_ref().map(nginx::Nginx::pid);
         let mut targets: Vec<(&str, SocketAddr, cpu::Source)> = vec![
             (DIRECT, up.addr(), cpu::Source::None),
-            (BFF, bff.addr(), cpu::Source::Threads(bff::THREAD_PREFIX)),
+            (BFF, bff.addr(), cpu::Source::Threads(bff::THREAD_PREFIXES)),
         ];
         if let Some(n) = &ngx {
             targets.push((NGINX, n.addr(), cpu::Source::Process(n.pid())));
@@ -397,7 +415,7 @@ pub fn run(opts: &Options, log: &mut dyn Write) -> anyhow::Result<Report> {
             targets.push((
                 HYPER_MIN,
                 h.addr(),
-                cpu::Source::Threads(hyper_min::THREAD_PREFIX),
+                cpu::Source::Threads(&[hyper_min::THREAD_PREFIX]),
             ));
         }
         writeln!(
@@ -479,6 +497,7 @@ pub fn run(opts: &Options, log: &mut dyn Write) -> anyhow::Result<Report> {
             "load_threads": opts.load_threads,
             "proxy_workers": opts.proxy_workers,
             "hyper_min": opts.hyper_min,
+            "access_log": opts.access_log,
             "nginx_same_headers": opts.nginx_same_headers,
             "pinning": layout.as_ref().map(pin::Layout::describe),
             "upstream_threads": opts.upstream_threads,
@@ -617,13 +636,13 @@ mod tests {
     #[test]
     fn nginx_config_has_one_worker_and_keepalive() {
         let up: SocketAddr = "127.0.0.1:9".parse().expect("addr");
-        let c = nginx::config(std::path::Path::new("/tmp/x"), 8081, up, 64, 1, true);
+        let c = nginx::config(std::path::Path::new("/tmp/x"), 8081, up, 64, 1, true, false);
         assert!(c.contains("worker_processes 1;"));
         assert!(c.contains("master_process off;"));
         assert!(c.contains("keepalive 64;"));
         assert!(c.contains("listen 127.0.0.1:8081;"));
         assert!(c.contains("X-Request-Id $request_id"));
-        let plain = nginx::config(std::path::Path::new("/tmp/x"), 8081, up, 64, 1, false);
+        let plain = nginx::config(std::path::Path::new("/tmp/x"), 8081, up, 64, 1, false, true);
         assert!(!plain.contains("X-Request-Id"));
     }
 

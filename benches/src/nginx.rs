@@ -37,9 +37,10 @@ const SAME_HEADERS: &str = r#"
 
 /// The config: `workers` worker processes (with one worker, no master process, so killing the
 /// child stops everything), keep-alive to the upstream with a pool of `pool` idle connections,
-/// keep-alive with clients without a per-connection request cap, no access log. With
-/// `same_headers`, nginx also does bff-proxy's per-request header work ([`SAME_HEADERS`]);
-/// without, it is a bare pass-through.
+/// keep-alive with clients without a per-connection request cap. With `same_headers`, nginx
+/// also does bff-proxy's per-request header work ([`SAME_HEADERS`]); without, it is a bare
+/// pass-through. With `access_log`, it logs every request (the default `combined` format) to
+/// `access.log` in `dir`; without, no access log.
 pub fn config(
     dir: &Path,
     listen_port: u16,
@@ -47,8 +48,14 @@ pub fn config(
     pool: usize,
     workers: usize,
     same_headers: bool,
+    access_log: bool,
 ) -> String {
     let d = dir.display();
+    let access_log = if access_log {
+        format!("{d}/access.log")
+    } else {
+        "off".to_owned()
+    };
     let headers = if same_headers { SAME_HEADERS } else { "" };
     let master = if workers <= 1 { "off" } else { "on" };
     let workers = workers.max(1);
@@ -64,7 +71,7 @@ events {{
 }}
 
 http {{
-    access_log off;
+    access_log {access_log};
     client_body_temp_path {d}/client_body;
     proxy_temp_path {d}/proxy;
     fastcgi_temp_path {d}/fastcgi;
@@ -113,6 +120,7 @@ impl Nginx {
         pool: usize,
         workers: usize,
         same_headers: bool,
+        access_log: bool,
         pin: Option<&str>,
     ) -> anyhow::Result<Self> {
         let version = Command::new(binary)
@@ -130,7 +138,15 @@ impl Nginx {
         let conf = dir.join("nginx.conf");
         std::fs::write(
             &conf,
-            config(&dir, port, upstream, pool, workers, same_headers),
+            config(
+                &dir,
+                port,
+                upstream,
+                pool,
+                workers,
+                same_headers,
+                access_log,
+            ),
         )
         .with_context(|| format!("writing {}", conf.display()))?;
         let log = std::fs::File::create(dir.join("stderr.log"))?;

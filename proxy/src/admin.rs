@@ -1,39 +1,50 @@
-//! The admin listener: health endpoints for orchestrators, apart from the data plane so that
-//! probes never compete with (or get routed like) client traffic.
+//! The admin listener: health endpoints for orchestrators, metrics and the proxy's live state,
+//! apart from the data plane so that probes never compete with (or get routed like) client
+//! traffic. It answers from the moment it is bound, before plugins are loaded.
 //!
 //! - `GET /healthz`: 200 while the process is up (liveness).
-//! - `GET /readyz`: 200 once config is loaded and the data plane accepts, 503 before that and
-//!   while draining (readiness).
+//! - `GET /readyz`: 200 once config and plugins are loaded and the data plane accepts; 503
+//!   before that and while draining (readiness).
 //! - `GET /metrics`: Prometheus text format.
+//! - `GET /admin/config`: the effective config (defaults filled in), secrets redacted.
 //! - `GET /admin/plugins`: loaded plugins: version (SHA-256), size, loaded-at, the routes and
 //!   clients using each, status and the last problem with its file.
 //! - `GET /admin/reloads`: recent reloads with trigger, outcome, duration, errors, warnings.
 //! - `POST /admin/reload`: reload now; 200 with the record, 422 if it was rejected.
 //!
-//! Mutations only by `POST`; every other method gets 405 with `Allow`.
+//! Mutations only by `POST`; every other method gets 405 with `Allow`. With
+//! `admin.token_sha256` set, everything but the two probes needs `Authorization: Bearer <token>`.
+
+mod redact;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 use crate::body::{self, Body};
 use crate::config::{ConfigPath, Problems};
+use crate::metrics::Metrics;
 use crate::reload::{Outcome, Reloader, Trigger, rfc3339};
 use crate::state::Snapshot;
 
-/// Default admin listen address: loopback, since the admin API has no auth yet.
+/// Default admin listen address: loopback.
 pub(crate) const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9901";
 
 /// `[admin]`: the admin listener.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     /// Address of the admin listener.
     pub listen: SocketAddr,
+    /// Hex SHA-256 of the bearer token the admin API requires (`printf %s TOKEN | sha256sum`).
+    /// Unset: no token (fine on loopback; bound beyond it, the proxy warns).
+    pub token_sha256: Option<String>,
 }
 
 impl Default for AdminConfig {
@@ -42,32 +53,101 @@ impl Default for AdminConfig {
             listen: DEFAULT_ADMIN_LISTEN
                 .parse()
                 .expect("DEFAULT_ADMIN_LISTEN is a valid socket address"),
+            token_sha256: None,
         }
     }
 }
 
 impl AdminConfig {
-    pub(crate) fn validate(&self, _at: &ConfigPath, _problems: &mut Problems) {
-        if !self.listen.ip().is_loopback() {
-            tracing::warn!(
+    pub(crate) fn validate(&self, at: &ConfigPath, problems: &mut Problems) {
+        match &self.token_sha256 {
+            Some(t) if parse_sha256(t).is_none() => problems.push(
+                at.key("token_sha256"),
+                "must be 64 hex digits: the SHA-256 of the token (`printf %s TOKEN | sha256sum`)",
+            ),
+            Some(_) => {}
+            None if !self.listen.ip().is_loopback() => tracing::warn!(
                 listen = %self.listen,
-                "the admin listener is bound beyond loopback and has no authentication"
-            );
+                "the admin listener is bound beyond loopback without a token (set admin.token_sha256)"
+            ),
+            None => {}
         }
     }
 }
 
+fn parse_sha256(hex_digest: &str) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hex_digest, &mut out).ok()?;
+    Some(out)
+}
+
+/// What the admin endpoints serve from: the metrics from the start, the reloader (and through
+/// it the live snapshot) once the first load is done.
+#[derive(Debug)]
+pub(crate) struct Admin {
+    pub(crate) metrics: Arc<Metrics>,
+    reloader: OnceLock<Arc<Reloader>>,
+    token: Option<[u8; 32]>,
+}
+
+impl Admin {
+    pub(crate) fn new(config: &AdminConfig, metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics,
+            reloader: OnceLock::new(),
+            token: config.token_sha256.as_deref().and_then(parse_sha256),
+        }
+    }
+
+    /// The first load is done: serve the live state.
+    pub(crate) fn loaded(&self, reloader: Arc<Reloader>) {
+        let _ = self.reloader.set(reloader);
+    }
+
+    /// True if the request carries the admin token (or none is required).
+    fn authorized(&self, req: &Request<Incoming>) -> bool {
+        let Some(expected) = &self.token else {
+            return true;
+        };
+        let presented = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let (scheme, token) = v.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+            });
+        presented.is_some_and(|t| {
+            let digest: [u8; 32] = Sha256::digest(t.as_bytes()).into();
+            bool::from(digest.ct_eq(expected))
+        })
+    }
+}
+
 /// Answers one admin request.
-pub(crate) async fn handle(reloader: &Arc<Reloader>, req: Request<Incoming>) -> Response<Body> {
-    let shared = reloader.shared();
+pub(crate) async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path();
     let allowed: &'static str = match path {
         "/admin/reload" => "POST",
-        "/healthz" | "/readyz" | "/metrics" | "/admin/plugins" | "/admin/reloads" => "GET, HEAD",
+        "/healthz" | "/readyz" | "/metrics" | "/admin/config" | "/admin/plugins"
+        | "/admin/reloads" => "GET, HEAD",
         _ => {
             return error(StatusCode::NOT_FOUND, "not_found", "unknown admin endpoint");
         }
     };
+    let probe = matches!(path, "/healthz" | "/readyz");
+    if !probe && !admin.authorized(&req) {
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this admin endpoint needs `Authorization: Bearer <token>`",
+        );
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"bff-proxy admin\""),
+        );
+        return r;
+    }
     let method_ok = match allowed {
         "POST" => req.method() == Method::POST,
         _ => req.method() == Method::GET || req.method() == Method::HEAD,
@@ -82,8 +162,33 @@ pub(crate) async fn handle(reloader: &Arc<Reloader>, req: Request<Incoming>) -> 
             .insert(header::ALLOW, HeaderValue::from_static(allowed));
         return r;
     }
+    if path == "/healthz" {
+        return json(StatusCode::OK, &serde_json::json!({"status": "live"}));
+    }
+    if path == "/metrics" {
+        let mut r = Response::new(body::full(admin.metrics.render()));
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        );
+        return r;
+    }
+    let Some(reloader) = admin.reloader.get() else {
+        // Still loading plugins: nothing to show yet, and not ready.
+        return match path {
+            "/readyz" => json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &serde_json::json!({"status": "loading"}),
+            ),
+            _ => error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "loading",
+                "the proxy is still loading its config and plugins",
+            ),
+        };
+    };
+    let shared = reloader.shared();
     match path {
-        "/healthz" => json(StatusCode::OK, &serde_json::json!({"status": "live"})),
         "/readyz" => {
             if shared.ready.load(Ordering::Acquire) {
                 json(StatusCode::OK, &serde_json::json!({"status": "ready"}))
@@ -94,14 +199,10 @@ pub(crate) async fn handle(reloader: &Arc<Reloader>, req: Request<Incoming>) -> 
                 )
             }
         }
-        "/metrics" => {
-            let mut r = Response::new(body::full(reloader.metrics().render()));
-            r.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
-            );
-            r
-        }
+        "/admin/config" => json(
+            StatusCode::OK,
+            &redact::effective_config(&shared.live.load().config),
+        ),
         "/admin/plugins" => json(StatusCode::OK, &plugins(&shared.live.load())),
         "/admin/reloads" => json(
             StatusCode::OK,

@@ -24,6 +24,7 @@ pub(crate) use self::path::ConfigPath;
 pub use crate::admin::AdminConfig;
 pub use crate::identity::{ClientConfig, IdentifyRule, IdentityConfig};
 pub use crate::listener::ServerConfig;
+pub use crate::observe::access_log::{AccessLogConfig, AccessLogFormat};
 pub use crate::pipeline::HeadersConfig;
 pub use crate::plugins::{PluginLimits, PluginLimitsOverride, PluginsConfig};
 pub use crate::reload::ReloadConfig;
@@ -56,6 +57,8 @@ pub struct Config {
     pub plugins: PluginsConfig,
     /// Hot reload: file watching and debouncing.
     pub reload: ReloadConfig,
+    /// One line per request.
+    pub access_log: AccessLogConfig,
     /// The file this config was loaded from, if any: reloads read it again.
     pub source: Option<std::path::PathBuf>,
 }
@@ -75,6 +78,7 @@ impl Default for Config {
             routes: Vec::new(),
             plugins: PluginsConfig::default(),
             reload: ReloadConfig::default(),
+            access_log: AccessLogConfig::default(),
             source: None,
         }
     }
@@ -98,6 +102,7 @@ impl Config {
             {
                 *dir = parent.join(&*dir);
             }
+            config.access_log.resolve(parent);
         }
         config.source = Some(path.to_path_buf());
         Ok(config)
@@ -135,6 +140,7 @@ impl Config {
         crate::identity::validate(&self.identity, &self.clients, &root, problems);
         self.plugins.validate(&root.key("plugins"), problems);
         self.reload.validate(&root.key("reload"), problems);
+        self.access_log.validate(&root.key("access_log"), problems);
         crate::router::validate(&self.routes, self, &root.key("routes"), problems);
     }
 

@@ -213,6 +213,8 @@ pub fn banner(data: SocketAddr, admin: SocketAddr, services: &DemoServices) -> S
         out,
         "\nReadiness: curl -s http://{admin}/readyz\n\
          Loaded plugins and their versions: curl -s http://{admin}/admin/plugins\n\
+         Per-client traffic and what each client's BFF saves on the wire (after a few requests):\n  \
+         curl -s http://{admin}/metrics | grep -E '^bff_(requests|response_body_bytes|upstream_response_body_bytes)_total'\n\
          Ship a new plugin version by copying its .wasm into the plugin directory: it goes live \
          without a restart (README, \"Shipping a plugin\").\n\
          Responses end with \"meta\": the service that answered and the client the proxy \

@@ -18,7 +18,7 @@ use crate::config::ConfigPath;
 use crate::config::Problems;
 
 /// `[identity]`: what happens to requests no client rule matches.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct IdentityConfig {
     /// Client that unidentified requests are served as. When unset they get
@@ -27,7 +27,7 @@ pub struct IdentityConfig {
 }
 
 /// `[[clients]]`: one kind of frontend (web, mobile app, voice assistant, partner...).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientConfig {
     /// Unique name; sent upstream in the client header and used by routes.
@@ -42,7 +42,7 @@ pub struct ClientConfig {
 
 /// One identification rule. Exactly one form per rule:
 /// `{ header, equals }`, `{ header, regex }`, `{ user_agent }` or `{ api_key_header, sha256 }`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentifyRule {
     /// Header to look at (with `equals` or `regex`).
@@ -348,6 +348,11 @@ pub(crate) fn validate(
         let at = root.key("clients").index(i);
         if !crate::config::is_valid_name(&c.name) {
             problems.push(at.key("name"), crate::config::NAME_RULE);
+        } else if c.name == crate::metrics::OTHER {
+            problems.push(
+                at.key("name"),
+                "`other` is reserved: metrics label requests no client matched with it",
+            );
         } else if !seen.insert(c.name.as_str()) {
             problems.push(
                 at.key("name"),

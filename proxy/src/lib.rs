@@ -13,10 +13,12 @@
 //! | plugins | `plugins` | the route's Wasm chain: request phase, (upstream), response phase |
 //! | upstream | `upstream` | which service URL; pooled, streamed, with timeouts |
 //! | respond | `pipeline` + `error` | headers cleaned, errors as JSON with stable codes |
+//! | log | `observe` | metrics and the access log, once the response body is sent |
 //!
 //! Live state is one immutable snapshot swapped atomically (`state`); `config` turns the TOML
 //! file into it and `reload` rebuilds it on file changes, `SIGHUP` or `POST /admin/reload`.
-//! `metrics` holds the Prometheus registry; `admin` serves it with health and reload state. `main.rs` is a thin CLI over [`Proxy`] and [`Config`].
+//! `metrics` holds the Prometheus registry; `admin` serves it with health, config and reload
+//! state. `main.rs` is a thin CLI over [`Proxy`] and [`Config`].
 
 mod admin;
 mod body;
@@ -26,6 +28,7 @@ mod error;
 mod identity;
 pub mod listener;
 pub mod metrics;
+mod observe;
 mod pipeline;
 pub mod plugins;
 mod reload;
@@ -40,7 +43,7 @@ pub use crate::config::{Config, ConfigError};
 pub use crate::error::ErrorChain;
 pub use crate::identity::ClientProfile;
 pub use crate::metrics::Metrics;
-pub use crate::server::{Proxy, StartError, check_plugins};
+pub use crate::server::{Proxy, StartError, Starting, check_plugins};
 
 /// The Tokio runtime for `server.worker_threads`: 0 means one worker per core; 1 means a
 /// single-threaded runtime, which skips the work-stealing machinery a lone worker cannot use

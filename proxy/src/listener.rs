@@ -22,11 +22,11 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::body::Body;
+use crate::body::BoxError;
 use crate::config::{ConfigPath, Problems, check_duration, check_range};
 
 /// `[server]`: limits, timeouts and lifecycle of the data-plane listener.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
     /// Tokio worker threads; 0 means one per CPU core.
@@ -167,13 +167,15 @@ pub(crate) struct ConnSettings {
     pub(crate) idle_timeout: Duration,
     /// Cancelled when the drain timeout runs out: connections still open are dropped.
     pub(crate) force_close: CancellationToken,
+    /// Connection metrics (the data plane's; the admin listener has none).
+    pub(crate) metrics: Option<crate::metrics::ConnectionFamilies>,
 }
 
 /// Runs the accept loop until `shutdown`, spawning one task per connection on `tracker`.
 ///
 /// `make_service(peer, over_limit)` builds the per-connection service; connections beyond
 /// `max_connections` get `over_limit = true`: a service that answers one 503 with `connection: close`.
-pub(crate) async fn accept_loop<F, S>(
+pub(crate) async fn accept_loop<F, S, B>(
     listener: TcpListener,
     settings: ConnSettings,
     max_connections: usize,
@@ -182,10 +184,12 @@ pub(crate) async fn accept_loop<F, S>(
     tracker: TaskTracker,
 ) where
     F: Fn(SocketAddr, bool) -> S,
-    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Send
         + 'static,
     S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
 {
     let permits = Arc::new(Semaphore::new(max_connections));
     // Over-limit connections are answered with a 503, but that costs a task each: cap them too.
@@ -207,34 +211,62 @@ pub(crate) async fn accept_loop<F, S>(
         let _ = stream.set_nodelay(true);
         let (permit, over_limit) = match permits.clone().try_acquire_owned() {
             Ok(p) => (p, false),
-            Err(_) => match overflow.clone().try_acquire_owned() {
-                Ok(p) => (p, true),
-                Err(_) => {
-                    tracing::warn!(%peer, "connection dropped: over the connection limit");
-                    continue;
+            Err(_) => {
+                if let Some(m) = &settings.metrics {
+                    m.rejected.inc();
                 }
-            },
+                match overflow.clone().try_acquire_owned() {
+                    Ok(p) => (p, true),
+                    Err(_) => {
+                        tracing::warn!(%peer, "connection dropped: over the connection limit");
+                        continue;
+                    }
+                }
+            }
         };
+        let open = settings.metrics.as_ref().filter(|_| !over_limit).map(|m| {
+            m.accepted.inc();
+            OpenConnection::new(m.open.clone())
+        });
         let service = make_service(peer, over_limit);
         let settings = settings.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
             serve_connection(stream, service, settings, shutdown).await;
+            drop(open);
             drop(permit);
         });
     }
 }
 
-async fn serve_connection<S>(
+/// Counts a connection in `bff_connections_open` while it exists.
+struct OpenConnection(prometheus::IntGauge);
+
+impl OpenConnection {
+    fn new(gauge: prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+async fn serve_connection<S, B>(
     stream: TcpStream,
     service: S,
     settings: ConnSettings,
     shutdown: CancellationToken,
 ) where
-    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Send
         + 'static,
     S::Future: Send + 'static,
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
 {
     let (io, activity) = idle::IdleIo::new(stream);
     let conn = settings.builder.serve_connection(TokioIo::new(io), service);

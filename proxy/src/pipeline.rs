@@ -8,11 +8,11 @@
 //! [`handle`] loads the live snapshot once, so a request runs entirely on the config it started
 //! with even if a reload swaps the snapshot meanwhile. Each phase either continues or ends the
 //! request with a [`ProxyError`], which is turned into a response in exactly one place
-//! (`error.rs`). The last phase always runs and sees the outcome, error included.
+//! (`error.rs`). The last phase (`observe::Finish`: metrics and the access log) always runs and
+//! sees the outcome, error included, once the response body has been sent.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response};
@@ -24,13 +24,15 @@ use tracing::Instrument;
 use crate::body::{self, Body};
 use crate::config::{ConfigPath, Problems};
 use crate::error::{ErrorChain, Fault, ProxyError};
-use crate::identity::ClientProfile;
 use crate::listener::ServerConfig;
+use crate::metrics::Caller;
+use crate::observe::trace::TraceContext;
+use crate::observe::{Counted, Direction, Finish, Logged};
 use crate::router::path::normalize;
 use crate::state::{Shared, Snapshot};
 
 /// `[headers]`: headers the proxy manages on upstream requests.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HeadersConfig {
     /// Header that tells upstreams which client a request was identified as. Any copy the
@@ -118,29 +120,24 @@ impl ConnInfo {
     }
 }
 
-/// Per-request state passed through the phases.
-#[derive(Debug)]
-struct RequestCtx {
-    request_id: HeaderValue,
-    client: Option<Arc<ClientProfile>>,
-    route: Option<Arc<str>>,
-    service: Option<Arc<str>>,
-}
-
-/// Serves one request on the current snapshot. Never fails: errors become JSON responses.
+/// Serves one request on the current snapshot. Never fails: errors become JSON responses. The
+/// log phase (metrics, access log) runs when the returned body ends, see [`Finish`].
 pub(crate) async fn handle(
     shared: Arc<Shared>,
     conn: Arc<ConnInfo>,
     req: Request<Incoming>,
-) -> Response<Body> {
+) -> Response<Logged> {
     let snapshot = shared.live.load_full();
-    let started = Instant::now();
-    let mut ctx = RequestCtx {
-        request_id: request_id(req.headers(), &snapshot.headers.request_id),
-        client: None,
-        route: None,
-        service: None,
-    };
+    let request_id = request_id(req.headers(), &snapshot.headers.request_id);
+    let trace = TraceContext::from_request(req.headers());
+    let mut ctx = Box::new(Finish::start(
+        shared.clone(),
+        snapshot.clone(),
+        request_id,
+        trace,
+        &req,
+        conn.peer.ip(),
+    ));
     // A DEBUG span: with a fmt subscriber an enabled span formats its fields up front, which
     // at INFO would cost every request about as much as the rest of the pipeline. Events at
     // WARN and above carry the request id, client and route themselves.
@@ -148,10 +145,10 @@ pub(crate) async fn handle(
         "request",
         method = %req.method(),
         request_id = ctx.request_id.to_str().unwrap_or_default(),
+        trace_id = ctx.trace.trace_id(),
         client = tracing::field::Empty,
         route = tracing::field::Empty,
     );
-    let method = req.method().clone();
 
     let result = async {
         // Load shedding comes first: an overloaded proxy should spend nothing on the request.
@@ -165,8 +162,11 @@ pub(crate) async fn handle(
     .instrument(span.clone())
     .await;
 
-    // Log phase: always runs, sees the outcome.
+    // Respond: errors become JSON responses, logged once with their fields.
     let _enter = span.enter();
+    let request_id = ctx.request_id.to_str().unwrap_or_default();
+    let client = ctx.client.as_ref().map_or("", |c| &*c.1);
+    let route = ctx.route.as_ref().map_or("", |r| &*r.1);
     let mut resp = match result {
         Ok(resp) => resp,
         Err(err) => {
@@ -174,54 +174,52 @@ pub(crate) async fn handle(
                 Fault::Client => {
                     tracing::debug!(code = err.code(), error = %err, "request refused");
                 }
-                Fault::Overload => tracing::warn!(
-                    code = err.code(),
-                    request_id = ctx.request_id.to_str().unwrap_or_default(),
-                    "request shed"
-                ),
+                Fault::Overload => tracing::warn!(code = err.code(), request_id, "request shed"),
                 Fault::Plugin => tracing::warn!(
                     code = err.code(),
-                    request_id = ctx.request_id.to_str().unwrap_or_default(),
-                    client = ctx.client.as_ref().map_or("", |c| &*c.name),
-                    route = ctx.route.as_deref().unwrap_or(""),
+                    request_id,
+                    client,
+                    route,
                     error = %ErrorChain(&err),
                     "plugin chain failed"
                 ),
                 Fault::Upstream => tracing::warn!(
                     code = err.code(),
-                    request_id = ctx.request_id.to_str().unwrap_or_default(),
-                    client = ctx.client.as_ref().map_or("", |c| &*c.name),
-                    route = ctx.route.as_deref().unwrap_or(""),
+                    request_id,
+                    client,
+                    route,
                     service = ctx.service.as_deref().unwrap_or(""),
                     error = %ErrorChain(&err),
                     "upstream failed"
                 ),
             }
-            err.into_response(ctx.request_id.to_str().unwrap_or_default())
+            ctx.error = Some(err.code());
+            err.into_response(request_id)
         }
     };
     resp.headers_mut()
         .insert(snapshot.headers.request_id.clone(), ctx.request_id.clone());
-    tracing::debug!(
-        %method,
-        status = resp.status().as_u16(),
-        client = ctx.client.as_ref().map_or("", |c| &*c.name),
-        route = ctx.route.as_deref().unwrap_or(""),
-        elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
-        "request finished"
-    );
-    resp
+    ctx.status = Some(resp.status().as_u16());
+    drop(_enter);
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(parts, Logged::new(body, ctx))
 }
 
 /// Answers a request the proxy refuses before the pipeline runs (over the connection limit),
-/// with the same request-id handling as every other response.
-pub(crate) fn refuse(shared: &Shared, req: &Request<Incoming>, err: ProxyError) -> Response<Body> {
+/// with the same request-id handling as every other response. Counted as an error, not as a
+/// request of a client (nothing about it was looked at).
+pub(crate) fn refuse(
+    shared: &Shared,
+    req: &Request<Incoming>,
+    err: ProxyError,
+) -> Response<Logged> {
     let snapshot = shared.live.load();
     let id = request_id(req.headers(), &snapshot.headers.request_id);
+    shared.metrics.requests.error(err.code());
     let mut resp = err.into_response(id.to_str().unwrap_or_default());
     resp.headers_mut()
         .insert(snapshot.headers.request_id.clone(), id);
-    resp
+    resp.map(Logged::bare)
 }
 
 /// The phases between accept and respond.
@@ -229,7 +227,7 @@ async fn proxy(
     snap: &Snapshot,
     server: &ServerConfig,
     conn: &ConnInfo,
-    ctx: &mut RequestCtx,
+    ctx: &mut Finish,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ProxyError> {
     // Limits: checked before anything looks at the headers.
@@ -245,21 +243,25 @@ async fn proxy(
     // Identify: once per request.
     let (client_idx, client) = snap.identifier.identify(req.headers())?;
     tracing::Span::current().record("client", &*client.name);
-    ctx.client = Some(client.clone());
+    ctx.client = Some((client_idx, client.name.clone()));
 
     // Route on the normalized path; the upstream gets that same path.
     // A cheap clone (shared bytes) so the routed path can outlive `req` being taken apart.
     let uri = req.uri().clone();
     let path = normalize(uri.path())?;
+    if snap.access_log.enabled {
+        ctx.path = Some(path.clone().into_owned());
+    }
     let (route, params) = snap.router.find(client_idx, req.method(), &path)?;
     tracing::Span::current().record("route", &*route.id);
-    ctx.route = Some(route.id.clone());
+    ctx.route = Some((route.index, route.id.clone()));
     ctx.service = route.service.clone();
     let upstream_path = route.upstream_path(&path, &params);
 
-    // Upstream request: same method, cleaned headers, streamed body.
+    // Upstream request: same method, cleaned headers, streamed body (counted as it passes).
     let query = uri.query();
     let (mut parts, incoming) = req.into_parts();
+    let incoming = Counted::new(incoming, ctx.stats.clone(), Direction::In);
     prepare_upstream_headers(&mut parts, snap, conn, ctx, client_idx);
 
     if let Some(chain) = &route.chain {
@@ -277,6 +279,8 @@ async fn proxy(
                     request_id_header: snap.headers.request_id.clone(),
                     client_header: snap.headers.client.clone(),
                     client_value: snap.identifier.name_value(client_idx).clone(),
+                    traceparent: ctx.trace.traceparent().clone(),
+                    stats: ctx.stats.clone(),
                 },
                 max_request_body: server.max_request_body_bytes,
                 upstream_timeout: server.request_timeout,
@@ -305,6 +309,10 @@ async fn proxy(
             query,
             upstream_req,
             server.request_timeout,
+            crate::upstream::CallFor {
+                caller: Caller::Route,
+                stats: &ctx.stats,
+            },
         )
         .await?;
 
@@ -412,7 +420,7 @@ fn prepare_upstream_headers(
     parts: &mut http::request::Parts,
     snap: &Snapshot,
     conn: &ConnInfo,
-    ctx: &RequestCtx,
+    ctx: &Finish,
     client_idx: usize,
 ) {
     let headers = &mut parts.headers;
@@ -431,6 +439,7 @@ fn prepare_upstream_headers(
         snap.identifier.name_value(client_idx).clone(),
     );
     headers.insert(names.request_id.clone(), ctx.request_id.clone());
+    ctx.trace.apply(headers);
 
     if !names.forwarded {
         return;

@@ -63,7 +63,7 @@ pub(crate) fn context(
 }
 
 /// `[plugins]`: where plugins come from and the limits every plugin use gets by default.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PluginsConfig {
     /// Directory holding the plugins, one `<name>.wasm` component per plugin. Relative paths are
@@ -105,7 +105,7 @@ impl Default for PluginsConfig {
 }
 
 /// Limits of one plugin use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PluginLimits {
     /// CPU time per hook call. Time spent waiting on upstream calls does not count.
@@ -135,7 +135,7 @@ impl Default for PluginLimits {
 }
 
 /// Per-use overrides of [`PluginLimits`] (`limits = { cpu_budget = "20ms" }` in a chain step).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginLimitsOverride {
     /// See [`PluginLimits::cpu_budget`].

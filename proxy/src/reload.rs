@@ -33,7 +33,7 @@ use crate::state::{Shared, Snapshot};
 pub(crate) use self::watch::watch;
 
 /// `[reload]`: how file changes become reloads.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReloadConfig {
     /// Watch the config file and the plugin directory and reload when they change.
@@ -160,6 +160,7 @@ async fn build(
     state: &mut State,
     config: Config,
     current: Option<&Snapshot>,
+    metrics: &Metrics,
 ) -> Result<Built, LoadError> {
     let mut warnings = Vec::new();
     if let Some(cur) = current {
@@ -168,6 +169,10 @@ async fn build(
             (old.listen != config.listen, "listen"),
             (old.admin != config.admin, "admin"),
             (old.server != config.server, "server"),
+            (
+                old.access_log.output != config.access_log.output,
+                "access_log.output",
+            ),
         ] {
             if changed {
                 warnings.push(format!("`{what}` changed: it takes effect after a restart"));
@@ -178,10 +183,12 @@ async fn build(
     let previous = current.map_or(&empty, |c| &c.catalog);
     let loaded = if config.uses_plugins() {
         if state.runtime.is_none() {
-            let runtime = Arc::new(Runtime::new(&config.plugins).map_err(|e| LoadError {
-                problems: vec![crate::ErrorChain(&e).to_string()],
-                retry: false,
-            })?);
+            let runtime = Arc::new(Runtime::new(&config.plugins, &metrics.plugins).map_err(
+                |e| LoadError {
+                    problems: vec![crate::ErrorChain(&e).to_string()],
+                    retry: false,
+                },
+            )?);
             let compiler = Compiler::new(&runtime, config.plugins.cache_dir().as_deref());
             state.runtime = Some((runtime, compiler));
         }
@@ -242,7 +249,7 @@ async fn build(
         .filter(|c| c.config.services == config.services)
         .map(|c| c.upstreams.clone());
     Ok(Built {
-        snapshot: Snapshot::assemble(config, chains, catalog, upstreams),
+        snapshot: Snapshot::assemble(config, chains, catalog, upstreams, metrics),
         issues,
         warnings,
         retry,
@@ -271,10 +278,10 @@ pub(crate) async fn first_load(
     let started = Instant::now();
     let at = SystemTime::now();
     let mut state = State { runtime: None };
-    let built = match build(&mut state, config.clone(), None).await {
+    let built = match build(&mut state, config.clone(), None, metrics).await {
         Ok(b) => b,
         Err(e) => {
-            metrics.reloads.with_label_values(&["rejected"]).inc();
+            metrics.reloads.total.with_label_values(&["rejected"]).inc();
             return Err(StartError::Plugins(e));
         }
     };
@@ -332,10 +339,6 @@ impl Reloader {
         self.first_load_at
     }
 
-    pub(crate) fn metrics(&self) -> &Metrics {
-        &self.metrics
-    }
-
     /// Recent reloads, oldest first.
     pub(crate) fn history(&self) -> Vec<ReloadRecord> {
         lock(&self.history).iter().cloned().collect()
@@ -359,7 +362,7 @@ impl Reloader {
             None => Ok((*current.config).clone()),
         };
         let built = match config {
-            Ok(config) => build(&mut state, config, Some(&current))
+            Ok(config) => build(&mut state, config, Some(&current), &self.metrics)
                 .await
                 .map_err(|e| (e.problems, e.retry)),
             Err(errors) => Err((errors, false)),
@@ -395,6 +398,7 @@ impl Reloader {
                         "plugin file refused; the serving version is kept"
                     );
                     self.metrics
+                        .reloads
                         .plugin_load_errors
                         .with_label_values(&[&*issue.plugin])
                         .inc();
@@ -412,6 +416,12 @@ impl Reloader {
                 } else {
                     record.outcome = Outcome::Applied;
                     self.shared.live.store(Arc::new(built.snapshot));
+                    // Versions no longer served stop being exported.
+                    for c in &record.plugins {
+                        if let Some(old) = &c.from {
+                            self.metrics.plugins.forget(&c.plugin, old);
+                        }
+                    }
                 }
             }
             Err((errors, retry)) => {
@@ -421,6 +431,8 @@ impl Reloader {
         }
         record.duration_ms = ms(started.elapsed());
         drop(state);
+        // A reload (`SIGHUP` from logrotate, typically) also reopens an access log file.
+        self.shared.access_log.reopen();
         self.log(&record);
         observe(&self.metrics, &record, &self.shared.live.load());
         // A deferred attempt (a file still being written, nothing swapped) is not history yet,
@@ -477,19 +489,16 @@ fn observe(metrics: &Metrics, r: &ReloadRecord, live: &Snapshot) {
     if r.retry && r.outcome != Outcome::Applied {
         return;
     }
-    metrics
-        .reloads
-        .with_label_values(&[r.outcome.as_str()])
-        .inc();
-    metrics.reload_duration.observe(r.duration_ms / 1000.0);
+    let m = &metrics.reloads;
+    m.total.with_label_values(&[r.outcome.as_str()]).inc();
+    m.duration.observe(r.duration_ms / 1000.0);
     if r.outcome != Outcome::Rejected {
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
-        metrics.last_reload_success.set(now.as_secs_f64());
+        m.last_success.set(now.as_secs_f64());
     }
-    metrics
-        .plugins_loaded
+    m.plugins_loaded
         .set(i64::try_from(live.catalog.entries.len()).unwrap_or(i64::MAX));
 }
 

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use crate::config::{Config, ConfigPath, Problems, is_valid_name};
 
 /// `[[routes]]`: one route. See `config/full.toml`.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfig {
     /// Unique id, used in logs and metrics.
@@ -43,7 +43,7 @@ pub struct RouteConfig {
 }
 
 /// One plugin use in a route's chain.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChainStep {
     /// Plugin name.
@@ -60,7 +60,7 @@ pub struct ChainStep {
 }
 
 /// Failure policy of a plugin use.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum OnError {
     /// The request fails with a JSON 502 naming the plugin.
@@ -74,6 +74,8 @@ pub enum OnError {
 #[derive(Debug)]
 pub(crate) struct Route {
     pub(crate) id: Arc<str>,
+    /// Position in the config's `routes` (its metrics series).
+    pub(crate) index: usize,
     methods: Vec<Method>,
     pattern: Pattern,
     pub(crate) service: Option<Arc<str>>,
@@ -112,9 +114,11 @@ impl Router {
             .routes
             .iter()
             .zip(chains)
-            .map(|(r, chain)| {
+            .enumerate()
+            .map(|(index, (r, chain))| {
                 Arc::new(Route {
                     id: r.id.as_str().into(),
+                    index,
                     methods: r
                         .methods
                         .iter()
@@ -411,6 +415,11 @@ pub(crate) fn validate(
         let at = at.index(i);
         if !is_valid_name(&r.id) {
             problems.push(at.key("id"), crate::config::NAME_RULE);
+        } else if r.id == crate::metrics::OTHER {
+            problems.push(
+                at.key("id"),
+                "`other` is reserved: metrics label requests no route matched with it",
+            );
         } else if !ids.insert(r.id.as_str()) {
             problems.push(at.key("id"), format!("duplicate route id `{}`", r.id));
         }

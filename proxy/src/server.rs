@@ -13,10 +13,13 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::admin::Admin;
 use crate::config::Config;
 use crate::error::ProxyError;
+use crate::listener::ServerConfig;
 use crate::listener::{ConnSettings, accept_loop};
 use crate::metrics::Metrics;
+use crate::observe::access_log::AccessLog;
 use crate::pipeline::{self, ConnInfo};
 use crate::reload::Reloader;
 use crate::state::Shared;
@@ -41,6 +44,15 @@ pub enum StartError {
     /// Plugins the config uses could not be loaded or initialized.
     #[error(transparent)]
     Plugins(#[from] crate::plugins::LoadError),
+    /// The access log output could not be opened.
+    #[error("cannot open the access log `{output}`")]
+    AccessLog {
+        /// `access_log.output`.
+        output: String,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Loads and initializes every plugin `config` uses, as `run` would, without binding anything:
@@ -54,56 +66,174 @@ pub async fn check_plugins(config: &Config) -> Result<usize, StartError> {
     Ok(config.routes.iter().map(|r| r.chain.len()).sum())
 }
 
-/// A bound, not yet serving, proxy.
-#[derive(Debug)]
-pub struct Proxy {
-    data: TcpListener,
-    admin: TcpListener,
-    shared: Arc<Shared>,
-    reloader: Arc<Reloader>,
+fn bound_addr(l: &TcpListener) -> SocketAddr {
+    l.local_addr()
+        .expect("a bound TCP listener has a local address")
 }
 
-impl Proxy {
-    /// Binds the data-plane and admin listeners of a validated config. Must be called inside a
-    /// Tokio runtime. Port 0 picks a free port; see [`Proxy::local_addr`].
-    pub async fn bind(config: &Config) -> Result<Self, StartError> {
-        Self::bind_with(config, Arc::new(Metrics::new())).await
+/// The admin listener, serving from the moment it is bound: while plugins load it answers
+/// `/healthz` (200), `/readyz` (503) and `/metrics`.
+#[derive(Debug)]
+struct AdminServer {
+    state: Arc<Admin>,
+    addr: SocketAddr,
+    task: Option<tokio::task::JoinHandle<()>>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl AdminServer {
+    fn start(listener: TcpListener, state: Arc<Admin>, server: &ServerConfig) -> Self {
+        let addr = bound_addr(&listener);
+        let stop = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let settings = ConnSettings {
+            builder: Arc::new(hyper_util::server::conn::auto::Builder::new(
+                hyper_util::rt::TokioExecutor::new(),
+            )),
+            idle_timeout: server.idle_timeout,
+            force_close: stop.clone(),
+            metrics: None,
+        };
+        let service_state = state.clone();
+        let make_admin = move |_peer: SocketAddr, _over_limit: bool| {
+            let state = service_state.clone();
+            hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(crate::admin::handle(&state, req).await) }
+            })
+        };
+        // The admin listener has its own small budget so probes work while the data plane is full.
+        let task = tokio::spawn(accept_loop(
+            listener,
+            settings,
+            64,
+            make_admin,
+            stop.clone(),
+            tracker.clone(),
+        ));
+        Self {
+            state,
+            addr,
+            task: Some(task),
+            stop,
+            tracker,
+        }
     }
 
-    /// Like [`Proxy::bind`], recording into `metrics` (served at the admin `/metrics`).
-    pub async fn bind_with(config: &Config, metrics: Arc<Metrics>) -> Result<Self, StartError> {
-        let bind = |addr: SocketAddr, what| async move {
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Bind { addr, what, source })
-        };
-        // Plugins load before anything is bound: a bad plugin fails startup like a bad config.
-        // The first load is the same path every reload takes.
-        let (snapshot, first) = crate::reload::first_load(config, &metrics).await?;
-        let data = bind(config.listen, "data plane").await?;
-        let admin = bind(config.admin.listen, "admin").await?;
-        let shared = Arc::new(Shared::new(config, snapshot));
+    /// Stops accepting and waits for open admin connections to close.
+    async fn stop(&mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+impl Drop for AdminServer {
+    fn drop(&mut self) {
+        // A proxy that never ran (its load failed) must not leave its admin listener behind.
+        self.stop.cancel();
+    }
+}
+
+/// Listeners bound, admin serving, plugins not loaded yet: see [`Proxy::listen`].
+#[derive(Debug)]
+pub struct Starting {
+    config: Config,
+    data: TcpListener,
+    admin: AdminServer,
+}
+
+impl Starting {
+    /// The data-plane address bound (not accepting until [`Proxy::run`]).
+    pub fn local_addr(&self) -> SocketAddr {
+        bound_addr(&self.data)
+    }
+
+    /// The admin address, already answering probes.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin.addr
+    }
+
+    /// Loads plugins and builds the first snapshot (the same path every reload takes); a bad
+    /// plugin fails startup like a bad config. Opens the access log.
+    pub async fn load(self) -> Result<Proxy, StartError> {
+        let Self {
+            config,
+            data,
+            admin,
+        } = self;
+        let metrics = admin.state.metrics.clone();
+        let (snapshot, first) = crate::reload::first_load(&config, &metrics).await?;
+        let access_log =
+            AccessLog::start(&config.access_log).map_err(|source| StartError::AccessLog {
+                output: config.access_log.output.clone(),
+                source,
+            })?;
+        let shared = Arc::new(Shared::new(&config, snapshot, metrics.clone(), access_log));
         let reloader = Arc::new(Reloader::new(shared.clone(), metrics, first));
-        Ok(Self {
+        admin.state.loaded(reloader.clone());
+        Ok(Proxy {
             data,
             admin,
             shared,
             reloader,
         })
     }
+}
+
+/// A bound, not yet serving, proxy.
+#[derive(Debug)]
+pub struct Proxy {
+    data: TcpListener,
+    admin: AdminServer,
+    shared: Arc<Shared>,
+    reloader: Arc<Reloader>,
+}
+
+impl Proxy {
+    /// Binds the data-plane and admin listeners of a validated config and loads its plugins.
+    /// Must be called inside a Tokio runtime. Port 0 picks a free port; see
+    /// [`Proxy::local_addr`].
+    pub async fn bind(config: &Config) -> Result<Self, StartError> {
+        Self::bind_with(config, Arc::new(Metrics::new())).await
+    }
+
+    /// Like [`Proxy::bind`], recording into `metrics` (served at the admin `/metrics`).
+    pub async fn bind_with(config: &Config, metrics: Arc<Metrics>) -> Result<Self, StartError> {
+        Self::listen(config, metrics).await?.load().await
+    }
+
+    /// The first half of [`Proxy::bind_with`]: binds both listeners and starts answering
+    /// probes on the admin one (`/readyz` is 503 until the proxy runs), before the possibly
+    /// slow plugin load of [`Starting::load`].
+    pub async fn listen(config: &Config, metrics: Arc<Metrics>) -> Result<Starting, StartError> {
+        let bind = |addr: SocketAddr, what| async move {
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Bind { addr, what, source })
+        };
+        let data = bind(config.listen, "data plane").await?;
+        let admin = bind(config.admin.listen, "admin").await?;
+        let state = Arc::new(Admin::new(&config.admin, metrics));
+        Ok(Starting {
+            config: config.clone(),
+            data,
+            admin: AdminServer::start(admin, state, &config.server),
+        })
+    }
 
     /// The data-plane address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
-        self.data
-            .local_addr()
-            .expect("a bound TCP listener has a local address")
+        bound_addr(&self.data)
     }
 
     /// The admin address actually bound.
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin
-            .local_addr()
-            .expect("a bound TCP listener has a local address")
+        self.admin.addr
     }
 
     /// Serves until `shutdown` resolves, then stops accepting, lets in-flight requests finish
@@ -111,33 +241,27 @@ impl Proxy {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send) {
         let Self {
             data,
-            admin,
+            mut admin,
             shared,
             reloader,
         } = self;
-        // Three signals, in the order shutdown uses them: stop the data plane (graceful close
-        // of every connection), force-close what is left at the drain deadline, and only
-        // then stop the admin listener, so `/readyz` answers 503 throughout the drain.
+        // Two signals for the data plane, in the order shutdown uses them: stop it (graceful
+        // close of every connection), then force-close what is left at the drain deadline.
+        // The admin listener stops last, so `/readyz` answers 503 throughout the drain.
         let stop_data = CancellationToken::new();
         let force_close = CancellationToken::new();
-        let stop_admin = CancellationToken::new();
         let tracker = TaskTracker::new();
         let server = shared.server.clone();
         let data_settings = ConnSettings {
             builder: Arc::new(server.builder()),
             idle_timeout: server.idle_timeout,
             force_close: force_close.clone(),
-        };
-        let admin_settings = ConnSettings {
-            builder: Arc::new(hyper_util::server::conn::auto::Builder::new(
-                hyper_util::rt::TokioExecutor::new(),
-            )),
-            idle_timeout: server.idle_timeout,
-            force_close: stop_admin.clone(),
+            metrics: Some(shared.metrics.connections.clone()),
         };
 
-        let addr = |l: &TcpListener| l.local_addr().expect("a bound TCP listener has an address");
-        let (listen, admin_addr) = (addr(&data), addr(&admin));
+        let listen = data
+            .local_addr()
+            .expect("a bound TCP listener has an address");
         let data_shared = shared.clone();
         let make_data = move |peer: SocketAddr, over_limit: bool| {
             let shared = data_shared.clone();
@@ -158,14 +282,6 @@ impl Proxy {
                 }
             })
         };
-        let admin_reloader = reloader.clone();
-        let make_admin = move |_peer: SocketAddr, _over_limit: bool| {
-            let reloader = admin_reloader.clone();
-            hyper::service::service_fn(move |req| {
-                let reloader = reloader.clone();
-                async move { Ok::<_, Infallible>(crate::admin::handle(&reloader, req).await) }
-            })
-        };
 
         let data_loop = tokio::spawn(accept_loop(
             data,
@@ -175,22 +291,12 @@ impl Proxy {
             stop_data.clone(),
             tracker.clone(),
         ));
-        // The admin listener has its own small budget so probes work while the data plane is full.
-        let admin_tracker = TaskTracker::new();
-        let admin_loop = tokio::spawn(accept_loop(
-            admin,
-            admin_settings,
-            64,
-            make_admin,
-            stop_admin.clone(),
-            admin_tracker.clone(),
-        ));
         // File changes and SIGHUP become reloads until shutdown begins.
         let stop_reloads = CancellationToken::new();
         let watcher = tokio::spawn(crate::reload::watch(reloader.clone(), stop_reloads.clone()));
         shared.ready.store(true, Ordering::Release);
         // Logged only once `/readyz` answers 200, so whoever waits for this line can rely on it.
-        tracing::info!(listen = %listen, admin = %admin_addr, "proxy ready");
+        tracing::info!(listen = %listen, admin = %admin.addr, "proxy ready");
 
         shutdown.await;
         shared.ready.store(false, Ordering::Release);
@@ -217,9 +323,6 @@ impl Proxy {
         } else {
             tracing::info!("drained");
         }
-        stop_admin.cancel();
-        let _ = admin_loop.await;
-        admin_tracker.close();
-        admin_tracker.wait().await;
+        admin.stop().await;
     }
 }

@@ -12,9 +12,11 @@ use std::sync::atomic::AtomicBool;
 use arc_swap::ArcSwap;
 use tokio::sync::Semaphore;
 
-use crate::config::Config;
+use crate::config::{AccessLogConfig, Config};
 use crate::identity::Identifier;
 use crate::listener::ServerConfig;
+use crate::metrics::{Metrics, RequestTable};
+use crate::observe::access_log::AccessLog;
 use crate::pipeline::HeaderNames;
 use crate::plugins::{Catalog, Chain};
 use crate::router::Router;
@@ -33,6 +35,10 @@ pub(crate) struct Snapshot {
     pub(crate) chain_timeout: std::time::Duration,
     /// The loaded plugins by name, with their versions and problems (`/admin/plugins`).
     pub(crate) catalog: Catalog,
+    /// The request series of every client × route pair of this config.
+    pub(crate) request_metrics: RequestTable,
+    /// `[access_log]` (the output itself is bound at startup, in [`Shared`]).
+    pub(crate) access_log: AccessLogConfig,
     /// The config it was built from (the next reload compares against it).
     pub(crate) config: Arc<Config>,
 }
@@ -46,14 +52,26 @@ impl Snapshot {
         chains: Vec<Option<Arc<Chain>>>,
         catalog: Catalog,
         upstreams: Option<Arc<Upstreams>>,
+        metrics: &Metrics,
     ) -> Self {
+        let clients: Vec<&str> = config.clients.iter().map(|c| c.name.as_str()).collect();
+        let routes: Vec<(&str, &[String])> = config
+            .routes
+            .iter()
+            .map(|r| (r.id.as_str(), r.clients.as_slice()))
+            .collect();
+        let request_metrics = RequestTable::build(&metrics.requests, &clients, &routes);
         Self {
             identifier: Identifier::build(&config.identity, &config.clients),
             router: Router::build(&config, chains),
-            upstreams: upstreams.unwrap_or_else(|| Arc::new(Upstreams::build(&config.services))),
+            upstreams: upstreams.unwrap_or_else(|| {
+                Arc::new(Upstreams::build(&config.services, &metrics.upstreams))
+            }),
             headers: HeaderNames::build(&config.headers),
             chain_timeout: config.plugins.chain_timeout,
             catalog,
+            request_metrics,
+            access_log: config.access_log.clone(),
             config: Arc::new(config),
         }
     }
@@ -70,15 +88,26 @@ pub(crate) struct Shared {
     pub(crate) request_permits: Arc<Semaphore>,
     /// False until serving and again once draining (`/readyz`).
     pub(crate) ready: AtomicBool,
+    /// The process's metrics (they survive reloads).
+    pub(crate) metrics: Arc<Metrics>,
+    /// The access log writer (its output is bound at startup).
+    pub(crate) access_log: AccessLog,
 }
 
 impl Shared {
-    pub(crate) fn new(config: &Config, snapshot: Snapshot) -> Self {
+    pub(crate) fn new(
+        config: &Config,
+        snapshot: Snapshot,
+        metrics: Arc<Metrics>,
+        access_log: AccessLog,
+    ) -> Self {
         Self {
             live: ArcSwap::from_pointee(snapshot),
             server: config.server.clone(),
             request_permits: Arc::new(Semaphore::new(config.server.max_concurrent_requests)),
             ready: AtomicBool::new(false),
+            metrics,
+            access_log,
         }
     }
 }

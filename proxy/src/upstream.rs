@@ -16,8 +16,12 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::Deserialize;
 
+use tracing::Instrument;
+
 use crate::body::Body;
 use crate::config::{ConfigPath, Problems, is_valid_name};
+use crate::metrics::{Caller, ServiceSeries, UpstreamFamilies};
+use crate::observe::{Counted, Direction, RequestStats};
 
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -27,7 +31,7 @@ const DEFAULT_MAX_IDLE: usize = 64;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// `[services.NAME]`: one upstream service.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServiceConfig {
     /// Base URLs (`http://host:port[/base/path]`); requests go round-robin among them.
@@ -57,7 +61,7 @@ impl Default for ServiceConfig {
 }
 
 /// Upstream wire protocol.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// HTTP/1.1 with keep-alive.
@@ -177,7 +181,19 @@ struct Service {
     version: Version,
     client: Client<HttpConnector, Body>,
     timeout: Duration,
+    series: ServiceSeries,
 }
+
+/// Whose upstream call it is: the call is counted in the caller's metrics and its request's
+/// stats (upstream time, bytes from upstreams).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CallFor<'a> {
+    pub(crate) caller: Caller,
+    pub(crate) stats: &'a Arc<RequestStats>,
+}
+
+/// An upstream response body, counted into its request's bytes from upstreams.
+pub(crate) type UpstreamBody = Counted<Incoming>;
 
 /// Every upstream service of one snapshot.
 #[derive(Debug)]
@@ -189,6 +205,7 @@ impl Upstreams {
     /// Builds clients from validated service configs. Must run inside a Tokio runtime.
     pub(crate) fn build<'a>(
         services: impl IntoIterator<Item = (&'a String, &'a ServiceConfig)>,
+        metrics: &UpstreamFamilies,
     ) -> Self {
         let services = services
             .into_iter()
@@ -219,6 +236,7 @@ impl Upstreams {
                     },
                     client: builder.build(connector),
                     timeout: cfg.request_timeout,
+                    series: metrics.series(&name),
                 };
                 (name, service)
             })
@@ -235,7 +253,9 @@ impl Upstreams {
         query: Option<&str>,
         mut req: Request<Body>,
         deadline: Duration,
-    ) -> Result<Response<Incoming>, UpstreamError> {
+        by: CallFor<'_>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let CallFor { caller, stats } = by;
         let svc = self
             .services
             .get(service)
@@ -264,12 +284,26 @@ impl Upstreams {
         *req.version_mut() = svc.version;
 
         let timeout = deadline.min(svc.timeout);
-        match tokio::time::timeout(timeout, svc.client.request(req)).await {
+        let span = tracing::debug_span!("upstream", service = %svc.name, caller = caller.as_str());
+        let call = stats.upstream_call();
+        let started = std::time::Instant::now();
+        let result = tokio::time::timeout(timeout, svc.client.request(req))
+            .instrument(span)
+            .await;
+        drop(call);
+        let outcome = match &result {
+            Ok(Ok(resp)) => Ok(resp.status().as_u16()),
+            Err(_) => Err("timeout"),
+            Ok(Err(e)) if e.is_connect() => Err("connect_error"),
+            Ok(Err(_)) => Err("error"),
+        };
+        svc.series.record(caller, outcome, started.elapsed());
+        match result {
             Err(_) => Err(UpstreamError::Timeout {
                 service: svc.name.clone(),
                 timeout,
             }),
-            Ok(Ok(resp)) => Ok(resp),
+            Ok(Ok(resp)) => Ok(resp.map(|b| Counted::new(b, stats.clone(), Direction::Upstream))),
             Ok(Err(e)) if caused_by_body_limit(&e) => Err(UpstreamError::RequestBodyTooLarge),
             Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect {
                 service: svc.name.clone(),

@@ -26,12 +26,13 @@ fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-async fn get(
+/// `GET path` with `headers`: the status and the raw body.
+async fn get_bytes(
     client: &HttpClient,
     addr: SocketAddr,
     path: &str,
     headers: &[(&str, &str)],
-) -> (StatusCode, Value) {
+) -> (StatusCode, Bytes) {
     let mut req = Request::get(format!("http://{addr}{path}"));
     for (name, value) in headers {
         req = req.header(*name, *value);
@@ -50,6 +51,17 @@ async fn get(
         .await
         .expect("body read")
         .to_bytes();
+    (status, body)
+}
+
+/// `GET path` with `headers`: the status and the body as JSON.
+async fn get(
+    client: &HttpClient,
+    addr: SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (StatusCode, Value) {
+    let (status, body) = get_bytes(client, addr, path, headers).await;
     let json = serde_json::from_slice(&body).unwrap_or_else(|e| {
         panic!(
             "{path} {headers:?}: not JSON ({e}): {}",
@@ -214,6 +226,34 @@ async fn demo_serves_each_client_its_own_route() {
         "curl -s http://{addr}/api/home -H 'x-client: web'"
     )));
     assert!(banner.contains(&format!("curl -s http://{admin}/readyz")));
+    assert!(banner.contains(&format!("curl -s http://{admin}/metrics | grep")));
+
+    // The admin metrics show per-client traffic and what the mobile BFF saves: the upstream
+    // bytes its plugins received against the (trimmed) bytes sent to the app.
+    let (status, metrics) = get_bytes(&client, admin, "/metrics", &[]).await;
+    assert_eq!(status, StatusCode::OK);
+    let metrics = String::from_utf8(metrics.to_vec()).expect("text");
+    let sample = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no `{series}` in:\n{metrics}"))
+    };
+    for client in ["web", "mobile", "voice", "partner"] {
+        let route = format!("home-{client}");
+        assert!(
+            sample(&format!(
+                r#"bff_requests_total{{client="{client}",route="{route}",status_class="2xx"}}"#
+            )) >= 1.0
+        );
+    }
+    let sent = sample(r#"bff_response_body_bytes_total{client="mobile",route="home-mobile"}"#);
+    let received =
+        sample(r#"bff_upstream_response_body_bytes_total{client="mobile",route="home-mobile"}"#);
+    assert!(
+        sent > 0.0 && sent * 2.0 < received,
+        "mobile payload savings: {sent} bytes sent for {received} received"
+    );
 
     drop(client);
     stop.send(()).expect("proxy still running");

@@ -63,6 +63,9 @@ listen = "127.0.0.1:0"
 dir = "plugins"
 cache_dir = "cache"
 
+[access_log]
+enabled = false
+
 {body}
 "#
     )

@@ -15,8 +15,17 @@ use super::{Config, ConfigPath};
 
 /// Top-level keys, in the order `config/full.toml` documents them.
 const TOP_LEVEL_KEYS: &[&str] = &[
-    "listen", "admin", "server", "headers", "identity", "services", "clients", "routes", "plugins",
+    "listen",
+    "admin",
+    "server",
+    "headers",
+    "identity",
+    "services",
+    "clients",
+    "routes",
+    "plugins",
     "reload",
+    "access_log",
 ];
 
 /// Why a config could not be used.
@@ -151,6 +160,7 @@ pub(super) fn load(text: &str, origin: &str) -> Result<Config, ConfigError> {
     section!("identity", identity);
     section!("plugins", plugins);
     section!("reload", reload);
+    section!("access_log", access_log);
     if let Some(v) = table.remove("services") {
         config.services = decode_map(v, &root.key("services"), &mut problems);
     }

@@ -7,14 +7,14 @@
 //! plugin returns is validated (method, path, header names and values, status) before use.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body as _;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use tracing::Instrument;
 use wasmtime::{Store, UpdateDeadline};
 
 use super::bindings::Plugin as Instance;
@@ -24,8 +24,13 @@ use super::load::LoadedPlugin;
 use super::{PluginLimits, Runtime};
 use crate::body::{self, Body};
 use crate::error::ProxyError;
+use crate::metrics::{Caller, Phase, PluginSeries};
+use crate::observe::{Counted, RequestStats};
 use crate::router::OnError;
-use crate::upstream::Upstreams;
+use crate::upstream::{UpstreamBody, Upstreams};
+
+/// The client's request body as the pipeline hands it over (counted as it is read).
+pub(crate) type ClientBody = Counted<hyper::body::Incoming>;
 
 /// A plugin use of a chain, loaded and initialized.
 #[derive(Debug)]
@@ -35,6 +40,8 @@ pub(crate) struct Step {
     pub(crate) on_error: OnError,
     pub(crate) limits: PluginLimits,
     pub(crate) caps: types::Capabilities,
+    /// This plugin version's metrics.
+    pub(crate) series: Arc<PluginSeries>,
 }
 
 /// A route's loaded chain.
@@ -76,6 +83,23 @@ pub(crate) enum FailureKind {
     Unavailable(String),
 }
 
+impl FailureKind {
+    /// The `outcome` label of `bff_plugin_invocations_total`.
+    pub(crate) fn label(&self) -> &'static str {
+        match self {
+            Self::Error { .. } => "error",
+            Self::Panic(_) | Self::Trap(_) => "trap",
+            Self::CpuBudget => "cpu_limit",
+            Self::Memory => "memory_limit",
+            Self::Timeout => "timeout",
+            Self::InvalidOutput(_) => "invalid_output",
+            Self::BodyTooLarge => "body_limit",
+            Self::EncodedBody(_) => "encoded_body",
+            Self::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
 /// A failed plugin use that ends the request (`on_error = "fail-closed"`).
 #[derive(Debug, thiserror::Error)]
 #[error("plugin `{plugin}` {kind}")]
@@ -94,7 +118,7 @@ struct CpuBudgetExceeded;
 pub(crate) struct ChainInput {
     /// Method, headers (already cleaned and with the proxy's headers) of the upstream request.
     pub(crate) parts: http::request::Parts,
-    pub(crate) body: Incoming,
+    pub(crate) body: ClientBody,
     /// Upstream path (route rewrite applied) and raw query.
     pub(crate) path: String,
     pub(crate) query: Option<String>,
@@ -114,6 +138,9 @@ pub(crate) struct ScopeParts {
     pub(crate) request_id_header: http::HeaderName,
     pub(crate) client_header: http::HeaderName,
     pub(crate) client_value: HeaderValue,
+    /// `traceparent` of the request's trace (set on every upstream call).
+    pub(crate) traceparent: HeaderValue,
+    pub(crate) stats: Arc<RequestStats>,
 }
 
 /// Creates a store for one instance of `plugin` with its limits and the epoch callback that
@@ -124,8 +151,16 @@ pub(crate) fn new_store(
     config_json: Arc<str>,
     limits: PluginLimits,
     scope: Option<Arc<RequestScope>>,
+    series: Option<Arc<PluginSeries>>,
 ) -> Store<HostState> {
-    let state = HostState::new(plugin.name.clone(), config_json, limits, scope);
+    let state = HostState::new(
+        plugin.name.clone(),
+        config_json,
+        limits,
+        scope,
+        series,
+        runtime.metrics.instances_active.clone(),
+    );
     let mut store = Store::new(&runtime.engine, state);
     store.limiter(|s| &mut s.limiter);
     let budget = limits.cpu_budget;
@@ -272,6 +307,8 @@ impl Chain {
             request_id_header: scope.request_id_header,
             client_header: scope.client_header,
             client_value: scope.client_value,
+            traceparent: scope.traceparent,
+            stats: scope.stats,
             upstream_timeout,
             values: Default::default(),
         });
@@ -311,6 +348,13 @@ impl Chain {
             let mut l = match self.instantiate(i, step, &scope).await {
                 Ok(l) => l,
                 Err(kind) => {
+                    observe(
+                        step,
+                        Phase::Request,
+                        Some(&kind),
+                        Duration::ZERO,
+                        Duration::ZERO,
+                    );
                     self.skip_or_fail(step, kind)?;
                     continue;
                 }
@@ -324,12 +368,15 @@ impl Chain {
                     _ => Vec::new(),
                 },
             };
-            let hooks = l.instance.bff_plugin_hooks();
-            let outcome = guarded!(
-                l.store,
-                step.limits,
-                hooks.call_on_request(&mut l.store, &ctx, &req)
-            );
+            let outcome = call(step, Phase::Request, &mut l, &scope.stats, async |l| {
+                let hooks = l.instance.bff_plugin_hooks();
+                guarded!(
+                    l.store,
+                    step.limits,
+                    hooks.call_on_request(&mut l.store, &ctx, &req)
+                )
+            })
+            .await;
             let outcome = outcome.and_then(|action| match action {
                 types::Action::Forward(r) => apply_forward(
                     r,
@@ -402,6 +449,10 @@ impl Chain {
                         query.as_deref(),
                         Request::from_parts(parts, body),
                         upstream_timeout,
+                        crate::upstream::CallFor {
+                            caller: Caller::Route,
+                            stats: &scope.stats,
+                        },
                     )
                     .await?;
                 let (mut head, incoming) = resp.into_parts();
@@ -419,7 +470,16 @@ impl Chain {
                         .await
                     {
                         Ok(b) => ResponseBody::Buffered(b),
-                        Err(kind) => return Err(self.failure(step, kind)),
+                        Err(kind) => {
+                            observe(
+                                step,
+                                Phase::Response,
+                                Some(&kind),
+                                Duration::ZERO,
+                                Duration::ZERO,
+                            );
+                            return Err(self.failure(step, kind));
+                        }
                     };
             }
             let resp = types::Response {
@@ -430,12 +490,15 @@ impl Chain {
                     _ => Vec::new(),
                 },
             };
-            let hooks = l.instance.bff_plugin_hooks();
-            let outcome = guarded!(
-                l.store,
-                step.limits,
-                hooks.call_on_response(&mut l.store, &ctx, &resp)
-            )
+            let outcome = call(step, Phase::Response, &mut l, &scope.stats, async |l| {
+                let hooks = l.instance.bff_plugin_hooks();
+                guarded!(
+                    l.store,
+                    step.limits,
+                    hooks.call_on_response(&mut l.store, &ctx, &resp)
+                )
+            })
+            .await
             .and_then(|r| {
                 let (new_head, new_body) =
                     response_from_wit(r).map_err(FailureKind::InvalidOutput)?;
@@ -477,6 +540,7 @@ impl Chain {
             step.config_json.clone(),
             step.limits,
             Some(scope.clone()),
+            Some(step.series.clone()),
         );
         let instance = step
             .plugin
@@ -510,6 +574,7 @@ impl Chain {
     fn skip_or_fail(&self, step: &Step, kind: FailureKind) -> Result<(), ProxyError> {
         match step.on_error {
             OnError::FailOpen => {
+                step.series.skipped();
                 tracing::warn!(
                     plugin = %step.plugin.name,
                     route = %self.route,
@@ -524,13 +589,49 @@ impl Chain {
 }
 
 enum RequestBody {
-    Stream(Incoming),
+    Stream(ClientBody),
     Buffered(Bytes),
 }
 
 enum ResponseBody {
-    Stream(Incoming),
+    Stream(UpstreamBody),
     Buffered(Bytes),
+}
+
+/// Runs one hook call of `step` on its live instance inside a `plugin` span, and records it:
+/// outcome, wall time and CPU used in the plugin's metrics, CPU in the request's plugin time.
+async fn call<T>(
+    step: &Step,
+    phase: Phase,
+    live: &mut Live,
+    stats: &RequestStats,
+    hook: impl AsyncFnOnce(&mut Live) -> Result<T, FailureKind>,
+) -> Result<T, FailureKind> {
+    let span = tracing::debug_span!(
+        "plugin",
+        plugin = %step.plugin.name,
+        version = step.plugin.short_version(),
+        phase = phase.as_str(),
+    );
+    let started = Instant::now();
+    let result = hook(&mut *live).instrument(span).await;
+    let cpu = live.store.data().meter.used();
+    stats.add_plugin_time(cpu);
+    observe(step, phase, result.as_ref().err(), started.elapsed(), cpu);
+    result
+}
+
+/// Records a hook call (or a failure before it could run) in the plugin's metrics.
+fn observe(
+    step: &Step,
+    phase: Phase,
+    failure: Option<&FailureKind>,
+    wall: Duration,
+    cpu: Duration,
+) {
+    let outcome = failure.map_or("ok", FailureKind::label);
+    step.series
+        .record(phase, outcome, wall, cpu, step.limits.cpu_budget);
 }
 
 /// Applies a plugin's `forward(request)`. Returns the new body if the plugin reads bodies.
@@ -560,6 +661,10 @@ fn apply_forward(
     // Identity and the request id are the proxy's to state, whatever the plugin returned.
     headers.insert(scope.request_id_header.clone(), scope.request_id.clone());
     headers.insert(scope.client_header.clone(), scope.client_value.clone());
+    headers.insert(
+        crate::observe::trace::TRACEPARENT,
+        scope.traceparent.clone(),
+    );
     parts.method = method;
     parts.headers = headers;
     *uri = new_uri;

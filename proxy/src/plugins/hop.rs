@@ -33,7 +33,9 @@ impl Hop {
             dir: dir.to_path_buf(),
             ..PluginsConfig::default()
         };
-        let runtime = Arc::new(Runtime::new(&plugins).map_err(|e| e.to_string())?);
+        let runtime = Arc::new(
+            Runtime::new(&plugins, &crate::Metrics::new().plugins).map_err(|e| e.to_string())?,
+        );
         let loaded = Arc::new(load_file(&runtime, dir, plugin).await?);
         let limits = plugins.limits;
         let config_json: Arc<str> = config.to_string().into();
@@ -64,6 +66,7 @@ impl Hop {
             &self.plugin,
             self.config_json.clone(),
             self.limits,
+            None,
             None,
         );
         let instance = self

@@ -16,6 +16,7 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Request};
 use http_body_util::BodyExt;
 use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument;
 use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
@@ -24,6 +25,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use super::PluginLimits;
 use super::bindings::bff::plugin::{host, types};
 use crate::body;
+use crate::metrics::{Caller, PluginSeries};
 use crate::upstream::{UpstreamError, Upstreams};
 
 /// Bytes of stdout/stderr kept per instance; writes beyond fail in the guest.
@@ -42,6 +44,10 @@ pub(crate) struct RequestScope {
     pub(crate) request_id_header: HeaderName,
     pub(crate) client_header: HeaderName,
     pub(crate) client_value: HeaderValue,
+    /// `traceparent` of the request's trace.
+    pub(crate) traceparent: HeaderValue,
+    /// The request's counters (bytes from upstreams, upstream time).
+    pub(crate) stats: Arc<crate::observe::RequestStats>,
     /// Cap on each upstream call (the service's own timeout applies too).
     pub(crate) upstream_timeout: Duration,
     /// `get-value`/`set-value` store of the request.
@@ -67,6 +73,25 @@ pub(crate) struct HostState {
     stderr: MemoryOutputPipe,
     /// How much of stdout/stderr has been logged already.
     logged: (usize, usize),
+    /// The plugin version's metrics (`None` while loading).
+    series: Option<Arc<PluginSeries>>,
+    _alive: Alive,
+}
+
+/// Counts a store in `bff_plugin_instances_active` for as long as it exists.
+struct Alive(prometheus::IntGauge);
+
+impl Alive {
+    fn new(gauge: prometheus::IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge)
+    }
+}
+
+impl Drop for Alive {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl std::fmt::Debug for HostState {
@@ -84,6 +109,8 @@ impl HostState {
         config_json: Arc<str>,
         limits: PluginLimits,
         scope: Option<Arc<RequestScope>>,
+        series: Option<Arc<PluginSeries>>,
+        instances: prometheus::IntGauge,
     ) -> Self {
         let stdout = MemoryOutputPipe::new(STDIO_CAPACITY);
         let stderr = MemoryOutputPipe::new(STDIO_CAPACITY);
@@ -113,6 +140,8 @@ impl HostState {
             stdout,
             stderr,
             logged: (0, 0),
+            series,
+            _alive: Alive::new(instances),
         }
     }
 
@@ -136,6 +165,13 @@ impl HostState {
         }
         self.logged = (out.len(), err.len());
         err_text
+    }
+
+    /// Counts a `send` refused before any request was made.
+    fn refused(&self, reason: &str) {
+        if let Some(series) = &self.series {
+            series.send_refused(reason);
+        }
     }
 
     fn request_id(&self) -> &str {
@@ -196,6 +232,7 @@ impl host::Host for HostState {
             )));
         };
         let Some(service) = scope.egress.iter().find(|s| ***s == *service).cloned() else {
+            self.refused("egress");
             tracing::warn!(plugin = %self.plugin, service, "plugin send refused: service not in the route's egress");
             return Ok(Err(plugin_error(
                 Forbidden,
@@ -203,6 +240,7 @@ impl host::Host for HostState {
             )));
         };
         if self.calls.len() >= self.limits.max_sends as usize {
+            self.refused("max_sends");
             return Ok(Err(plugin_error(
                 Limit,
                 format!(
@@ -213,42 +251,60 @@ impl host::Host for HostState {
         }
         let (path, query, req) = match build_send_request(request, &scope) {
             Ok(r) => r,
-            Err(msg) => return Ok(Err(plugin_error(BadInput, msg))),
+            Err(msg) => {
+                self.refused("invalid_request");
+                return Ok(Err(plugin_error(BadInput, msg)));
+            }
         };
         let timeout = timeout_ms.map_or(scope.upstream_timeout, |ms| {
             Duration::from_millis(ms.into()).min(scope.upstream_timeout)
         });
         let max_body = self.limits.max_body_bytes;
-        let task = tokio::spawn(async move {
-            let resp = scope
-                .upstreams
-                .send(&service, &path, query.as_deref(), req, timeout)
-                .await
-                .map_err(|e| match e {
-                    UpstreamError::Timeout { .. } => plugin_error(
-                        Upstream,
-                        format!("service `{service}` did not answer in time"),
-                    ),
-                    _ => plugin_error(Upstream, format!("service `{service}` failed: {e}")),
-                })?;
-            let (parts, incoming) = resp.into_parts();
-            let limit = usize::try_from(max_body).unwrap_or(usize::MAX);
-            let body = http_body_util::Limited::new(incoming, limit)
-                .collect()
-                .await
-                .map_err(|_| {
-                    plugin_error(
-                        Limit,
-                        format!("the response of `{service}` is larger than {max_body} bytes"),
+        // The call runs as its own task, inside the span of the plugin call that made it.
+        let span = tracing::Span::current();
+        let task = tokio::spawn(
+            async move {
+                let resp = scope
+                    .upstreams
+                    .send(
+                        &service,
+                        &path,
+                        query.as_deref(),
+                        req,
+                        timeout,
+                        crate::upstream::CallFor {
+                            caller: Caller::Plugin,
+                            stats: &scope.stats,
+                        },
                     )
-                })?
-                .to_bytes();
-            Ok(types::Response {
-                status: parts.status.as_u16(),
-                headers: headers_to_wit(&parts.headers),
-                body: body.into(),
-            })
-        });
+                    .await
+                    .map_err(|e| match e {
+                        UpstreamError::Timeout { .. } => plugin_error(
+                            Upstream,
+                            format!("service `{service}` did not answer in time"),
+                        ),
+                        _ => plugin_error(Upstream, format!("service `{service}` failed: {e}")),
+                    })?;
+                let (parts, incoming) = resp.into_parts();
+                let limit = usize::try_from(max_body).unwrap_or(usize::MAX);
+                let body = http_body_util::Limited::new(incoming, limit)
+                    .collect()
+                    .await
+                    .map_err(|_| {
+                        plugin_error(
+                            Limit,
+                            format!("the response of `{service}` is larger than {max_body} bytes"),
+                        )
+                    })?
+                    .to_bytes();
+                Ok(types::Response {
+                    status: parts.status.as_u16(),
+                    headers: headers_to_wit(&parts.headers),
+                    body: body.into(),
+                })
+            }
+            .instrument(span),
+        );
         self.calls.push(Some(AbortOnDropHandle::new(task)));
         Ok(Ok(u32::try_from(self.calls.len() - 1).unwrap_or(u32::MAX)))
     }
@@ -338,6 +394,10 @@ fn build_send_request(
     super::chain::strip_managed(&mut headers);
     headers.insert(scope.request_id_header.clone(), scope.request_id.clone());
     headers.insert(scope.client_header.clone(), scope.client_value.clone());
+    headers.insert(
+        crate::observe::trace::TRACEPARENT,
+        scope.traceparent.clone(),
+    );
     let mut req = Request::new(if request.body.is_empty() {
         body::empty()
     } else {

@@ -470,6 +470,8 @@ pub(crate) async fn load_chains(
         .as_deref()
         .and_then(|h| http::HeaderName::try_from(h).ok());
     let mut chains = Vec::with_capacity(config.routes.len());
+    // One series handle per plugin version, shared by its uses.
+    let mut series: HashMap<String, Arc<crate::metrics::PluginSeries>> = HashMap::new();
     for (i, r) in config.routes.iter().enumerate() {
         if r.chain.is_empty() {
             chains.push(None);
@@ -483,12 +485,19 @@ pub(crate) async fn load_chains(
                 let (u, plugin, caps) = ready
                     .remove(&(i, j))
                     .expect("every use of a loaded plugin was initialized");
+                let series = series
+                    .entry(plugin.sha256.clone())
+                    .or_insert_with(|| {
+                        Arc::new(runtime.metrics.series(&plugin.name, plugin.short_version()))
+                    })
+                    .clone();
                 Step {
                     plugin,
                     config_json: u.config_json.clone(),
                     on_error: use_.on_error,
                     limits: u.limits,
                     caps,
+                    series,
                 }
             })
             .collect();
@@ -739,7 +748,7 @@ pub(crate) async fn init(
     config_json: Arc<str>,
     limits: PluginLimits,
 ) -> Result<types::Capabilities, String> {
-    let mut store = new_store(runtime, plugin, config_json.clone(), limits, None);
+    let mut store = new_store(runtime, plugin, config_json.clone(), limits, None, None);
     let instance = plugin
         .pre
         .instantiate_async(&mut store)

@@ -56,6 +56,9 @@ pub struct Runtime {
     pub(crate) engine: Engine,
     pub(crate) linker: Linker<HostState>,
     pub(crate) config: PluginsConfig,
+    /// Plugin metrics: every loaded version gets its series from here, and every store's
+    /// [`HostState`] raises and lowers `instances_active`.
+    pub(crate) metrics: crate::metrics::PluginFamilies,
     ticker: Arc<AtomicBool>,
 }
 
@@ -69,7 +72,10 @@ impl std::fmt::Debug for Runtime {
 
 impl Runtime {
     /// Creates the engine (sized from `[plugins]`) and starts the epoch ticker thread.
-    pub fn new(config: &PluginsConfig) -> Result<Self, RuntimeError> {
+    pub(crate) fn new(
+        config: &PluginsConfig,
+        metrics: &crate::metrics::PluginFamilies,
+    ) -> Result<Self, RuntimeError> {
         low_priority_compile_pool();
         let engine = Engine::new(&engine_config(config)).map_err(RuntimeError)?;
         let mut linker = Linker::new(&engine);
@@ -90,10 +96,12 @@ impl Runtime {
                 }
             })
             .map_err(|e| RuntimeError(wasmtime::Error::from(e)))?;
+        metrics.instances_max.set(i64::from(config.max_instances));
         Ok(Self {
             engine,
             linker,
             config: config.clone(),
+            metrics: metrics.clone(),
             ticker: stop,
         })
     }
