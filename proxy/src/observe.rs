@@ -289,7 +289,7 @@ impl Finish {
             };
             self.shared
                 .access_log
-                .write(line.render(settings.format), &metrics.access_log_dropped);
+                .write(&line.render(settings.format), &metrics.access_log_dropped);
         }
     }
 }

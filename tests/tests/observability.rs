@@ -776,3 +776,48 @@ fn assert_admin_error(r: &bff_proxy_tests::TestResponse, status: u16, code: &str
     assert_eq!(v["error"]["code"], code, "{v}");
     assert!(v["error"]["message"].is_string(), "{v}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_early_is_logged_as_499() {
+    use tokio::io::AsyncWriteExt;
+
+    let up = Upstream::builder("up")
+        .route("/plain/slow", Reply::Echo.after(Duration::from_secs(3)))
+        .start()
+        .await;
+    let small = small_service().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let log = dir.path().join("access.log");
+    let extra = format!(
+        "[access_log]\nformat = \"json\"\noutput = {:?}\n",
+        log.display().to_string()
+    );
+    let proxy = TestProxy::start(&config(&up.url(), &small.url(), &extra)).await;
+
+    let mut conn = tokio::net::TcpStream::connect(proxy.addr())
+        .await
+        .expect("connect");
+    conn.write_all(b"GET /plain/slow HTTP/1.1\r\nhost: t\r\nx-client: web\r\n\r\n")
+        .await
+        .expect("write the request");
+    up.wait_for_requests(1).await;
+    drop(conn);
+
+    let lines = read_lines(&log, 1).await;
+    let line: serde_json::Value = serde_json::from_str(&lines[0]).expect("a JSON line");
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(line["error"], "client_closed");
+    assert_eq!(line["route"], "plain");
+    let text = wait_for(&proxy, "bff_requests_in_flight 0").await;
+    assert_eq!(
+        value(
+            &text,
+            r#"bff_requests_total{client="web",route="plain",status_class="4xx"}"#
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(&text, r#"bff_proxy_errors_total{code="client_closed"}"#),
+        1.0
+    );
+}

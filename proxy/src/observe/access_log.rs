@@ -1,9 +1,10 @@
 //! The access log: one line per request, written by the log phase ([`super::Finish`]).
 //!
-//! Lines are formatted on the request's task and handed to one writer thread through a bounded
-//! queue; the thread writes them in batches through a buffer and flushes whenever the queue is
-//! empty. A request never waits for the disk: when the queue is full the line is dropped and
-//! counted (`bff_access_log_dropped_total`).
+//! Lines are formatted on the request's task and appended to a shared buffer; one writer thread
+//! writes the buffer out every 100 ms, or at once when 64 KiB are waiting, with one `write`.
+//! A request never waits for the disk and never wakes a thread per line (a wake-up per line
+//! cost more than everything else the log does). When 8 MiB are waiting the output is not
+//! keeping up: lines are dropped and counted (`bff_access_log_dropped_total`).
 //!
 //! What a line holds is fixed here, not configurable, so it can never include `authorization`,
 //! cookies or API keys: the only request header logged is `user-agent`. Everything that comes
@@ -14,15 +15,20 @@ use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ConfigPath, Problems};
 
-/// Lines that may wait for the writer before new ones are dropped.
-const QUEUE: usize = 16 * 1024;
+/// How often the writer thread writes what has been queued (nginx's `flush=` for a buffered
+/// access log): lines reach the output at most this late.
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// Queued bytes that wake the writer early.
+const BATCH: usize = 64 * 1024;
+/// Queued bytes beyond which new lines are dropped (the output is not keeping up).
+const MAX_PENDING: usize = 8 << 20;
 /// Longest path and user agent logged (longer ones end with `...`).
 const MAX_PATH: usize = 2048;
 const MAX_USER_AGENT: usize = 512;
@@ -112,24 +118,28 @@ impl Output {
     }
 }
 
-enum Msg {
-    Line(String),
-    Reopen,
+/// What the request tasks and the writer thread share.
+#[derive(Debug, Default)]
+struct Queue {
+    state: Mutex<Pending>,
+    /// Wakes the writer early: a full batch, a reopen, or shutdown.
+    wake: Condvar,
 }
 
-/// The sending side of the writer thread (none when the access log is off at startup).
+#[derive(Debug, Default)]
+struct Pending {
+    /// Formatted lines not yet written.
+    lines: Vec<u8>,
+    reopen: bool,
+    closed: bool,
+}
+
+/// The request side of the access log: lines are appended to a shared buffer that one writer
+/// thread writes out every [`FLUSH_EVERY`] (or at once when a batch is full). Requests never
+/// wait for the disk nor wake a thread per line.
 #[derive(Debug)]
 pub(crate) struct AccessLog {
-    tx: Option<SyncSender<Msg>>,
-}
-
-impl std::fmt::Debug for Msg {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Self::Line(_) => "Line",
-            Self::Reopen => "Reopen",
-        })
-    }
+    queue: Arc<Queue>,
 }
 
 impl AccessLog {
@@ -143,56 +153,85 @@ impl AccessLog {
         } else {
             None
         };
-        let (tx, rx) = std::sync::mpsc::sync_channel(QUEUE);
+        let queue = Arc::new(Queue::default());
+        let writer_queue = queue.clone();
         std::thread::Builder::new()
             .name("bff-access-log".into())
-            .spawn(move || writer(rx, output, out))?;
-        Ok(Self { tx: Some(tx) })
+            .spawn(move || writer(&writer_queue, &output, out))?;
+        Ok(Self { queue })
     }
 
-    /// Queues a line; drops (and counts) it if the writer is behind.
-    pub(crate) fn write(&self, line: String, dropped: &prometheus::IntCounter) {
-        let Some(tx) = &self.tx else { return };
-        match tx.try_send(Msg::Line(line)) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => dropped.inc(),
-            Err(TrySendError::Disconnected(_)) => {}
+    /// Queues a line; drops (and counts) it if the writer is [`MAX_PENDING`] behind.
+    pub(crate) fn write(&self, line: &str, dropped: &prometheus::IntCounter) {
+        let mut pending = lock(&self.queue.state);
+        if pending.lines.len() + line.len() > MAX_PENDING {
+            drop(pending);
+            dropped.inc();
+            return;
+        }
+        pending.lines.extend_from_slice(line.as_bytes());
+        if pending.lines.len() >= BATCH {
+            drop(pending);
+            self.queue.wake.notify_one();
         }
     }
 
-    /// Reopens a file output (after log rotation). Queued behind the lines already written.
+    /// Reopens a file output (after log rotation), after the lines already queued.
     pub(crate) fn reopen(&self) {
-        if let Some(tx) = &self.tx {
-            let _ = tx.try_send(Msg::Reopen);
-        }
+        lock(&self.queue.state).reopen = true;
+        self.queue.wake.notify_one();
     }
 }
 
-type Sink = std::io::BufWriter<Box<dyn std::io::Write + Send>>;
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        lock(&self.queue.state).closed = true;
+        self.queue.wake.notify_one();
+    }
+}
 
-fn writer(rx: Receiver<Msg>, output: Output, out: Option<Box<dyn std::io::Write + Send>>) {
-    let buffered = |w| std::io::BufWriter::with_capacity(64 * 1024, w);
-    let mut out: Option<Sink> = out.map(buffered);
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+type Sink = Box<dyn std::io::Write + Send>;
+
+/// The writer thread: takes the pending lines every [`FLUSH_EVERY`] (sooner when woken) and
+/// writes them with one call; exits, after a last write, once the [`AccessLog`] is dropped.
+fn writer(queue: &Queue, output: &Output, mut out: Option<Sink>) {
+    let mut batch = Vec::with_capacity(BATCH);
     let mut failing = false;
-    let mut handle = |msg: Msg, out: &mut Option<Sink>| {
-        let result = match msg {
-            Msg::Line(line) => {
-                if out.is_none() {
-                    *out = output.open().ok().map(buffered);
-                }
-                match out {
-                    Some(o) => o.write_all(line.as_bytes()),
-                    None => Err(std::io::Error::other("the output cannot be opened")),
-                }
+    loop {
+        let (reopen, closed) = {
+            let mut pending = lock(&queue.state);
+            if pending.lines.is_empty() && !pending.reopen && !pending.closed {
+                pending = queue
+                    .wake
+                    .wait_timeout(pending, FLUSH_EVERY)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0;
             }
-            Msg::Reopen => match (&output, out.as_mut()) {
-                (Output::File(_), Some(o)) => o.flush().and_then(|()| output.open()).map(|fresh| {
-                    *out = Some(buffered(fresh));
-                }),
-                _ => Ok(()),
-            },
+            std::mem::swap(&mut batch, &mut pending.lines);
+            (std::mem::take(&mut pending.reopen), pending.closed)
         };
-        // Reported once per failing streak, not once per line.
+        let mut result = Ok(());
+        if !batch.is_empty() {
+            if out.is_none() {
+                out = output.open().ok();
+            }
+            result = match out.as_mut() {
+                Some(o) => o.write_all(&batch).and_then(|()| o.flush()),
+                None => Err(std::io::Error::other("the output cannot be opened")),
+            };
+            batch.clear();
+        }
+        if reopen && matches!(output, Output::File(_)) && out.is_some() {
+            match output.open() {
+                Ok(fresh) => out = Some(fresh),
+                Err(e) => result = Err(e),
+            }
+        }
+        // Reported once per failing streak, not once per batch.
         match result {
             Err(e) if !failing => {
                 failing = true;
@@ -201,18 +240,13 @@ fn writer(rx: Receiver<Msg>, output: Output, out: Option<Box<dyn std::io::Write 
             Err(_) => {}
             Ok(()) => failing = false,
         }
-    };
-    while let Ok(msg) = rx.recv() {
-        handle(msg, &mut out);
-        while let Ok(msg) = rx.try_recv() {
-            handle(msg, &mut out);
+        if closed {
+            return;
         }
-        if let Some(o) = out.as_mut() {
-            let _ = o.flush();
+        // Give the buffer back its capacity bound: a burst should not pin memory forever.
+        if batch.capacity() > 4 * BATCH {
+            batch = Vec::with_capacity(BATCH);
         }
-    }
-    if let Some(o) = out.as_mut() {
-        let _ = o.flush();
     }
 }
 
