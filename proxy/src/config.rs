@@ -39,7 +39,7 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 pub struct Config {
     /// Data-plane listen address (HTTP/1.1 and h2c on one port).
     pub listen: SocketAddr,
-    /// Admin listener (`/healthz`, `/readyz`).
+    /// Admin listener (probes, `/metrics`, `/admin/*`) and its optional token.
     pub admin: AdminConfig,
     /// Server limits, timeouts and lifecycle.
     pub server: ServerConfig,

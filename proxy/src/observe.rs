@@ -206,7 +206,6 @@ pub(crate) struct Finish {
 
 impl Finish {
     /// Starts the record of a request (counted in flight until recorded).
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn start(
         shared: Arc<Shared>,
         snapshot: Arc<Snapshot>,
