@@ -248,9 +248,16 @@ impl RequestSeries {
     pub(crate) fn record(&self, s: &RequestSample) {
         self.by_class[status_class(s.status)].inc();
         self.duration.observe(s.duration.as_secs_f64());
-        self.request_bytes.inc_by(s.bytes_in);
-        self.response_bytes.inc_by(s.bytes_out);
-        self.upstream_bytes.inc_by(s.upstream_bytes);
+        // Most requests have no body: skip the atomic add of a zero.
+        for (counter, n) in [
+            (&self.request_bytes, s.bytes_in),
+            (&self.response_bytes, s.bytes_out),
+            (&self.upstream_bytes, s.upstream_bytes),
+        ] {
+            if n > 0 {
+                counter.inc_by(n);
+            }
+        }
     }
 }
 

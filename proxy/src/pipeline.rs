@@ -128,8 +128,8 @@ pub(crate) async fn handle(
     req: Request<Incoming>,
 ) -> Response<Logged> {
     let snapshot = shared.live.load_full();
-    let request_id = request_id(req.headers(), &snapshot.headers.request_id);
-    let trace = TraceContext::from_request(req.headers());
+    let (request_id, generated) = request_id(req.headers(), &snapshot.headers.request_id);
+    let trace = TraceContext::from_request(req.headers(), generated.then_some(&request_id));
     let mut ctx = Box::new(Finish::start(
         shared.clone(),
         snapshot.clone(),
@@ -214,7 +214,7 @@ pub(crate) fn refuse(
     err: ProxyError,
 ) -> Response<Logged> {
     let snapshot = shared.live.load();
-    let id = request_id(req.headers(), &snapshot.headers.request_id);
+    let (id, _) = request_id(req.headers(), &snapshot.headers.request_id);
     shared.metrics.requests.error(err.code());
     let mut resp = err.into_response(id.to_str().unwrap_or_default());
     resp.headers_mut()
@@ -341,17 +341,20 @@ fn check_header_limits(headers: &HeaderMap, server: &ServerConfig) -> Result<(),
     Ok(())
 }
 
-/// Uses the client's request id when it is short and printable, otherwise makes a new one.
-fn request_id(headers: &HeaderMap, name: &HeaderName) -> HeaderValue {
+/// Uses the client's request id when it is short and printable, otherwise makes a new one
+/// (32 random lowercase hex digits); the flag says which.
+fn request_id(headers: &HeaderMap, name: &HeaderName) -> (HeaderValue, bool) {
     if let Some(v) = headers.get(name) {
         let b = v.as_bytes();
         if !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic()) {
-            return v.clone();
+            return (v.clone(), false);
         }
     }
     let id = uuid::Uuid::new_v4();
     let mut buf = [0u8; uuid::fmt::Simple::LENGTH];
-    HeaderValue::from_str(id.simple().encode_lower(&mut buf)).expect("hex is a valid header value")
+    let value = HeaderValue::from_str(id.simple().encode_lower(&mut buf))
+        .expect("hex is a valid header value");
+    (value, true)
 }
 
 const HOP_BY_HOP_COUNT: usize = 7;
@@ -568,10 +571,14 @@ mod tests {
         let name = HeaderName::from_static("x-request-id");
         let mut h = HeaderMap::new();
         h.insert(name.clone(), HeaderValue::from_static("abc-123"));
-        assert_eq!(request_id(&h, &name), "abc-123");
+        assert_eq!(
+            request_id(&h, &name),
+            (HeaderValue::from_static("abc-123"), false)
+        );
         h.insert(name.clone(), HeaderValue::from_static("has space"));
-        let generated = request_id(&h, &name);
+        let (generated, is_new) = request_id(&h, &name);
+        assert!(is_new);
         assert_eq!(generated.len(), 32);
-        assert_ne!(generated, request_id(&HeaderMap::new(), &name));
+        assert_ne!(generated, request_id(&HeaderMap::new(), &name).0);
     }
 }

@@ -458,6 +458,8 @@ async fn access_log_lines_have_every_field_and_no_secrets() {
         fan_trace.starts_with("00-") && fan_trace.len() == 55,
         "{fan_trace}"
     );
+    // The proxy generated the request id, and the new trace id is that same value.
+    assert_eq!(fan.header("x-request-id"), Some(&fan_trace[3..35]));
     assert!(
         small_seen
             .iter()
