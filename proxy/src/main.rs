@@ -2,7 +2,7 @@
 //! Everything else lives in the library so tests and benches run the same code.
 //!
 //! Exit codes: 0 success, 2 bad command line, 64 invalid config, 66 unreadable config file,
-//! 69 a listener could not be bound, 70 any other failure.
+//! 69 a listener could not be bound, 70 any other failure, 73 the access log cannot be opened.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -15,6 +15,7 @@ const EXIT_CONFIG: u8 = 64;
 const EXIT_NO_INPUT: u8 = 66;
 const EXIT_UNAVAILABLE: u8 = 69;
 const EXIT_SOFTWARE: u8 = 70;
+const EXIT_CANT_CREATE: u8 = 73;
 
 /// Backend-for-Frontend edge proxy: identifies each client (web, mobile, voice, partner...)
 /// and serves it its own routes to your microservices.
@@ -120,6 +121,7 @@ fn start_failed(e: &bff_proxy::StartError) -> ExitCode {
     eprintln!("error: {}", bff_proxy::ErrorChain(e));
     match e {
         bff_proxy::StartError::Plugins(_) => ExitCode::from(EXIT_CONFIG),
+        bff_proxy::StartError::AccessLog { .. } => ExitCode::from(EXIT_CANT_CREATE),
         _ => ExitCode::from(EXIT_UNAVAILABLE),
     }
 }

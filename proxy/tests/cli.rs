@@ -269,3 +269,27 @@ fn sighup_reloads_the_config() {
     signal(&child, "-TERM");
     assert_eq!(exit_code(&mut child), Some(0));
 }
+
+#[test]
+fn an_access_log_that_cannot_be_opened_fails_startup_with_73() {
+    let dir = TempDir::new("access-log");
+    let missing = dir.0.join("no-such-dir").join("access.log");
+    let cfg = dir.write(
+        "bff.toml",
+        &format!(
+            "{PLAIN}\n[access_log]\noutput = {:?}\n",
+            missing.display().to_string()
+        ),
+    );
+    let out = bin()
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run bff-proxy");
+    assert_eq!(out.status.code(), Some(73));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("cannot open the access log") && stderr.contains("no-such-dir"),
+        "{stderr}"
+    );
+}
