@@ -543,6 +543,16 @@ impl PluginSeries {
         budget: Duration,
     ) {
         let p = phase as usize;
+        self.count(phase, outcome);
+        self.duration[p].observe(wall.as_secs_f64());
+        let ratio = cpu.as_secs_f64() / budget.as_secs_f64().max(f64::MIN_POSITIVE);
+        self.cpu_ratio[p].observe(ratio.min(1.0));
+    }
+
+    /// Counts a call by outcome only: one that failed before the plugin ran (no instance, a
+    /// body over the limit) has no duration to observe.
+    pub(crate) fn count(&self, phase: Phase, outcome: &str) {
+        let p = phase as usize;
         if outcome == "ok" {
             self.ok[p].inc();
         } else {
@@ -550,9 +560,6 @@ impl PluginSeries {
                 .with_label_values(&[&*self.plugin, &*self.version, PHASES[p], outcome])
                 .inc();
         }
-        self.duration[p].observe(wall.as_secs_f64());
-        let ratio = cpu.as_secs_f64() / budget.as_secs_f64().max(f64::MIN_POSITIVE);
-        self.cpu_ratio[p].observe(ratio.min(1.0));
     }
 
     /// Counts a failed call skipped under `fail-open`.

@@ -348,13 +348,7 @@ impl Chain {
             let mut l = match self.instantiate(i, step, &scope).await {
                 Ok(l) => l,
                 Err(kind) => {
-                    observe(
-                        step,
-                        Phase::Request,
-                        Some(&kind),
-                        Duration::ZERO,
-                        Duration::ZERO,
-                    );
+                    step.series.count(Phase::Request, kind.label());
                     self.skip_or_fail(step, kind)?;
                     continue;
                 }
@@ -471,13 +465,7 @@ impl Chain {
                     {
                         Ok(b) => ResponseBody::Buffered(b),
                         Err(kind) => {
-                            observe(
-                                step,
-                                Phase::Response,
-                                Some(&kind),
-                                Duration::ZERO,
-                                Duration::ZERO,
-                            );
+                            step.series.count(Phase::Response, kind.label());
                             return Err(self.failure(step, kind));
                         }
                     };
@@ -617,21 +605,15 @@ async fn call<T>(
     let result = hook(&mut *live).instrument(span).await;
     let cpu = live.store.data().meter.used();
     stats.add_plugin_time(cpu);
-    observe(step, phase, result.as_ref().err(), started.elapsed(), cpu);
+    let outcome = result.as_ref().err().map_or("ok", FailureKind::label);
+    step.series.record(
+        phase,
+        outcome,
+        started.elapsed(),
+        cpu,
+        step.limits.cpu_budget,
+    );
     result
-}
-
-/// Records a hook call (or a failure before it could run) in the plugin's metrics.
-fn observe(
-    step: &Step,
-    phase: Phase,
-    failure: Option<&FailureKind>,
-    wall: Duration,
-    cpu: Duration,
-) {
-    let outcome = failure.map_or("ok", FailureKind::label);
-    step.series
-        .record(phase, outcome, wall, cpu, step.limits.cpu_budget);
 }
 
 /// Applies a plugin's `forward(request)`. Returns the new body if the plugin reads bodies.
