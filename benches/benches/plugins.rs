@@ -3,6 +3,10 @@
 
 use std::process::ExitCode;
 
+/// The allocator the shipped binary uses, so the figures are the binary's.
+#[global_allocator]
+static ALLOCATOR: bff_proxy::Allocator = bff_proxy::Allocator;
+
 use bff_proxy_benches::plugins::{PluginOptions, USAGE, run};
 
 fn main() -> ExitCode {

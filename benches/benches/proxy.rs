@@ -3,6 +3,10 @@
 
 use std::process::ExitCode;
 
+/// The allocator the shipped binary uses, so the figures are the binary's.
+#[global_allocator]
+static ALLOCATOR: bff_proxy::Allocator = bff_proxy::Allocator;
+
 fn main() -> ExitCode {
     let opts = match bff_proxy_benches::Options::parse(std::env::args().skip(1)) {
         Ok(Some(opts)) => opts,

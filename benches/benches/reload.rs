@@ -4,6 +4,10 @@
 
 use std::process::ExitCode;
 
+/// The allocator the shipped binary uses, so the figures are the binary's.
+#[global_allocator]
+static ALLOCATOR: bff_proxy::Allocator = bff_proxy::Allocator;
+
 use bff_proxy_benches::reload::{ReloadOptions, USAGE, run};
 
 fn main() -> ExitCode {

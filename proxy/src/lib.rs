@@ -44,6 +44,11 @@ pub use crate::error::ErrorChain;
 pub use crate::identity::ClientProfile;
 pub use crate::metrics::Metrics;
 pub use crate::server::{Proxy, StartError, Starting, check_plugins};
+/// The allocator `bff-proxy` runs with (and the benchmarks, which measure what ships): mimalloc.
+/// `benches/callgrind.sh` counts 59,414 instructions per proxied 1 KB request with it against
+/// 61,411 with glibc's `malloc` (-3.3%); a request allocates in hyper, the header maps and the
+/// pipeline. Binaries opt in with `#[global_allocator]`; the library itself does not set one.
+pub use mimalloc::MiMalloc as Allocator;
 
 /// The Tokio runtime for `server.worker_threads`: 0 means one worker per core; 1 means a
 /// single-threaded runtime, which skips the work-stealing machinery a lone worker cannot use

@@ -11,6 +11,10 @@ use bff_proxy::telemetry::{self, LogFormat};
 use bff_proxy::{Config, ConfigError, Proxy};
 use clap::{Parser, Subcommand};
 
+/// See [`bff_proxy::Allocator`].
+#[global_allocator]
+static ALLOCATOR: bff_proxy::Allocator = bff_proxy::Allocator;
+
 const EXIT_CONFIG: u8 = 64;
 const EXIT_NO_INPUT: u8 = 66;
 const EXIT_UNAVAILABLE: u8 = 69;
