@@ -1,5 +1,6 @@
 //! Upstream services: the phase after routing. Each named service has one or more base URLs
-//! (round-robin), its own pooled hyper client and its own timeouts.
+//! (round-robin), its own connections and its own timeouts: HTTP/1.1 services a keep-alive
+//! [`pool`] per URL, h2c services hyper-util's multiplexing client (docs/dev/0002).
 //!
 //! Requests and responses stream through: nothing here buffers a body.
 
@@ -9,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri, Version};
+use http::{HeaderValue, Request, Response, Uri, Version, header};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -17,6 +18,9 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use serde::Deserialize;
 
 use tracing::Instrument;
+
+mod pool;
+use pool::Pool;
 
 use crate::body::Body;
 use crate::config::{ConfigPath, Problems, is_valid_name};
@@ -109,6 +113,11 @@ struct Endpoint {
     authority: Authority,
     /// Path prefix without a trailing slash (`""` for the root).
     base_path: String,
+    /// The HTTP/1 `host` field for this URL: the host, and the port unless it is 80. Built once
+    /// here; hyper-util's client would otherwise format it for every request.
+    host: HeaderValue,
+    /// `host:port` to connect to.
+    target: Arc<str>,
 }
 
 impl Endpoint {
@@ -137,8 +146,21 @@ impl Endpoint {
                 "`{url}`: a base URL cannot have a query or fragment"
             ));
         }
+        let host = match authority.port_u16() {
+            Some(port) if port != 80 => format!("{}:{port}", authority.host()),
+            _ => authority.host().to_owned(),
+        };
+        let host =
+            HeaderValue::try_from(host).map_err(|_| format!("`{url}` has an invalid host"))?;
+        let target = format!(
+            "{}:{}",
+            authority.host(),
+            authority.port_u16().unwrap_or(80)
+        );
         Ok(Self {
             scheme: Scheme::HTTP,
+            host,
+            target: target.into(),
             authority,
             base_path: uri.path().trim_end_matches('/').to_owned(),
         })
@@ -153,7 +175,7 @@ pub(crate) enum UpstreamError {
     Connect {
         service: Arc<str>,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: BoxError,
     },
     /// The response head did not arrive in time.
     #[error("upstream service `{service}` did not answer within {timeout:?}")]
@@ -169,8 +191,25 @@ pub(crate) enum UpstreamError {
     Failed {
         service: Arc<str>,
         #[source]
-        source: hyper_util::client::legacy::Error,
+        source: BoxError,
     },
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How a service's requests reach it.
+#[derive(Debug)]
+enum Transport {
+    /// One pool of keep-alive connections per URL, in `endpoints` order.
+    Http1(Vec<Arc<Pool>>),
+    /// hyper-util's client: one multiplexed connection per URL.
+    Http2(Box<Client<HttpConnector, Body>>),
+}
+
+/// A failed exchange, before it is told apart by cause.
+struct SendError {
+    connect: bool,
+    source: BoxError,
 }
 
 #[derive(Debug)]
@@ -178,8 +217,7 @@ struct Service {
     name: Arc<str>,
     endpoints: Vec<Endpoint>,
     next: AtomicUsize,
-    version: Version,
-    client: Client<HttpConnector, Body>,
+    transport: Transport,
     timeout: Duration,
     series: ServiceSeries,
 }
@@ -211,30 +249,45 @@ impl Upstreams {
             .into_iter()
             .map(|(name, cfg)| {
                 let name: Arc<str> = name.as_str().into();
-                let mut connector = HttpConnector::new();
-                connector.set_connect_timeout(Some(cfg.connect_timeout));
-                connector.set_nodelay(true);
-                connector.enforce_http(true);
-                let mut builder = Client::builder(TokioExecutor::new());
-                builder
-                    .pool_timer(TokioTimer::new())
-                    .timer(TokioTimer::new())
-                    .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-                    .pool_max_idle_per_host(cfg.max_idle_connections)
-                    .http2_only(cfg.protocol == Protocol::Http2);
+                let endpoints: Vec<Endpoint> = cfg
+                    .urls
+                    .iter()
+                    .map(|u| Endpoint::parse(u).expect("service URLs were validated"))
+                    .collect();
+                let transport = match cfg.protocol {
+                    Protocol::Http1 => Transport::Http1(
+                        endpoints
+                            .iter()
+                            .map(|ep| {
+                                Pool::new(
+                                    ep.target.clone(),
+                                    cfg.max_idle_connections,
+                                    POOL_IDLE_TIMEOUT,
+                                    cfg.connect_timeout,
+                                )
+                            })
+                            .collect(),
+                    ),
+                    Protocol::Http2 => {
+                        let mut connector = HttpConnector::new();
+                        connector.set_connect_timeout(Some(cfg.connect_timeout));
+                        connector.set_nodelay(true);
+                        connector.enforce_http(true);
+                        let mut builder = Client::builder(TokioExecutor::new());
+                        builder
+                            .pool_timer(TokioTimer::new())
+                            .timer(TokioTimer::new())
+                            .pool_idle_timeout(POOL_IDLE_TIMEOUT)
+                            .pool_max_idle_per_host(cfg.max_idle_connections)
+                            .http2_only(true);
+                        Transport::Http2(Box::new(builder.build(connector)))
+                    }
+                };
                 let service = Service {
                     name: name.clone(),
-                    endpoints: cfg
-                        .urls
-                        .iter()
-                        .map(|u| Endpoint::parse(u).expect("service URLs were validated"))
-                        .collect(),
+                    endpoints,
                     next: AtomicUsize::new(0),
-                    version: match cfg.protocol {
-                        Protocol::Http1 => Version::HTTP_11,
-                        Protocol::Http2 => Version::HTTP_2,
-                    },
-                    client: builder.build(connector),
+                    transport,
                     timeout: cfg.request_timeout,
                     series: metrics.series(&name),
                 };
@@ -260,8 +313,8 @@ impl Upstreams {
             .services
             .get(service)
             .expect("routes only name services of the same snapshot");
-        let n = svc.next.fetch_add(1, Ordering::Relaxed);
-        let ep = &svc.endpoints[n % svc.endpoints.len()];
+        let n = svc.next.fetch_add(1, Ordering::Relaxed) % svc.endpoints.len();
+        let ep = &svc.endpoints[n];
         let mut pq = String::with_capacity(
             ep.base_path.len() + path.len() + query.map_or(0, |q| q.len() + 1),
         );
@@ -273,28 +326,48 @@ impl Upstreams {
         }
         let pq = PathAndQuery::from_maybe_shared(pq)
             .expect("normalized paths and the original query form a valid path-and-query");
-        *req.uri_mut() = Uri::from_parts({
-            let mut parts = http::uri::Parts::default();
-            parts.scheme = Some(ep.scheme.clone());
-            parts.authority = Some(ep.authority.clone());
-            parts.path_and_query = Some(pq);
-            parts
-        })
-        .expect("scheme, authority and path are all set");
-        *req.version_mut() = svc.version;
 
         let timeout = deadline.min(svc.timeout);
         let span = tracing::debug_span!("upstream", service = %svc.name, caller = caller.as_str());
         let call = stats.upstream_call();
         let started = std::time::Instant::now();
-        let result = tokio::time::timeout(timeout, svc.client.request(req))
+        let exchange = async {
+            match &svc.transport {
+                Transport::Http1(pools) => {
+                    // Origin form on the wire; the caller removed the client's `host`.
+                    *req.uri_mut() = Uri::from(pq);
+                    *req.version_mut() = Version::HTTP_11;
+                    req.headers_mut().insert(header::HOST, ep.host.clone());
+                    pools[n].send(req).await.map_err(|e| SendError {
+                        connect: e.is_connect(),
+                        source: e.into(),
+                    })
+                }
+                Transport::Http2(client) => {
+                    *req.uri_mut() = Uri::from_parts({
+                        let mut parts = http::uri::Parts::default();
+                        parts.scheme = Some(ep.scheme.clone());
+                        parts.authority = Some(ep.authority.clone());
+                        parts.path_and_query = Some(pq);
+                        parts
+                    })
+                    .expect("scheme, authority and path are all set");
+                    *req.version_mut() = Version::HTTP_2;
+                    client.request(req).await.map_err(|e| SendError {
+                        connect: e.is_connect(),
+                        source: e.into(),
+                    })
+                }
+            }
+        };
+        let result = tokio::time::timeout(timeout, exchange)
             .instrument(span)
             .await;
         drop(call);
         let outcome = match &result {
             Ok(Ok(resp)) => Ok(resp.status().as_u16()),
             Err(_) => Err("timeout"),
-            Ok(Err(e)) if e.is_connect() => Err("connect_error"),
+            Ok(Err(e)) if e.connect => Err("connect_error"),
             Ok(Err(_)) => Err("error"),
         };
         svc.series.record(caller, outcome, started.elapsed());
@@ -304,14 +377,16 @@ impl Upstreams {
                 timeout,
             }),
             Ok(Ok(resp)) => Ok(resp.map(|b| Counted::new(b, stats.clone(), Direction::Upstream))),
-            Ok(Err(e)) if caused_by_body_limit(&e) => Err(UpstreamError::RequestBodyTooLarge),
-            Ok(Err(e)) if e.is_connect() => Err(UpstreamError::Connect {
+            Ok(Err(e)) if caused_by_body_limit(&*e.source) => {
+                Err(UpstreamError::RequestBodyTooLarge)
+            }
+            Ok(Err(e)) if e.connect => Err(UpstreamError::Connect {
                 service: svc.name.clone(),
-                source: e,
+                source: e.source,
             }),
             Ok(Err(e)) => Err(UpstreamError::Failed {
                 service: svc.name.clone(),
-                source: e,
+                source: e.source,
             }),
         }
     }
@@ -326,4 +401,18 @@ fn caused_by_body_limit(e: &(dyn std::error::Error + 'static)) -> bool {
         cur = err.source();
     }
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Endpoint;
+
+    #[test]
+    fn host_field_omits_the_default_port() {
+        let host = |url: &str| Endpoint::parse(url).expect("a valid URL").host;
+        assert_eq!(host("http://users.internal"), "users.internal");
+        assert_eq!(host("http://users.internal:80/v1"), "users.internal");
+        assert_eq!(host("http://127.0.0.1:8081"), "127.0.0.1:8081");
+        assert_eq!(host("http://[::1]:9000/api/"), "[::1]:9000");
+    }
 }
