@@ -108,6 +108,20 @@ async fn demo_serves_each_client_its_own_route() {
 
     let (status, mobile) = home(&[("x-client", "mobile")]).await;
     assert_eq!(status, StatusCode::OK, "{mobile}");
+    // headers (first in the chain, so last on the way back): the app's caching policy.
+    let head = client
+        .request(
+            Request::get(format!("http://{addr}/api/home"))
+                .header("x-client", "mobile")
+                .body(Empty::new())
+                .expect("valid request"),
+        )
+        .await
+        .expect("request sent");
+    let field = |name: &str| head.headers().get(name).and_then(|v| v.to_str().ok());
+    assert_eq!(field("cache-control"), Some("private, max-age=30"));
+    assert_eq!(field("x-bff-platform"), Some("mobile"));
+    drop(head);
     // fields: the same aggregate, trimmed, renamed and flattened for the app.
     assert_eq!(mobile["user"]["name"], "Maya L.", "{mobile}");
     assert_eq!(mobile["user"]["loyalty"]["tier"], "gold");

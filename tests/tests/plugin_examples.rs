@@ -1,6 +1,7 @@
-//! The example plugins (`plugins/`: aggregate, fields, voice), built from source, running in the
+//! The example plugins (`plugins/`: aggregate, fields, headers, voice), built from source, running in the
 //! real proxy: the example configs load them, `aggregate` really calls its services at once and
-//! reports partial and required failures, `fields` and `voice` reshape proxied responses.
+//! reports partial and required failures, `fields` and `voice` reshape proxied responses,
+//! `headers` rewrites header fields both ways while the body streams past.
 //! (Their own unit tests, on the SDK's native harness, live in `plugins/`.)
 
 use bff_proxy::{Config, check_plugins};
@@ -14,7 +15,7 @@ fn repo() -> std::path::PathBuf {
 
 #[tokio::test]
 async fn example_configs_load_their_plugins() {
-    for (file, uses) in [("config/demo.toml", 5), ("config/full.toml", 2)] {
+    for (file, uses) in [("config/demo.toml", 6), ("config/full.toml", 2)] {
         let mut config = Config::load(&repo().join(file)).expect("valid config");
         assert!(config.uses_plugins(), "{file}");
         config.plugins.dir = example_plugins().to_path_buf();
@@ -212,4 +213,46 @@ config = { sentences = ["Hi {user.name.first}.", "Order {orders[0].id} is {order
         say.json(),
         json!({"speech": "Hi Ada. Order o-1 is in transit."})
     );
+}
+
+#[tokio::test]
+async fn headers_rewrites_fields_both_ways_and_leaves_the_body_alone() {
+    let body = "x".repeat(200_000);
+    let a = Upstream::builder("a")
+        .route(
+            "/",
+            Reply::fixed(200, &body)
+                .header("server", "orders/1.4")
+                .header("x-internal-host", "10.0.3.7")
+                .header("cache-control", "no-store"),
+        )
+        .start()
+        .await;
+    let routes = r#"
+[[routes]]
+id = "tagged"
+path = "/items/{id}"
+service = "a"
+[[routes.chain]]
+plugin = "headers"
+[routes.chain.config]
+request.remove = ["cookie"]
+request.set = { "x-tenant" = "{client}:{attr.tier}", "x-item" = "{param.id}" }
+response.remove = ["server", "x-internal-*"]
+response.set = { "cache-control" = "private, max-age=30" }
+"#;
+    let proxy = TestProxy::start(&config([&a.url(), &a.url(), &a.url()], routes)).await;
+    let resp = get(proxy.addr(), "/items/p-7", &[("cookie", "session=secret")]).await;
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.body.len(), body.len(), "the body passed through whole");
+    assert_eq!(resp.header("server"), None);
+    assert_eq!(resp.header("x-internal-host"), None);
+    assert_eq!(resp.header("cache-control"), Some("private, max-age=30"));
+    let seen = &a.received()[0];
+    let field = |name: &str| seen.headers.get(name).and_then(|v| v.to_str().ok());
+    assert_eq!(field("x-tenant"), Some("web:gold"));
+    assert_eq!(field("x-item"), Some("p-7"));
+    assert_eq!(field("cookie"), None);
+    // Headers only: the upstream was not asked for an unencoded body.
+    assert_eq!(field("accept-encoding"), None);
 }
