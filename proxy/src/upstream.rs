@@ -146,12 +146,13 @@ impl Endpoint {
                 "`{url}`: a base URL cannot have a query or fragment"
             ));
         }
+        // Validation refused credentials, so the authority is `host[:port]`.
         let host = match authority.port_u16() {
-            Some(port) if port != 80 => format!("{}:{port}", authority.host()),
-            _ => authority.host().to_owned(),
+            Some(80) => authority.host(),
+            _ => authority.as_str(),
         };
         let host =
-            HeaderValue::try_from(host).map_err(|_| format!("`{url}` has an invalid host"))?;
+            HeaderValue::from_str(host).map_err(|_| format!("`{url}` has an invalid host"))?;
         let target = format!(
             "{}:{}",
             authority.host(),
@@ -206,10 +207,29 @@ enum Transport {
     Http2(Box<Client<HttpConnector, Body>>),
 }
 
-/// A failed exchange, before it is told apart by cause.
+/// A failed exchange of either transport, before it is told apart by cause.
 struct SendError {
+    /// No connection was made: the upstream cannot have seen the request.
     connect: bool,
     source: BoxError,
+}
+
+impl From<pool::PoolError> for SendError {
+    fn from(e: pool::PoolError) -> Self {
+        Self {
+            connect: e.is_connect(),
+            source: e.into(),
+        }
+    }
+}
+
+impl From<hyper_util::client::legacy::Error> for SendError {
+    fn from(e: hyper_util::client::legacy::Error) -> Self {
+        Self {
+            connect: e.is_connect(),
+            source: e.into(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -338,10 +358,7 @@ impl Upstreams {
                     *req.uri_mut() = Uri::from(pq);
                     *req.version_mut() = Version::HTTP_11;
                     req.headers_mut().insert(header::HOST, ep.host.clone());
-                    pools[n].send(req).await.map_err(|e| SendError {
-                        connect: e.is_connect(),
-                        source: e.into(),
-                    })
+                    pools[n].send(req).await.map_err(SendError::from)
                 }
                 Transport::Http2(client) => {
                     *req.uri_mut() = Uri::from_parts({
@@ -353,10 +370,7 @@ impl Upstreams {
                     })
                     .expect("scheme, authority and path are all set");
                     *req.version_mut() = Version::HTTP_2;
-                    client.request(req).await.map_err(|e| SendError {
-                        connect: e.is_connect(),
-                        source: e.into(),
-                    })
+                    client.request(req).await.map_err(SendError::from)
                 }
             }
         };

@@ -42,7 +42,7 @@ pub struct PhaseConfig {
     pub set: BTreeMap<String, String>,
 }
 
-/// What the request phase may never touch: the proxy owns these (framing, routing, identity).
+/// Fields neither phase may set: the proxy owns framing and routing.
 const RESERVED: [&str; 4] = ["content-length", "transfer-encoding", "host", "connection"];
 
 /// The `headers` plugin.
