@@ -246,6 +246,7 @@ fn plugins(snapshot: &Snapshot) -> serde_json::Value {
                 "size": p.size,
                 "file": e.file.display().to_string(),
                 "loaded_at": rfc3339(p.loaded_at),
+                "tier": p.code().tier.as_str(),
                 "routes": e.routes,
                 "clients": e.clients,
                 "status": status,

@@ -10,8 +10,9 @@
 //! [`PluginsConfig`] (the `[plugins]` section and the per-use limits), [`Runtime`] (one engine
 //! for the process), and [`Chain`] (a route's loaded plugins, run by [`Chain::run`]).
 //!
-//! - `runtime`: the one `Engine` (pooling allocator, epoch ticker), the `Linker` with the host
-//!   imports and a deny-by-default WASI p2.
+//! - `runtime`: the engines (optimized and, for a fast first serve, baseline; pooling
+//!   allocators, epoch ticker), the `Linker` with the host imports and a deny-by-default WASI
+//!   p2, and the background tier-up from baseline to optimized code.
 //! - `load`: reads `<dir>/<name>.wasm`, checks the contract version, compiles and type-checks
 //!   it once (`PluginPre`), and calls `init` for every use so a bad config fails the load; on a
 //!   reload, keeps the serving version of a plugin whose new file is refused (`Catalog`).
@@ -79,6 +80,11 @@ pub struct PluginsConfig {
     pub chain_timeout: Duration,
     /// Defaults for every plugin use; a chain step can override each.
     pub limits: PluginLimits,
+    /// Compile a new plugin version with the fast baseline compiler (Winch) first, so it serves
+    /// within milliseconds of its file settling, and move it to optimized code (Cranelift,
+    /// compiled in the background) when that is ready. x86-64 only; elsewhere, and when off,
+    /// new versions serve once Cranelift has compiled them.
+    pub tiered_compilation: bool,
     /// Keep compiled plugins on disk (by content hash and engine) so restarts skip compiling.
     pub compile_cache: bool,
     /// Where the compile cache lives. Default: `$XDG_CACHE_HOME/bff-proxy/plugins`, else
@@ -97,6 +103,7 @@ impl Default for PluginsConfig {
             instance_memory_bytes: 64 << 20,
             chain_timeout: Duration::from_secs(10),
             limits: PluginLimits::default(),
+            tiered_compilation: true,
             compile_cache: true,
             cache_dir: None,
             version_header: None,

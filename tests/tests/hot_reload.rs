@@ -142,6 +142,31 @@ async fn serves(proxy: &TestProxy, tag: char) -> bool {
     version_at(proxy).await.as_deref() == Ok(version_string(tag).as_str())
 }
 
+/// A client sending `/v` until `stop` (at most `requests`, and 300 s), pausing `pause` between
+/// requests; the count of answers that agreed between phases, and the failures.
+fn load_loop(
+    proxy: Arc<TestProxy>,
+    stop: Arc<AtomicBool>,
+    requests: u64,
+    pause: Duration,
+) -> tokio::task::JoinHandle<(u64, Vec<String>)> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    tokio::spawn(async move {
+        let (mut ok, mut failures) = (0u64, Vec::new());
+        for _ in 0..requests {
+            if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                break;
+            }
+            match version_at(&proxy).await {
+                Ok(_) => ok += 1,
+                Err(e) => failures.push(e),
+            }
+            tokio::time::sleep(pause).await;
+        }
+        (ok, failures)
+    })
+}
+
 /// `/admin/plugins`' entry for `name`.
 async fn plugin_entry(proxy: &TestProxy, name: &str) -> Option<serde_json::Value> {
     proxy.admin_json("/admin/plugins").await["plugins"]
@@ -176,25 +201,16 @@ async fn fifty_swaps_under_load_fail_nothing_and_never_mix_versions() {
     // Continuous load: 3 clients, each bounded in requests and time, paced so that the other
     // tests of this binary (compiling plugins at low priority) are not starved.
     let stop = Arc::new(AtomicBool::new(false));
-    let deadline = Instant::now() + Duration::from_secs(300);
-    let mut load = Vec::new();
-    for _ in 0..3 {
-        let (proxy, stop) = (proxy.clone(), stop.clone());
-        load.push(tokio::spawn(async move {
-            let (mut ok, mut failures) = (0u64, Vec::new());
-            for _ in 0..200_000 {
-                if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
-                    break;
-                }
-                match version_at(&proxy).await {
-                    Ok(_) => ok += 1,
-                    Err(e) => failures.push(e),
-                }
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            (ok, failures)
-        }));
-    }
+    let load: Vec<_> = (0..3)
+        .map(|_| {
+            load_loop(
+                proxy.clone(),
+                stop.clone(),
+                200_000,
+                Duration::from_millis(1),
+            )
+        })
+        .collect();
 
     let mut slowest = Duration::ZERO;
     for i in 0..50 {
@@ -647,25 +663,43 @@ chain = [{{ plugin = "probe", config = {{ mode = "{route_mode}" }} }}]
     .await;
 }
 
+/// Waits until `name` runs optimized code (its background compile done), serving throughout.
+async fn until_optimized(proxy: &TestProxy, name: &str, tag: char) {
+    eventually(&format!("{name} on optimized code"), || async {
+        assert!(
+            serves(proxy, tag).await,
+            "serves {tag} while it moves tiers"
+        );
+        plugin_entry(proxy, name).await.expect("listed")["tier"] == "optimized"
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn restarts_use_the_compile_cache_and_ignore_a_corrupt_entry() {
     let up = Upstream::echo("up").await;
     let setup = Setup::new();
     write_atomic(&setup.plugin("probe"), &probe_version('A'));
     setup.write_config(&version_route(&up.url(), ""));
+    // The startup record's compile stats, and the tier `probe` started on; shuts the proxy down
+    // once its optimized code (the only code the disk cache holds) is in.
     let startup_compile = |proxy: TestProxy| async move {
         let reloads = proxy.admin_json("/admin/reloads").await;
         assert!(serves(&proxy, 'A').await);
+        let tier = plugin_entry(&proxy, "probe").await.expect("listed")["tier"].clone();
+        until_optimized(&proxy, "probe", 'A').await;
         proxy.shutdown().await;
         let first = reloads["reloads"][0].clone();
         assert_eq!(first["trigger"], "startup", "{reloads}");
-        first["compile"].clone()
+        (first["compile"].clone(), tier)
     };
 
-    let cold = startup_compile(TestProxy::start_file(&setup.config()).await).await;
+    // Cold: Winch compiles it (it may already have moved on by the time we look), Cranelift
+    // follows in the background and fills the cache.
+    let (cold, _) = startup_compile(TestProxy::start_file(&setup.config()).await).await;
     assert_eq!(
         cold,
-        serde_json::json!({"compiled": 1, "from_disk_cache": 0, "from_memory": 0})
+        serde_json::json!({"compiled": 1, "baseline": 1, "from_disk_cache": 0, "from_memory": 0})
     );
     let entries: Vec<PathBuf> = std::fs::read_dir(setup.cache())
         .expect("the cache directory exists")
@@ -674,24 +708,95 @@ async fn restarts_use_the_compile_cache_and_ignore_a_corrupt_entry() {
         .collect();
     assert_eq!(entries.len(), 1, "{entries:?}");
 
-    let warm = startup_compile(TestProxy::start_file(&setup.config()).await).await;
+    // Warm: optimized code from the disk cache at once.
+    let (warm, tier) = startup_compile(TestProxy::start_file(&setup.config()).await).await;
     assert_eq!(
         warm,
-        serde_json::json!({"compiled": 0, "from_disk_cache": 1, "from_memory": 0})
+        serde_json::json!({"compiled": 0, "baseline": 0, "from_disk_cache": 1, "from_memory": 0})
     );
+    assert_eq!(tier, "optimized");
 
     // A corrupted entry is never loaded: it is compiled again (and the entry replaced).
     let mut bytes = std::fs::read(&entries[0]).expect("read the entry");
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
     std::fs::write(&entries[0], &bytes).expect("corrupt the entry");
-    let again = startup_compile(TestProxy::start_file(&setup.config()).await).await;
+    let (again, _) = startup_compile(TestProxy::start_file(&setup.config()).await).await;
     assert_eq!(
         again,
-        serde_json::json!({"compiled": 1, "from_disk_cache": 0, "from_memory": 0})
+        serde_json::json!({"compiled": 1, "baseline": 1, "from_disk_cache": 0, "from_memory": 0})
     );
-    let warm = startup_compile(TestProxy::start_file(&setup.config()).await).await;
+    let (warm, _) = startup_compile(TestProxy::start_file(&setup.config()).await).await;
     assert_eq!(warm["from_disk_cache"], 1, "the entry was rewritten");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_versions_serve_on_baseline_code_and_move_to_optimized_code_in_place() {
+    let up = Upstream::echo("up").await;
+    let setup = Setup::new();
+    write_atomic(&setup.plugin("probe"), &probe_version('A'));
+    setup.write_config(&version_route(&up.url(), "[reload]\ndebounce = \"20ms\""));
+    let proxy = Arc::new(TestProxy::start_file(&setup.config()).await);
+    until_optimized(&proxy, "probe", 'A').await;
+
+    // Requests keep flowing while B is deployed and moves from Winch to Cranelift code.
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = load_loop(
+        proxy.clone(),
+        stop.clone(),
+        100_000,
+        Duration::from_millis(2),
+    );
+    write_atomic(&setup.plugin("probe"), &probe_version('B'));
+    eventually("B serves", || serves(&proxy, 'B')).await;
+    let reloads_before = reload_count(&proxy).await;
+    let last = proxy.admin_json("/admin/reloads").await["reloads"]
+        .as_array()
+        .expect("a list")
+        .last()
+        .cloned()
+        .expect("a reload");
+    assert_eq!(last["compile"]["baseline"], 1, "{last}");
+    let version = plugin_entry(&proxy, "probe").await.expect("listed")["sha256"].clone();
+    until_optimized(&proxy, "probe", 'B').await;
+    stop.store(true, Ordering::Relaxed);
+    let (ok, failures) = load.await.expect("load task");
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(ok > 0);
+
+    // Moving tiers is not a reload and not a new version.
+    assert_eq!(reload_count(&proxy).await, reloads_before);
+    let entry = plugin_entry(&proxy, "probe").await.expect("listed");
+    assert_eq!(entry["sha256"], version);
+    assert_eq!(entry["status"], "ok");
+
+    // Back to A: compiled before, so its optimized code is reused at once.
+    write_atomic(&setup.plugin("probe"), &probe_version('A'));
+    eventually("A serves again", || serves(&proxy, 'A')).await;
+    let entry = plugin_entry(&proxy, "probe").await.expect("listed");
+    assert_eq!(entry["tier"], "optimized", "{entry}");
+}
+
+#[tokio::test]
+async fn without_tiered_compilation_new_versions_start_on_optimized_code() {
+    let up = Upstream::echo("up").await;
+    let setup = Setup::new();
+    write_atomic(&setup.plugin("probe"), &probe_version('A'));
+    let text = config_text(&version_route(&up.url(), "")).replace(
+        "cache_dir = \"cache\"",
+        "cache_dir = \"cache\"\ntiered_compilation = false",
+    );
+    write_atomic(&setup.config(), text.as_bytes());
+    let proxy = TestProxy::start_file(&setup.config()).await;
+    assert!(serves(&proxy, 'A').await);
+    let first = proxy.admin_json("/admin/reloads").await["reloads"][0].clone();
+    assert_eq!(
+        first["compile"],
+        serde_json::json!({"compiled": 1, "baseline": 0, "from_disk_cache": 0, "from_memory": 0})
+    );
+    let entry = plugin_entry(&proxy, "probe").await.expect("listed");
+    assert_eq!(entry["tier"], "optimized", "{entry}");
+    proxy.shutdown().await;
 }
 
 #[tokio::test]

@@ -143,10 +143,36 @@ pub(crate) struct ScopeParts {
     pub(crate) stats: Arc<RequestStats>,
 }
 
+/// A fresh store and instance of `plugin`'s current code (baseline or optimized, see
+/// `LoadedPlugin::code`), with the use's limits. The store is returned even when
+/// instantiating fails, so the caller can tell a memory limit from other failures.
+pub(crate) async fn new_instance(
+    runtime: &Runtime,
+    plugin: &LoadedPlugin,
+    config_json: Arc<str>,
+    limits: PluginLimits,
+    scope: Option<Arc<RequestScope>>,
+    series: Option<Arc<PluginSeries>>,
+) -> (Store<HostState>, wasmtime::Result<Instance>) {
+    let code = plugin.code();
+    let mut store = new_store(
+        runtime,
+        code.pre.engine(),
+        plugin,
+        config_json,
+        limits,
+        scope,
+        series,
+    );
+    let instance = code.pre.instantiate_async(&mut store).await;
+    (store, instance)
+}
+
 /// Creates a store for one instance of `plugin` with its limits and the epoch callback that
 /// enforces the CPU budget and yields to other requests once per tick.
-pub(crate) fn new_store(
+fn new_store(
     runtime: &Runtime,
+    engine: &wasmtime::Engine,
     plugin: &LoadedPlugin,
     config_json: Arc<str>,
     limits: PluginLimits,
@@ -161,7 +187,7 @@ pub(crate) fn new_store(
         series,
         runtime.metrics.instances_active.clone(),
     );
-    let mut store = Store::new(&runtime.engine, state);
+    let mut store = Store::new(engine, state);
     store.limiter(|s| &mut s.limiter);
     let budget = limits.cpu_budget;
     store.epoch_deadline_callback(move |ctx| {
@@ -522,28 +548,24 @@ impl Chain {
         step: &Step,
         scope: &Arc<RequestScope>,
     ) -> Result<Live, FailureKind> {
-        let mut store = new_store(
+        let (store, instance) = new_instance(
             &self.runtime,
             &step.plugin,
             step.config_json.clone(),
             step.limits,
             Some(scope.clone()),
             Some(step.series.clone()),
-        );
-        let instance = step
-            .plugin
-            .pre
-            .instantiate_async(&mut store)
-            .await
-            .map_err(|e| {
-                if store.data().limiter.hit {
-                    FailureKind::Memory
-                } else {
-                    FailureKind::Unavailable(
-                        e.to_string().lines().next().unwrap_or_default().to_owned(),
-                    )
-                }
-            })?;
+        )
+        .await;
+        let instance = instance.map_err(|e| {
+            if store.data().limiter.hit {
+                FailureKind::Memory
+            } else {
+                FailureKind::Unavailable(
+                    e.to_string().lines().next().unwrap_or_default().to_owned(),
+                )
+            }
+        })?;
         Ok(Live {
             store,
             instance,

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::bindings::bff::plugin::types;
-use super::chain::{guarded, new_store};
+use super::chain::{guarded, new_instance};
 use super::load::{LoadedPlugin, init, load_file};
 use super::{PluginLimits, PluginsConfig, Runtime};
 
@@ -29,14 +29,16 @@ impl Hop {
         plugin: &str,
         config: &serde_json::Value,
     ) -> Result<Self, String> {
+        // The steady state: optimized code from the start.
         let plugins = PluginsConfig {
             dir: dir.to_path_buf(),
+            tiered_compilation: false,
             ..PluginsConfig::default()
         };
         let runtime = Arc::new(
             Runtime::new(&plugins, &crate::Metrics::new().plugins).map_err(|e| e.to_string())?,
         );
-        let loaded = Arc::new(load_file(&runtime, dir, plugin).await?);
+        let loaded = load_file(&runtime, dir, plugin).await?;
         let limits = plugins.limits;
         let config_json: Arc<str> = config.to_string().into();
         let caps = init(&runtime, &loaded, config_json.clone(), limits).await?;
@@ -61,20 +63,16 @@ impl Hop {
     /// A fresh instance's `on-response` on a 200 JSON response with `body`; returns the body the
     /// plugin produced.
     pub async fn on_response(&self, body: Vec<u8>) -> Result<Vec<u8>, String> {
-        let mut store = new_store(
+        let (mut store, instance) = new_instance(
             &self.runtime,
             &self.plugin,
             self.config_json.clone(),
             self.limits,
             None,
             None,
-        );
-        let instance = self
-            .plugin
-            .pre
-            .instantiate_async(&mut store)
-            .await
-            .map_err(|e| e.to_string())?;
+        )
+        .await;
+        let instance = instance.map_err(|e| e.to_string())?;
         let resp = types::Response {
             status: 200,
             headers: vec![("content-type".into(), "application/json".into())],

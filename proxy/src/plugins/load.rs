@@ -24,7 +24,8 @@ use wasmtime::component::Component;
 
 use super::bindings::{self, bff::plugin::types};
 use super::cache::DiskCache;
-use super::chain::{Chain, FailureKind, Step, new_store};
+use super::chain::{Chain, FailureKind, Step, new_instance};
+use super::runtime::Tier;
 use super::{PluginLimits, Runtime};
 use crate::config::Config;
 
@@ -52,9 +53,17 @@ pub(crate) struct LoadedPlugin {
     /// Hex SHA-256 of the file: the plugin's version.
     pub(crate) sha256: String,
     pub(crate) size: u64,
-    pub(crate) pre: bindings::PluginPre<super::host::HostState>,
+    /// Its code, pre-instantiated: baseline code is replaced by optimized code of the same file
+    /// once that is compiled (`Runtime::tier_up`); each instance keeps the code it started with.
+    code: arc_swap::ArcSwap<Code>,
     /// When this version started serving.
     pub(crate) loaded_at: SystemTime,
+}
+
+/// One tier's compiled code of a plugin, type-checked against that tier's linker.
+pub(crate) struct Code {
+    pub(crate) pre: bindings::PluginPre<super::host::HostState>,
+    pub(crate) tier: Tier,
 }
 
 impl std::fmt::Debug for LoadedPlugin {
@@ -72,6 +81,34 @@ impl LoadedPlugin {
     pub(crate) fn short_version(&self) -> &str {
         &self.sha256[..12]
     }
+
+    /// The code new instances are made from.
+    pub(crate) fn code(&self) -> Arc<Code> {
+        self.code.load_full()
+    }
+
+    pub(crate) fn set_code(&self, pre: bindings::PluginPre<super::host::HostState>, tier: Tier) {
+        self.code.store(Arc::new(Code { pre, tier }));
+    }
+}
+
+/// Type-checks `component` against `linker`: every import provided, the plugin world exported.
+pub(crate) fn pre(
+    linker: &wasmtime::component::Linker<super::host::HostState>,
+    component: &Component,
+) -> Result<bindings::PluginPre<super::host::HostState>, String> {
+    let pre = linker.instantiate_pre(component).map_err(|e| {
+        format!(
+            "does not fit the bff-proxy host: {}",
+            crate::ErrorChain(e.as_ref())
+        )
+    })?;
+    bindings::PluginPre::new(pre).map_err(|e| {
+        format!(
+            "does not implement the plugin world: {}",
+            crate::ErrorChain(e.as_ref())
+        )
+    })
 }
 
 /// The plugins of the live snapshot by name, with what the last load learned about each.
@@ -139,10 +176,13 @@ impl ProblemKind {
 /// Compiled components by file hash, kept across reloads, backed by the on-disk cache.
 #[derive(Debug, Default)]
 pub(crate) struct Compiler {
-    memory: HashMap<String, (Component, u64)>,
+    /// Component, its tier, and the generation it was last used in.
+    memory: HashMap<String, (Component, Tier, u64)>,
     /// Files known not to be valid components, by hash: not compiled again.
     invalid: HashMap<String, String>,
     disk: Option<DiskCache>,
+    /// The runtime's background optimized compiles (see `Runtime::tier_up`).
+    tier_ups: Arc<super::runtime::TierUps>,
     generation: u64,
     /// Where the components of the current load came from.
     pub(crate) stats: CompileStats,
@@ -153,6 +193,8 @@ pub(crate) struct Compiler {
 pub(crate) struct CompileStats {
     /// Compiled from the `.wasm` file.
     pub(crate) compiled: u32,
+    /// Of those, compiled by the baseline tier (moved to optimized code in the background).
+    pub(crate) baseline: u32,
     /// Deserialized from the on-disk compile cache.
     pub(crate) from_disk_cache: u32,
     /// Already compiled in this process (an earlier version coming back).
@@ -186,29 +228,37 @@ impl Compiler {
     pub(crate) fn new(runtime: &Runtime, dir: Option<&Path>) -> Self {
         Self {
             disk: dir.and_then(|d| DiskCache::open(d, &runtime.engine)),
+            tier_ups: runtime.tier_ups.clone(),
             ..Self::default()
         }
     }
 
-    /// The component for this file content: from memory, from disk, or compiled (on a blocking
-    /// thread, then stored on disk).
+    /// The component for this file content and its tier: from memory (an optimized compile
+    /// finished in the background replaces a baseline one), from disk, or compiled on a
+    /// low-priority thread: by the baseline tier if there is one (the optimized compile is then
+    /// started by [`compile`]), else by the optimized tier and stored on disk.
     async fn component(
         &mut self,
         runtime: &Runtime,
         path: &Path,
         bytes: Arc<[u8]>,
         sha256: &str,
-    ) -> Result<Component, String> {
+    ) -> Result<(Component, Tier), String> {
         let generation = self.generation;
-        if let Some((c, used)) = self.memory.get_mut(sha256) {
+        if let Some(c) = runtime.tier_ups.done(sha256) {
+            self.memory
+                .insert(sha256.to_owned(), (c, Tier::Optimized, generation));
+        }
+        if let Some((c, tier, used)) = self.memory.get_mut(sha256) {
             *used = generation;
             self.stats.from_memory += 1;
-            return Ok(c.clone());
+            return Ok((c.clone(), *tier));
         }
         if let Some(e) = self.invalid.get(sha256) {
             return Err(e.clone());
         }
         let engine = runtime.engine.clone();
+        let baseline = runtime.baseline.as_ref().map(|(e, _)| e.clone());
         let disk = self.disk.clone();
         let sha = sha256.to_owned();
         let shown = path.display().to_string();
@@ -216,7 +266,7 @@ impl Compiler {
         // priority, so a reload under load slows itself down, not the requests.
         let compiled = on_compile_thread(move || {
             if let Some(c) = disk.as_ref().and_then(|d| d.get(&engine, &sha)) {
-                return Ok((c, true));
+                return Ok((c, Tier::Optimized, true));
             }
             let invalid = |e: wasmtime::Error| {
                 format!(
@@ -224,6 +274,11 @@ impl Compiler {
                     first_line(&e)
                 )
             };
+            // A file Winch cannot compile (a proposal it lacks) goes straight to Cranelift,
+            // whose verdict on an invalid file is the one reported.
+            if let Some(Ok(c)) = baseline.map(|b| Component::new(&b, &bytes)) {
+                return Ok((c, Tier::Baseline, false));
+            }
             match &disk {
                 Some(d) => {
                     let artifact = engine.precompile_component(&bytes).map_err(invalid)?;
@@ -232,18 +287,19 @@ impl Compiler {
                 }
                 None => Component::new(&engine, &bytes).map_err(invalid),
             }
-            .map(|c| (c, false))
+            .map(|c| (c, Tier::Optimized, false))
         })
         .await?;
         match &compiled {
-            Ok((c, from_disk)) => {
+            Ok((c, tier, from_disk)) => {
                 if *from_disk {
                     self.stats.from_disk_cache += 1;
                 } else {
                     self.stats.compiled += 1;
+                    self.stats.baseline += u32::from(*tier == Tier::Baseline);
                 }
                 self.memory
-                    .insert(sha256.to_owned(), (c.clone(), generation));
+                    .insert(sha256.to_owned(), (c.clone(), *tier, generation));
             }
             Err(e) => {
                 if self.invalid.len() >= 64 {
@@ -252,7 +308,7 @@ impl Compiler {
                 self.invalid.insert(sha256.to_owned(), e.clone());
             }
         }
-        compiled.map(|(c, _)| c)
+        compiled.map(|(c, tier, _)| (c, tier))
     }
 
     /// Forgets compiled components neither serving in `catalog` nor among the most recent spares.
@@ -266,7 +322,7 @@ impl Compiler {
             .memory
             .iter()
             .filter(|(sha, _)| !serving.contains(sha.as_str()))
-            .map(|(sha, (_, used))| (*used, sha.clone()))
+            .map(|(sha, (_, _, used))| (*used, sha.clone()))
             .collect();
         if spares.len() > SPARE_COMPILED {
             spares.sort();
@@ -274,6 +330,7 @@ impl Compiler {
                 self.memory.remove(sha);
             }
         }
+        self.tier_ups.retain(|sha| self.memory.contains_key(sha));
         self.generation += 1;
     }
 }
@@ -551,7 +608,7 @@ async fn resolve(
         } => match prev {
             Some(p) if p.serving.sha256 == sha256 => Ok(p.serving.clone()),
             _ => match compile(runtime, compiler, name, file, bytes, &sha256).await {
-                Ok(p) => Ok(Arc::new(p)),
+                Ok(p) => Ok(p),
                 Err(e) => {
                     changing = young;
                     Err(problem(ProblemKind::Rejected, e, Some(sha256)))
@@ -644,7 +701,7 @@ async fn init_all(
     }
 }
 
-/// Checks and type-checks a component for `name`.
+/// Checks and type-checks a component for `name`. Baseline code starts its tier-up.
 async fn compile(
     runtime: &Runtime,
     compiler: &mut Compiler,
@@ -652,29 +709,27 @@ async fn compile(
     path: &Path,
     bytes: Arc<[u8]>,
     sha256: &str,
-) -> Result<LoadedPlugin, String> {
+) -> Result<Arc<LoadedPlugin>, String> {
     let size = bytes.len() as u64;
-    let component = compiler.component(runtime, path, bytes, sha256).await?;
-    check_contract(runtime, &component)?;
-    let pre = runtime.linker.instantiate_pre(&component).map_err(|e| {
-        format!(
-            "does not fit the bff-proxy host: {}",
-            crate::ErrorChain(e.as_ref())
-        )
-    })?;
-    let pre = bindings::PluginPre::new(pre).map_err(|e| {
-        format!(
-            "does not implement the plugin world: {}",
-            crate::ErrorChain(e.as_ref())
-        )
-    })?;
-    Ok(LoadedPlugin {
+    let (component, tier) = compiler
+        .component(runtime, path, bytes.clone(), sha256)
+        .await?;
+    check_contract(&component)?;
+    let (_, linker) = runtime.tier(tier);
+    let plugin = Arc::new(LoadedPlugin {
         name: name.into(),
         sha256: sha256.to_owned(),
         size,
-        pre,
+        code: arc_swap::ArcSwap::from_pointee(Code {
+            pre: pre(linker, &component)?,
+            tier,
+        }),
         loaded_at: SystemTime::now(),
-    })
+    });
+    if tier == Tier::Baseline {
+        runtime.tier_up(&plugin, bytes, compiler.disk.clone());
+    }
+    Ok(plugin)
 }
 
 /// Reads, checks and compiles one plugin file without any cache (the benchmark's `Hop`).
@@ -683,7 +738,7 @@ pub(crate) async fn load_file(
     runtime: &Runtime,
     dir: &Path,
     name: &str,
-) -> Result<LoadedPlugin, String> {
+) -> Result<Arc<LoadedPlugin>, String> {
     let path = dir.join(format!("{name}.wasm"));
     let bytes = std::fs::read(&path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     let sha256 = hex::encode(Sha256::digest(&bytes));
@@ -699,10 +754,10 @@ pub(crate) async fn load_file(
 }
 
 /// Refuses a component built against an incompatible contract version, naming both versions.
-fn check_contract(runtime: &Runtime, component: &Component) -> Result<(), String> {
+fn check_contract(component: &Component) -> Result<(), String> {
     let ty = component.component_type();
     let found: Vec<String> = ty
-        .exports(&runtime.engine)
+        .exports(component.engine())
         .map(|(name, _)| name.to_owned())
         .filter(|n| n.starts_with(HOOKS_EXPORT))
         .collect();
@@ -748,12 +803,9 @@ pub(crate) async fn init(
     config_json: Arc<str>,
     limits: PluginLimits,
 ) -> Result<types::Capabilities, String> {
-    let mut store = new_store(runtime, plugin, config_json.clone(), limits, None, None);
-    let instance = plugin
-        .pre
-        .instantiate_async(&mut store)
-        .await
-        .map_err(|e| format!("cannot be instantiated: {}", first_line(&e)))?;
+    let (mut store, instance) =
+        new_instance(runtime, plugin, config_json.clone(), limits, None, None).await;
+    let instance = instance.map_err(|e| format!("cannot be instantiated: {}", first_line(&e)))?;
     let hooks = instance.bff_plugin_hooks();
     super::chain::guarded!(store, limits, hooks.call_init(&mut store, &config_json)).map_err(|f| {
         match f {

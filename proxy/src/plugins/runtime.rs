@@ -1,18 +1,29 @@
-//! The one wasmtime `Engine` of the process and the `Linker` every plugin is type-checked against.
+//! The wasmtime engines of the process and the `Linker` every plugin is type-checked against.
 //!
 //! Built once at startup (before any plugin loads) and kept across reloads: compiled plugins
-//! belong to an engine, and the instance pool and the epoch ticker are process-wide.
+//! belong to an engine, and the instance pools and the epoch ticker are process-wide.
+//!
+//! Two tiers (docs/dev/0003): the **optimized** engine (Cranelift) runs every plugin in the
+//! steady state; with `plugins.tiered_compilation` a new plugin version is first compiled by
+//! the **baseline** engine (Winch, a single-pass compiler, several times faster to compile)
+//! so it serves within milliseconds of its file settling, while Cranelift compiles it in the
+//! background (`tier_up`); the optimized code then replaces the baseline code in place.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, Weak, mpsc};
+use std::time::{Duration, Instant};
 
-use wasmtime::component::{HasSelf, Linker};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, OptLevel, PoolingAllocationConfig};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, OptLevel, PoolingAllocationConfig, Strategy,
+};
 
 use super::PluginsConfig;
 use super::bindings;
+use super::cache::DiskCache;
 use super::host::HostState;
+use super::load::LoadedPlugin;
 
 /// How often the epoch advances. A running plugin is checked (and yields to other requests)
 /// once per tick, so this is the granularity of CPU budgets and of fairness between requests.
@@ -51,10 +62,36 @@ fn low_priority_compile_pool() {
 #[error("cannot start the plugin runtime")]
 pub struct RuntimeError(#[source] wasmtime::Error);
 
-/// The plugin engine, its linker and the epoch ticker.
+/// Which compiler produced a plugin's code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Tier {
+    /// Winch: compiled fast, runs slower; replaced by [`Tier::Optimized`] once that is ready.
+    Baseline,
+    /// Cranelift: the steady state.
+    Optimized,
+}
+
+impl Tier {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Baseline => "baseline",
+            Self::Optimized => "optimized",
+        }
+    }
+}
+
+/// The plugin engines, their linkers and the epoch ticker.
 pub struct Runtime {
+    /// The optimized tier's engine: the one the compile cache, contract checks and every
+    /// plugin in the steady state use.
     pub(crate) engine: Engine,
     pub(crate) linker: Linker<HostState>,
+    /// The baseline tier, when `plugins.tiered_compilation` is on (x86-64 only).
+    pub(crate) baseline: Option<(Engine, Linker<HostState>)>,
+    /// Background Cranelift compiles of plugins that serve on baseline code, by file hash.
+    pub(crate) tier_ups: Arc<TierUps>,
+    /// The tier-up worker's queue (with a baseline tier only).
+    tier_up_queue: Option<Mutex<mpsc::Sender<Job>>>,
     pub(crate) config: PluginsConfig,
     /// Plugin metrics: every loaded version gets its series from here, and every store's
     /// [`HostState`] raises and lowers `instances_active`.
@@ -77,29 +114,44 @@ impl Runtime {
         metrics: &crate::metrics::PluginFamilies,
     ) -> Result<Self, RuntimeError> {
         low_priority_compile_pool();
-        let engine = Engine::new(&engine_config(config)).map_err(RuntimeError)?;
-        let mut linker = Linker::new(&engine);
-        // Deny-by-default WASI p2: components built by other languages' toolchains import it;
-        // what each import can reach is decided by the `WasiCtx` in `HostState::new`.
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(RuntimeError)?;
-        bindings::Plugin::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)
-            .map_err(RuntimeError)?;
+        let (engine, linker) = engine_and_linker(config, Tier::Optimized)?;
+        let baseline = if config.tiered_compilation && cfg!(target_arch = "x86_64") {
+            Some(engine_and_linker(config, Tier::Baseline)?)
+        } else {
+            None
+        };
         let stop = Arc::new(AtomicBool::new(false));
-        let ticker_engine = engine.clone();
+        let ticker_engines: Vec<Engine> = std::iter::once(engine.clone())
+            .chain(baseline.iter().map(|(e, _)| e.clone()))
+            .collect();
         let ticker_stop = stop.clone();
         std::thread::Builder::new()
             .name("bff-epoch".into())
             .spawn(move || {
                 while !ticker_stop.load(Ordering::Relaxed) {
                     std::thread::sleep(EPOCH_TICK);
-                    ticker_engine.increment_epoch();
+                    for e in &ticker_engines {
+                        e.increment_epoch();
+                    }
                 }
             })
             .map_err(|e| RuntimeError(wasmtime::Error::from(e)))?;
         metrics.instances_max.set(i64::from(config.max_instances));
+        let tier_ups = Arc::<TierUps>::default();
+        let tier_up_queue = match &baseline {
+            Some(_) => Some(Mutex::new(start_tier_up_worker(
+                engine.clone(),
+                linker.clone(),
+                tier_ups.clone(),
+            )?)),
+            None => None,
+        };
         Ok(Self {
             engine,
             linker,
+            baseline,
+            tier_ups,
+            tier_up_queue,
             config: config.clone(),
             metrics: metrics.clone(),
             ticker: stop,
@@ -113,9 +165,26 @@ impl Drop for Runtime {
     }
 }
 
-/// Cranelift, epoch interruption, and a pooling allocator: instances come from pre-reserved
-/// slots with copy-on-write memory images, so a fresh instance per request is cheap.
-fn engine_config(plugins: &PluginsConfig) -> Config {
+/// One tier's engine and its linker: the host imports and a deny-by-default WASI p2.
+fn engine_and_linker(
+    config: &PluginsConfig,
+    tier: Tier,
+) -> Result<(Engine, Linker<HostState>), RuntimeError> {
+    let engine = Engine::new(&engine_config(config, tier)).map_err(RuntimeError)?;
+    let mut linker = Linker::new(&engine);
+    // Deny-by-default WASI p2: components built by other languages' toolchains import it;
+    // what each import can reach is decided by the `WasiCtx` in `HostState::new`.
+    wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(RuntimeError)?;
+    bindings::Plugin::add_to_linker::<_, HasSelf<HostState>>(&mut linker, |s| s)
+        .map_err(RuntimeError)?;
+    Ok((engine, linker))
+}
+
+/// Epoch interruption and a pooling allocator: instances come from pre-reserved slots with
+/// copy-on-write memory images, so a fresh instance per request is cheap. The optimized tier
+/// compiles with Cranelift, the baseline tier with Winch; each tier has its own pool (address
+/// space is reserved twice, memory is only touched by the instances that run).
+fn engine_config(plugins: &PluginsConfig, tier: Tier) -> Config {
     let n = plugins.max_instances;
     let memory = usize::try_from(plugins.instance_memory_bytes).unwrap_or(usize::MAX);
     let mut pool = PoolingAllocationConfig::new();
@@ -137,9 +206,12 @@ fn engine_config(plugins: &PluginsConfig) -> Config {
         .table_keep_resident(64 * 1024);
 
     let mut config = Config::new();
+    match tier {
+        Tier::Optimized => config.cranelift_opt_level(OptLevel::Speed),
+        Tier::Baseline => config.strategy(Strategy::Winch),
+    };
     config
         .epoch_interruption(true)
-        .cranelift_opt_level(OptLevel::Speed)
         .memory_init_cow(true)
         // Reserve only what the cap allows, not wasmtime's default 4 GiB per memory: keeps the
         // pool's address space proportional to `max_instances * instance_memory_bytes`.
@@ -150,4 +222,209 @@ fn engine_config(plugins: &PluginsConfig) -> Config {
         .memory_reservation_for_growth(0)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     config
+}
+
+/// Plugins serving on baseline code, each waiting for its optimized compile; and compiles
+/// done but not yet taken by the [`Compiler`](super::load::Compiler)'s memory cache.
+#[derive(Debug, Default)]
+pub(crate) struct TierUps {
+    jobs: Mutex<HashMap<String, TierUp>>,
+}
+
+#[derive(Debug)]
+enum TierUp {
+    /// Queued or compiling; these plugins (of that file hash) get the code when it is ready.
+    Running(Vec<Weak<LoadedPlugin>>),
+    /// Compiled.
+    Done(Component),
+}
+
+/// One optimized compile for the tier-up worker.
+struct Job {
+    sha256: String,
+    name: Arc<str>,
+    bytes: Arc<[u8]>,
+    disk: Option<DiskCache>,
+}
+
+impl TierUps {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, TierUp>> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The optimized component of `sha256`, if its background compile is done.
+    pub(crate) fn done(&self, sha256: &str) -> Option<Component> {
+        match self.lock().get(sha256) {
+            Some(TierUp::Done(c)) => Some(c.clone()),
+            _ => None,
+        }
+    }
+
+    /// Forgets finished compiles of files not in `keep` (queued ones finish and upgrade
+    /// their plugins first).
+    pub(crate) fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.lock()
+            .retain(|sha, t| matches!(t, TierUp::Running(_)) || keep(sha));
+    }
+}
+
+/// Starts the thread that compiles queued tier-ups one at a time, at low priority. It ends
+/// when the runtime (the queue's sender) is dropped.
+fn start_tier_up_worker(
+    engine: Engine,
+    linker: Linker<HostState>,
+    tier_ups: Arc<TierUps>,
+) -> Result<mpsc::Sender<Job>, RuntimeError> {
+    let (tx, rx) = mpsc::channel::<Job>();
+    std::thread::Builder::new()
+        .name("bff-tier-up".into())
+        .spawn(move || {
+            lower_priority();
+            while let Ok(job) = rx.recv() {
+                tier_up(&engine, &linker, &tier_ups, job);
+            }
+        })
+        .map_err(|e| RuntimeError(wasmtime::Error::from(e)))?;
+    Ok(tx)
+}
+
+/// Compiles one job with Cranelift, stores it in the compile cache, and swaps the code into
+/// the plugins waiting for it. A version replaced before its turn (no plugin of that file left
+/// alive, as in a burst of deploys) is skipped.
+fn tier_up(engine: &Engine, linker: &Linker<HostState>, tier_ups: &TierUps, job: Job) {
+    let alive = match tier_ups.lock().get(&job.sha256) {
+        Some(TierUp::Running(w)) => w.iter().any(|p| p.strong_count() > 0),
+        _ => false,
+    };
+    if !alive {
+        tier_ups.lock().remove(&job.sha256);
+        return;
+    }
+    let started = Instant::now();
+    let compiled = match &job.disk {
+        Some(d) => engine
+            .precompile_component(&job.bytes)
+            .and_then(|artifact| {
+                d.put(&job.sha256, &artifact);
+                super::cache::deserialize(engine, &artifact)
+            }),
+        None => Component::new(engine, &job.bytes),
+    };
+    let version = &job.sha256[..12];
+    let mut jobs = tier_ups.lock();
+    let waiting = match jobs.remove(&job.sha256) {
+        Some(TierUp::Running(w)) => w,
+        _ => Vec::new(),
+    };
+    match compiled {
+        Ok(c) => {
+            jobs.insert(job.sha256.clone(), TierUp::Done(c.clone()));
+            drop(jobs);
+            let upgraded = upgrade(linker, &c, &waiting);
+            tracing::info!(
+                plugin = %job.name,
+                version,
+                compile_ms = started.elapsed().as_secs_f64() * 1000.0,
+                upgraded,
+                "plugin moved to optimized code"
+            );
+        }
+        Err(e) => {
+            drop(jobs);
+            tracing::warn!(
+                plugin = %job.name,
+                version,
+                error = %e,
+                "optimized compile failed; the plugin keeps its baseline code"
+            );
+        }
+    }
+}
+
+impl Runtime {
+    /// The engine and linker of `tier` (the optimized ones if there is no baseline tier).
+    pub(crate) fn tier(&self, tier: Tier) -> (&Engine, &Linker<HostState>) {
+        match (tier, &self.baseline) {
+            (Tier::Baseline, Some((e, l))) => (e, l),
+            _ => (&self.engine, &self.linker),
+        }
+    }
+
+    /// Moves `plugin` (serving baseline code) to optimized code: queues a Cranelift compile of
+    /// `bytes` (once per file hash, however many plugins wait on it) for the tier-up worker,
+    /// which stores it in the compile cache and swaps the new code into every waiting plugin
+    /// still alive. Requests already running keep the instance they have.
+    pub(crate) fn tier_up(
+        &self,
+        plugin: &Arc<LoadedPlugin>,
+        bytes: Arc<[u8]>,
+        disk: Option<DiskCache>,
+    ) {
+        let Some(queue) = &self.tier_up_queue else {
+            return;
+        };
+        let sha256 = plugin.sha256.clone();
+        let mut jobs = self.tier_ups.lock();
+        match jobs.get_mut(&sha256) {
+            Some(TierUp::Running(waiting)) => waiting.push(Arc::downgrade(plugin)),
+            Some(TierUp::Done(c)) => {
+                let c = c.clone();
+                drop(jobs);
+                upgrade(&self.linker, &c, &[Arc::downgrade(plugin)]);
+            }
+            None => {
+                jobs.insert(
+                    sha256.clone(),
+                    TierUp::Running(vec![Arc::downgrade(plugin)]),
+                );
+                drop(jobs);
+                let job = Job {
+                    sha256,
+                    name: plugin.name.clone(),
+                    bytes,
+                    disk,
+                };
+                let sent = queue
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .send(job);
+                if sent.is_err() {
+                    self.tier_ups.lock().remove(&plugin.sha256);
+                    tracing::warn!(
+                        "the tier-up worker is gone; the plugin keeps its baseline code"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Swaps optimized code built from `component` into each plugin of `waiting` still alive;
+/// returns how many.
+fn upgrade(
+    linker: &Linker<HostState>,
+    component: &Component,
+    waiting: &[Weak<LoadedPlugin>],
+) -> usize {
+    let alive: Vec<Arc<LoadedPlugin>> = waiting.iter().filter_map(Weak::upgrade).collect();
+    if alive.is_empty() {
+        return 0;
+    }
+    match super::load::pre(linker, component) {
+        Ok(pre) => {
+            for p in &alive {
+                p.set_code(pre.clone(), Tier::Optimized);
+            }
+            alive.len()
+        }
+        Err(e) => {
+            tracing::warn!(
+                error = %e,
+                "optimized code does not fit the host; the plugin keeps its baseline code"
+            );
+            0
+        }
+    }
 }
