@@ -10,6 +10,11 @@ use bff_proxy_tests::{Reply, TestProxy, Upstream, get};
 
 /// A config with the test plugins' dir, one service `up` and the given routes.
 fn config(upstream: &str, routes: &str) -> String {
+    config_with(upstream, routes, "")
+}
+
+/// [`config`] with more `[plugins]` keys.
+fn config_with(upstream: &str, routes: &str, plugins: &str) -> String {
     format!(
         r#"
 [identity]
@@ -25,6 +30,7 @@ identify = [{{ header = "x-client", equals = "web" }}]
 
 [plugins]
 dir = {dir:?}
+{plugins}
 
 [[routes]]
 id = "good"
@@ -128,8 +134,9 @@ chain = [{{ plugin = "probe", config = {{ mode = "fanout", calls = [{{ service =
 }
 
 /// Each hostile mode fails only its own request, with its own code; the good route keeps working.
-#[tokio::test]
-async fn hostile_plugins_fail_cleanly() {
+/// Each hostile mode fails its request with its own code while `/good` keeps serving; returns
+/// the tier `probe` was on before and after all had run.
+async fn hostile_plugins_fail_cleanly(plugins: &str) -> (String, String) {
     let up = Upstream::echo("up").await;
     let cases = [
         ("spin", "plugin_cpu_limit", 502),
@@ -153,7 +160,14 @@ async fn hostile_plugins_fail_cleanly() {
             "[[routes]]\nid = \"{mode}\"\npath = \"/{mode}\"\nservice = \"up\"\nchain = [{{ plugin = \"probe\", config = {{ mode = \"{mode}\" }}{limits} }}]\n"
         ));
     }
-    let proxy = TestProxy::start(&config(&up.url(), &routes)).await;
+    let proxy = TestProxy::start(&config_with(&up.url(), &routes, plugins)).await;
+    let tier = || async {
+        proxy.admin_json("/admin/plugins").await["plugins"][0]["tier"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let before = tier().await;
     for (mode, code, status) in cases {
         // `get` is bounded: a plugin that hung the request would fail the test there.
         let resp = get(proxy.addr(), &format!("/{mode}"), &[]).await;
@@ -170,6 +184,25 @@ async fn hostile_plugins_fail_cleanly() {
         let good = get(proxy.addr(), "/good", &[]).await;
         assert_eq!(good.status, 200, "after {mode}: {}", good.text());
     }
+    (before, tier().await)
+}
+
+#[tokio::test]
+async fn hostile_plugins_fail_cleanly_on_optimized_code() {
+    let tiers = hostile_plugins_fail_cleanly("tiered_compilation = false").await;
+    assert_eq!(tiers, ("optimized".into(), "optimized".into()));
+}
+
+/// Winch's code must enforce the same limits: without the compile cache, tiered compilation
+/// serves a fresh proxy's plugins on baseline code until Cranelift's code is ready.
+#[tokio::test]
+async fn hostile_plugins_fail_cleanly_on_baseline_code() {
+    let (before, after) = hostile_plugins_fail_cleanly("compile_cache = false").await;
+    // Cranelift compiles in the background, several times slower than Winch: the proxy is
+    // ready well before. By the last case it may have finished (then the later cases ran on
+    // optimized code).
+    assert_eq!(before, "baseline");
+    eprintln!("hostile cases started on baseline code; probe was on {after} code at the end");
 }
 
 #[tokio::test]
