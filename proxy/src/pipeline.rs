@@ -265,28 +265,29 @@ async fn proxy(
     prepare_upstream_headers(&mut parts, snap, conn, ctx, client_idx);
 
     if let Some(chain) = &route.chain {
-        return chain
-            .run(crate::plugins::ChainInput {
-                parts,
-                body: incoming,
-                path: upstream_path.into_owned(),
-                query: query.map(str::to_owned),
-                service: route.service.clone(),
-                upstreams: snap.upstreams.clone(),
-                ctx: crate::plugins::context(client, &route.id, &params, &ctx.request_id),
-                scope: crate::plugins::ScopeParts {
-                    request_id: ctx.request_id.clone(),
-                    request_id_header: snap.headers.request_id.clone(),
-                    client_header: snap.headers.client.clone(),
-                    client_value: snap.identifier.name_value(client_idx).clone(),
-                    traceparent: ctx.trace.traceparent().clone(),
-                    stats: ctx.stats.clone(),
-                },
-                max_request_body: server.max_request_body_bytes,
-                upstream_timeout: server.request_timeout,
-                chain_timeout: snap.chain_timeout,
-            })
-            .await;
+        // Boxed: the chain's future is large, and inline it would make every request's future
+        // (moved by hyper and by each `async` layer) that large too.
+        return Box::pin(chain.run(crate::plugins::ChainInput {
+            parts,
+            body: incoming,
+            path: upstream_path.into_owned(),
+            query: query.map(str::to_owned),
+            service: route.service.clone(),
+            upstreams: snap.upstreams.clone(),
+            ctx: crate::plugins::context(client, &route.id, &params, &ctx.request_id),
+            scope: crate::plugins::ScopeParts {
+                request_id: ctx.request_id.clone(),
+                request_id_header: snap.headers.request_id.clone(),
+                client_header: snap.headers.client.clone(),
+                client_value: snap.identifier.name_value(client_idx).clone(),
+                traceparent: ctx.trace.traceparent().clone(),
+                stats: ctx.stats.clone(),
+            },
+            max_request_body: server.max_request_body_bytes,
+            upstream_timeout: server.request_timeout,
+            chain_timeout: snap.chain_timeout,
+        }))
+        .await;
     }
     let service = route
         .service

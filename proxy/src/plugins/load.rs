@@ -183,6 +183,9 @@ pub(crate) struct Compiler {
     disk: Option<DiskCache>,
     /// The runtime's background optimized compiles (see `Runtime::tier_up`).
     tier_ups: Arc<super::runtime::TierUps>,
+    /// Plugins of the current load on baseline code: queued for their optimized compile when
+    /// the load is over, so Cranelift does not compete with the load's own compiles.
+    tier_ups_due: Vec<(Arc<LoadedPlugin>, Arc<[u8]>)>,
     generation: u64,
     /// Where the components of the current load came from.
     pub(crate) stats: CompileStats,
@@ -415,6 +418,25 @@ enum Resolution {
 /// Loads every plugin the config's routes use and initializes each use, keeping the serving
 /// version (from `previous`) of any plugin whose new file is refused.
 pub(crate) async fn load_chains(
+    runtime: &Arc<Runtime>,
+    config: &Config,
+    previous: &Catalog,
+    compiler: &mut Compiler,
+    settle: Duration,
+) -> Result<Loaded, LoadError> {
+    let loaded = load_all(runtime, config, previous, compiler, settle).await;
+    // A rejected load's plugins serve nothing; a later load using the same file (its baseline
+    // component is kept in memory) queues the tier-up then.
+    let due = std::mem::take(&mut compiler.tier_ups_due);
+    if loaded.is_ok() {
+        for (plugin, bytes) in due {
+            runtime.tier_up(&plugin, bytes, compiler.disk.clone());
+        }
+    }
+    loaded
+}
+
+async fn load_all(
     runtime: &Arc<Runtime>,
     config: &Config,
     previous: &Catalog,
@@ -727,7 +749,7 @@ async fn compile(
         loaded_at: SystemTime::now(),
     });
     if tier == Tier::Baseline {
-        runtime.tier_up(&plugin, bytes, compiler.disk.clone());
+        compiler.tier_ups_due.push((plugin.clone(), bytes));
     }
     Ok(plugin)
 }
