@@ -239,7 +239,8 @@ impl Compiler {
     /// The component for this file content and its tier: from memory (an optimized compile
     /// finished in the background replaces a baseline one), from disk, or compiled on a
     /// low-priority thread: by the baseline tier if there is one (the optimized compile is then
-    /// started by [`compile`]), else by the optimized tier and stored on disk.
+    /// queued by [`load_chains`] when the load is over), else by the optimized tier and stored
+    /// on disk.
     async fn component(
         &mut self,
         runtime: &Runtime,
