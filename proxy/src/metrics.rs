@@ -412,6 +412,9 @@ impl Phase {
 /// Budget-used buckets: the share of a call's CPU budget it used.
 const RATIO_BUCKETS: &[f64] = &[0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0];
 
+/// Plugin compile times: tens of milliseconds (Winch, small plugins) to seconds (Cranelift).
+const COMPILE_BUCKETS: &[f64] = &[0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
 /// Plugin calls, by plugin and version.
 #[derive(Debug, Clone)]
 pub(crate) struct PluginFamilies {
@@ -424,6 +427,8 @@ pub(crate) struct PluginFamilies {
     pub(crate) instances_active: IntGauge,
     /// `bff_plugin_instances_max`: the instance pool's size.
     pub(crate) instances_max: IntGauge,
+    /// `bff_plugin_compile_seconds{tier}`: compiles from the `.wasm` file (not from a cache).
+    pub(crate) compile: HistogramVec,
 }
 
 /// Every `outcome` of a plugin call (see `FailureKind::label`).
@@ -484,6 +489,13 @@ impl PluginFamilies {
                 r,
                 "bff_plugin_instances_max",
                 "Plugin instances the pool can hold at once (`plugins.max_instances`).",
+            ),
+            compile: histogram_vec(
+                r,
+                "bff_plugin_compile_seconds",
+                "Time to compile a plugin file (caches missed), by tier: `baseline` (Winch, before the version serves), `optimized` (Cranelift; in the background after a baseline compile).",
+                COMPILE_BUCKETS,
+                &["tier"],
             ),
         }
     }

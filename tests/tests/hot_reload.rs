@@ -764,6 +764,16 @@ async fn new_versions_serve_on_baseline_code_and_move_to_optimized_code_in_place
     assert!(failures.is_empty(), "{failures:?}");
     assert!(ok > 0);
 
+    // Both versions were compiled by both tiers, each compile timed.
+    for tier in ["baseline", "optimized"] {
+        let n = proxy
+            .metric(&format!(
+                "bff_plugin_compile_seconds_count{{tier=\"{tier}\"}}"
+            ))
+            .await;
+        assert_eq!(n, 2.0, "{tier} compiles");
+    }
+
     // Moving tiers is not a reload and not a new version.
     assert_eq!(reload_count(&proxy).await, reloads_before);
     let entry = plugin_entry(&proxy, "probe").await.expect("listed");
@@ -796,6 +806,9 @@ async fn without_tiered_compilation_new_versions_start_on_optimized_code() {
     );
     let entry = plugin_entry(&proxy, "probe").await.expect("listed");
     assert_eq!(entry["tier"], "optimized", "{entry}");
+    let compiles = |tier: &str| format!("bff_plugin_compile_seconds_count{{tier=\"{tier}\"}}");
+    assert_eq!(proxy.metric(&compiles("optimized")).await, 1.0);
+    assert_eq!(proxy.metric(&compiles("baseline")).await, 0.0);
     proxy.shutdown().await;
 }
 

@@ -268,10 +268,17 @@ impl Compiler {
         let shown = path.display().to_string();
         // Compiling takes milliseconds to seconds: never on a runtime worker, and at low
         // priority, so a reload under load slows itself down, not the requests.
+        let compile_time = runtime.metrics.compile.clone();
         let compiled = on_compile_thread(move || {
             if let Some(c) = disk.as_ref().and_then(|d| d.get(&engine, &sha)) {
                 return Ok((c, Tier::Optimized, true));
             }
+            let started = std::time::Instant::now();
+            let timed = |tier: Tier| {
+                compile_time
+                    .with_label_values(&[tier.as_str()])
+                    .observe(started.elapsed().as_secs_f64());
+            };
             let invalid = |e: wasmtime::Error| {
                 format!(
                     "{shown} is not a valid WebAssembly component: {}",
@@ -281,6 +288,7 @@ impl Compiler {
             // A file Winch cannot compile (a proposal it lacks) goes straight to Cranelift,
             // whose verdict on an invalid file is the one reported.
             if let Some(Ok(c)) = baseline.map(|b| Component::new(&b, &bytes)) {
+                timed(Tier::Baseline);
                 return Ok((c, Tier::Baseline, false));
             }
             match &disk {
@@ -291,7 +299,10 @@ impl Compiler {
                 }
                 None => Component::new(&engine, &bytes).map_err(invalid),
             }
-            .map(|c| (c, Tier::Optimized, false))
+            .map(|c| {
+                timed(Tier::Optimized);
+                (c, Tier::Optimized, false)
+            })
         })
         .await?;
         match &compiled {

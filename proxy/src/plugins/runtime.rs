@@ -143,6 +143,9 @@ impl Runtime {
                 engine.clone(),
                 linker.clone(),
                 tier_ups.clone(),
+                metrics
+                    .compile
+                    .with_label_values(&[Tier::Optimized.as_str()]),
             )?)),
             None => None,
         };
@@ -276,6 +279,7 @@ fn start_tier_up_worker(
     engine: Engine,
     linker: Linker<HostState>,
     tier_ups: Arc<TierUps>,
+    compile_time: prometheus::Histogram,
 ) -> Result<mpsc::Sender<Job>, RuntimeError> {
     let (tx, rx) = mpsc::channel::<Job>();
     std::thread::Builder::new()
@@ -283,7 +287,7 @@ fn start_tier_up_worker(
         .spawn(move || {
             lower_priority();
             while let Ok(job) = rx.recv() {
-                tier_up(&engine, &linker, &tier_ups, job);
+                tier_up(&engine, &linker, &tier_ups, &compile_time, job);
             }
         })
         .map_err(|e| RuntimeError(wasmtime::Error::from(e)))?;
@@ -293,7 +297,13 @@ fn start_tier_up_worker(
 /// Compiles one job with Cranelift, stores it in the compile cache, and swaps the code into
 /// the plugins waiting for it. A version replaced before its turn (no plugin of that file left
 /// alive, as in a burst of deploys) is skipped.
-fn tier_up(engine: &Engine, linker: &Linker<HostState>, tier_ups: &TierUps, job: Job) {
+fn tier_up(
+    engine: &Engine,
+    linker: &Linker<HostState>,
+    tier_ups: &TierUps,
+    compile_time: &prometheus::Histogram,
+    job: Job,
+) {
     let alive = match tier_ups.lock().get(&job.sha256) {
         Some(TierUp::Running(w)) => w.iter().any(|p| p.strong_count() > 0),
         _ => false,
@@ -312,6 +322,7 @@ fn tier_up(engine: &Engine, linker: &Linker<HostState>, tier_ups: &TierUps, job:
             }),
         None => Component::new(engine, &job.bytes),
     };
+    compile_time.observe(started.elapsed().as_secs_f64());
     let version = &job.sha256[..12];
     let mut jobs = tier_ups.lock();
     let waiting = match jobs.remove(&job.sha256) {
