@@ -140,6 +140,24 @@ pub(crate) fn deserialize(engine: &Engine, artifact: &[u8]) -> wasmtime::Result<
     unsafe { Component::deserialize(engine, artifact) }
 }
 
+/// Compiles `bytes` with `engine`; with a cache, through a precompiled artifact that is stored
+/// under `sha256` first, so the next process deserializes it instead of compiling.
+pub(crate) fn compile(
+    engine: &Engine,
+    bytes: &[u8],
+    sha256: &str,
+    disk: Option<&DiskCache>,
+) -> wasmtime::Result<Component> {
+    match disk {
+        Some(d) => {
+            let artifact = engine.precompile_component(bytes)?;
+            d.put(sha256, &artifact);
+            deserialize(engine, &artifact)
+        }
+        None => Component::new(engine, bytes),
+    }
+}
+
 fn create_private_dir(dir: &Path) -> std::io::Result<()> {
     let mut builder = std::fs::DirBuilder::new();
     builder.recursive(true);

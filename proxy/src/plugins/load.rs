@@ -291,18 +291,12 @@ impl Compiler {
                 timed(Tier::Baseline);
                 return Ok((c, Tier::Baseline, false));
             }
-            match &disk {
-                Some(d) => {
-                    let artifact = engine.precompile_component(&bytes).map_err(invalid)?;
-                    d.put(&sha, &artifact);
-                    super::cache::deserialize(&engine, &artifact).map_err(invalid)
-                }
-                None => Component::new(&engine, &bytes).map_err(invalid),
-            }
-            .map(|c| {
-                timed(Tier::Optimized);
-                (c, Tier::Optimized, false)
-            })
+            super::cache::compile(&engine, &bytes, &sha, disk.as_ref())
+                .map_err(invalid)
+                .map(|c| {
+                    timed(Tier::Optimized);
+                    (c, Tier::Optimized, false)
+                })
         })
         .await?;
         match &compiled {
@@ -749,7 +743,7 @@ async fn compile(
         .component(runtime, path, bytes.clone(), sha256)
         .await?;
     check_contract(&component)?;
-    let (_, linker) = runtime.tier(tier);
+    let linker = runtime.linker(tier);
     let plugin = Arc::new(LoadedPlugin {
         name: name.into(),
         sha256: sha256.to_owned(),

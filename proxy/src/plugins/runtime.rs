@@ -91,7 +91,7 @@ pub struct Runtime {
     /// Background Cranelift compiles of plugins that serve on baseline code, by file hash.
     pub(crate) tier_ups: Arc<TierUps>,
     /// The tier-up worker's queue (with a baseline tier only).
-    tier_up_queue: Option<Mutex<mpsc::Sender<Job>>>,
+    tier_up_queue: Option<mpsc::Sender<Job>>,
     pub(crate) config: PluginsConfig,
     /// Plugin metrics: every loaded version gets its series from here, and every store's
     /// [`HostState`] raises and lowers `instances_active`.
@@ -139,14 +139,14 @@ impl Runtime {
         metrics.instances_max.set(i64::from(config.max_instances));
         let tier_ups = Arc::<TierUps>::default();
         let tier_up_queue = match &baseline {
-            Some(_) => Some(Mutex::new(start_tier_up_worker(
+            Some(_) => Some(start_tier_up_worker(
                 engine.clone(),
                 linker.clone(),
                 tier_ups.clone(),
                 metrics
                     .compile
                     .with_label_values(&[Tier::Optimized.as_str()]),
-            )?)),
+            )?),
             None => None,
         };
         Ok(Self {
@@ -313,15 +313,7 @@ fn tier_up(
         return;
     }
     let started = Instant::now();
-    let compiled = match &job.disk {
-        Some(d) => engine
-            .precompile_component(&job.bytes)
-            .and_then(|artifact| {
-                d.put(&job.sha256, &artifact);
-                super::cache::deserialize(engine, &artifact)
-            }),
-        None => Component::new(engine, &job.bytes),
-    };
+    let compiled = super::cache::compile(engine, &job.bytes, &job.sha256, job.disk.as_ref());
     compile_time.observe(started.elapsed().as_secs_f64());
     let version = &job.sha256[..12];
     let mut jobs = tier_ups.lock();
@@ -355,11 +347,11 @@ fn tier_up(
 }
 
 impl Runtime {
-    /// The engine and linker of `tier` (the optimized ones if there is no baseline tier).
-    pub(crate) fn tier(&self, tier: Tier) -> (&Engine, &Linker<HostState>) {
+    /// The linker of `tier` (the optimized one if there is no baseline tier).
+    pub(crate) fn linker(&self, tier: Tier) -> &Linker<HostState> {
         match (tier, &self.baseline) {
-            (Tier::Baseline, Some((e, l))) => (e, l),
-            _ => (&self.engine, &self.linker),
+            (Tier::Baseline, Some((_, l))) => l,
+            _ => &self.linker,
         }
     }
 
@@ -397,11 +389,7 @@ impl Runtime {
                     bytes,
                     disk,
                 };
-                let sent = queue
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .send(job);
-                if sent.is_err() {
+                if queue.send(job).is_err() {
                     self.tier_ups.lock().remove(&plugin.sha256);
                     tracing::warn!(
                         "the tier-up worker is gone; the plugin keeps its baseline code"
