@@ -75,6 +75,9 @@ pub struct PluginsConfig {
     pub max_instances: u32,
     /// The largest linear memory any plugin use may be given (sizes the instance pool).
     pub instance_memory_bytes: u64,
+    /// Address space each instance memory reserves: `full` (4 GiB, so compiled plugins need no
+    /// bounds checks) or `capped` (`instance_memory_bytes`, checked on every access).
+    pub memory_reservation: MemoryReservation,
     /// Wall-clock cap on all plugin phases of one request together, upstream calls included.
     #[serde(with = "humantime_serde")]
     pub chain_timeout: Duration,
@@ -101,6 +104,7 @@ impl Default for PluginsConfig {
             dir: "plugins".into(),
             max_instances: 1000,
             instance_memory_bytes: 64 << 20,
+            memory_reservation: MemoryReservation::Full,
             chain_timeout: Duration::from_secs(10),
             limits: PluginLimits::default(),
             tiered_compilation: true,
@@ -110,6 +114,45 @@ impl Default for PluginsConfig {
         }
     }
 }
+
+/// `plugins.memory_reservation`: how much address space (not memory: only the pages an
+/// instance touches become memory) each plugin instance's linear memory reserves.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MemoryReservation {
+    /// 4 GiB, all a 32-bit memory can address, plus a 32 MiB guard region: the compiled code
+    /// needs no bounds check on loads and stores (the guard pages catch what is out of
+    /// bounds). wasmtime's own default; about 8 TiB of address space at the default
+    /// `max_instances`.
+    #[default]
+    Full,
+    /// `instance_memory_bytes` plus a 64 KiB guard: the least address space, for hosts that
+    /// limit it (`ulimit -v`); the compiled code checks bounds on every memory access.
+    Capped,
+}
+
+impl MemoryReservation {
+    /// The config spelling.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Full => "full",
+            Self::Capped => "capped",
+        }
+    }
+}
+
+/// Linear memories a pool slot set aside per instance: components built by some toolchains
+/// carry a second memory (e.g. the WASI adapter's) next to the main one.
+pub(crate) const MEMORIES_PER_INSTANCE: u32 = 2;
+/// [`MemoryReservation::Full`]'s reservation and guard.
+pub(crate) const FULL_RESERVATION: u64 = 4 << 30;
+pub(crate) const FULL_GUARD: u64 = 32 << 20;
+/// The guard after a [`MemoryReservation::Capped`] memory.
+pub(crate) const CAPPED_GUARD: u64 = 64 << 10;
+/// The most address space the instance pools may reserve: a quarter of x86-64's 128 TiB of
+/// user address space, so a process (or a test binary running several proxies) never runs
+/// out of it.
+const MAX_RESERVED_ADDRESS_SPACE: u64 = 32 << 40;
 
 /// Limits of one plugin use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -220,6 +263,22 @@ impl PluginsConfig {
             &at.key("chain_timeout"),
             problems,
         );
+        let reserved = self.reserved_address_space();
+        if reserved > MAX_RESERVED_ADDRESS_SPACE {
+            let hint = match self.memory_reservation {
+                MemoryReservation::Full => "lower it, or set `memory_reservation = \"capped\"`",
+                MemoryReservation::Capped => "lower it or `instance_memory_bytes`",
+            };
+            problems.push(
+                at.key("max_instances"),
+                format!(
+                    "{} instances would reserve {:.1} TiB of address space (at most {} TiB): {hint}",
+                    self.max_instances,
+                    reserved as f64 / (1u64 << 40) as f64,
+                    MAX_RESERVED_ADDRESS_SPACE >> 40
+                ),
+            );
+        }
         self.limits
             .validate(self.instance_memory_bytes, &at.key("limits"), problems);
         if let Some(h) = &self.version_header
@@ -227,6 +286,24 @@ impl PluginsConfig {
         {
             problems.push(at.key("version_header"), "is not a valid header name");
         }
+    }
+
+    /// Whether new plugin versions start on baseline code (see `tiered_compilation`).
+    pub(crate) fn tiered(&self) -> bool {
+        self.tiered_compilation && cfg!(target_arch = "x86_64")
+    }
+
+    /// Address space the instance pools reserve: the optimized tier's memories as
+    /// `memory_reservation` says, and, with tiered compilation, the baseline tier's, always
+    /// capped (it serves a version only until its optimized code is ready).
+    pub(crate) fn reserved_address_space(&self) -> u64 {
+        let memories = u64::from(MEMORIES_PER_INSTANCE) * u64::from(self.max_instances);
+        let capped = memories * (self.instance_memory_bytes + CAPPED_GUARD);
+        let optimized = match self.memory_reservation {
+            MemoryReservation::Full => memories * (FULL_RESERVATION + FULL_GUARD),
+            MemoryReservation::Capped => capped,
+        };
+        optimized + if self.tiered() { capped } else { 0 }
     }
 
     /// The compile cache directory in use, if any.

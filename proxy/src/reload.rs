@@ -196,10 +196,13 @@ async fn build(
         let pool = &runtime.config;
         if pool.max_instances != config.plugins.max_instances
             || pool.instance_memory_bytes != config.plugins.instance_memory_bytes
+            || pool.memory_reservation != config.plugins.memory_reservation
         {
             warnings.push(format!(
-                "`plugins.max_instances` and `plugins.instance_memory_bytes` take effect after a restart (running: {} instances of {} bytes)",
-                pool.max_instances, pool.instance_memory_bytes
+                "`plugins.max_instances`, `instance_memory_bytes` and `memory_reservation` take effect after a restart (running: {} instances of {} bytes, {} reservation)",
+                pool.max_instances,
+                pool.instance_memory_bytes,
+                pool.memory_reservation.as_str()
             ));
         }
         let mut problems = Vec::new();

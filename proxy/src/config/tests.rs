@@ -237,3 +237,22 @@ fn documentation_examples_load() {
         "the README's configuration reference must be config/full.toml verbatim"
     );
 }
+
+#[test]
+fn plugin_pools_stay_within_the_address_space_limit() {
+    // The defaults fit; 4 GiB reservations bound `max_instances` well below its range, and
+    // capped reservations lift that bound.
+    assert_eq!(problems(MINIMAL), Vec::<String>::new());
+    let full = format!("{MINIMAL}\n[plugins]\nmax_instances = 5000\n");
+    let found = problems(&full);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].contains("plugins.max_instances: 5000 instances would reserve")
+            && found[0].contains("memory_reservation = \"capped\""),
+        "{found:?}"
+    );
+    let capped = format!("{full}memory_reservation = \"capped\"\n");
+    assert_eq!(problems(&capped), Vec::<String>::new());
+    let wrong = format!("{MINIMAL}\n[plugins]\nmemory_reservation = \"huge\"\n");
+    assert!(problems(&wrong)[0].contains("memory_reservation"));
+}

@@ -196,6 +196,9 @@ fn new_store(
         }
         Ok(UpdateDeadline::Yield(1))
     });
+    // A new store's deadline is the current epoch: without this, the first Wasm code that runs
+    // (component instantiation runs some) would call the callback above at once and yield.
+    store.set_epoch_deadline(1);
     store
 }
 
