@@ -24,10 +24,7 @@ use super::bindings;
 use super::cache::DiskCache;
 use super::host::HostState;
 use super::load::LoadedPlugin;
-use super::{
-    CAPPED_GUARD, FULL_GUARD, FULL_RESERVATION, MEMORIES_PER_INSTANCE, MemoryReservation,
-    PluginsConfig,
-};
+use super::{MEMORIES_PER_INSTANCE, PluginsConfig};
 
 /// How often the epoch advances. A running plugin is checked (and yields to other requests)
 /// once per tick, so this is the granularity of CPU budgets and of fairness between requests.
@@ -221,7 +218,7 @@ fn engine_config(plugins: &PluginsConfig, tier: Tier) -> Config {
         Tier::Optimized => config.cranelift_opt_level(OptLevel::Speed),
         Tier::Baseline => config.strategy(Strategy::Winch),
     };
-    let (reservation, guard) = memory_slot(plugins, tier);
+    let (reservation, guard) = plugins.memory_slot(tier);
     config
         .epoch_interruption(true)
         .memory_init_cow(true)
@@ -230,21 +227,6 @@ fn engine_config(plugins: &PluginsConfig, tier: Tier) -> Config {
         .memory_reservation_for_growth(0)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     config
-}
-
-/// The address space each instance memory of `tier` reserves, and its guard region after it.
-///
-/// With [`MemoryReservation::Full`] the optimized tier reserves all 4 GiB a 32-bit memory can
-/// address, plus a guard, so Cranelift drops the bounds check on every load and store (and the
-/// guard catches what would be out of bounds): about 20% faster on a 20 KB reshape. The
-/// baseline tier serves only until its plugin's optimized code is ready, so it stays capped
-/// and the address space reserved is counted once, not twice (see
-/// [`PluginsConfig::reserved_address_space`]).
-fn memory_slot(plugins: &PluginsConfig, tier: Tier) -> (u64, u64) {
-    match (plugins.memory_reservation, tier) {
-        (MemoryReservation::Full, Tier::Optimized) => (FULL_RESERVATION, FULL_GUARD),
-        _ => (plugins.instance_memory_bytes, CAPPED_GUARD),
-    }
 }
 
 /// Plugins serving on baseline code, each waiting for its optimized compile; and compiles
