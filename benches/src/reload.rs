@@ -247,6 +247,10 @@ fn get_header(addr: SocketAddr, path: &str, header: &str) -> anyhow::Result<Opti
 const VERSION_HEADER: &str = "x-bff-plugin-versions";
 /// How often part 1 asks whether the new version serves.
 const POLL: Duration = Duration::from_millis(2);
+/// How long a shipped version may take to serve before the run fails: a bound against hanging,
+/// not a target (a release build takes ~130 ms; the debug-built smoke test, sharing two cores
+/// with the other benchmarks' load, has needed more than 30 s).
+const SERVE_BOUND: Duration = Duration::from_secs(120);
 
 /// A config with `routes` (TOML), the plugin dir, the given cache setting and debounce.
 fn config(
@@ -332,8 +336,9 @@ fn swap_and_wait(
             return Ok(settled.elapsed());
         }
         anyhow::ensure!(
-            settled.elapsed() < Duration::from_secs(30),
-            "version {want} did not serve within 30 s"
+            settled.elapsed() < SERVE_BOUND,
+            "version {want} did not serve within {} s",
+            SERVE_BOUND.as_secs()
         );
         // Every 2 ms: fine enough for figures in the hundreds of ms, and light enough not to
         // take the CPU from the (low-priority) compile it is waiting for.
