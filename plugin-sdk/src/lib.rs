@@ -59,6 +59,8 @@
 
 extern crate self as bff_plugin_sdk;
 
+#[cfg(any(test, all(target_family = "wasm", feature = "allocator")))]
+mod alloc;
 mod host;
 pub mod json;
 pub mod template;
@@ -66,6 +68,12 @@ mod types;
 
 #[cfg(target_family = "wasm")]
 mod guest;
+
+/// Every plugin built with the SDK allocates with [`alloc`]'s heap, made for one-request
+/// instances (disable the default `allocator` feature to bring another).
+#[cfg(all(target_family = "wasm", feature = "allocator"))]
+#[global_allocator]
+static ALLOCATOR: alloc::Allocator = alloc::Allocator::new();
 #[cfg(not(target_family = "wasm"))]
 pub mod testing;
 

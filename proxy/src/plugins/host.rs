@@ -436,8 +436,10 @@ pub(crate) fn headers_from_wit(fields: Vec<(String, String)>) -> Result<http::He
 
 // === Limits ===
 
-/// Caps linear memory growth and remembers that it did, so a trap that follows (a Rust guest
-/// aborts when allocation fails) is reported as the memory limit, not a generic trap.
+/// Caps linear memory growth and remembers whether the last grow was refused, so a trap that
+/// follows (a Rust guest aborts when allocation fails) is reported as the memory limit, not a
+/// generic trap. Only the last attempt counts: an allocator that asks for a big step first and
+/// then for just what it needs (the SDK's does) has not hit the limit when the second succeeds.
 #[derive(Debug)]
 pub(crate) struct MemoryLimiter {
     max_bytes: usize,
@@ -451,11 +453,8 @@ impl ResourceLimiter for MemoryLimiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.max_bytes {
-            self.hit = true;
-            return Ok(false);
-        }
-        Ok(true)
+        self.hit = desired > self.max_bytes;
+        Ok(!self.hit)
     }
 
     fn table_growing(
