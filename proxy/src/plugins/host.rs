@@ -59,7 +59,9 @@ type CallResult = Result<types::Response, types::PluginError>;
 
 /// Store data of one plugin instance.
 pub(crate) struct HostState {
-    wasi: WasiCtx,
+    /// Built on the guest's first WASI call: most hops make none (an SDK plugin that neither
+    /// prints, panics nor asks for randomness), and building one costs a few µs per instance.
+    wasi: Option<Wasi>,
     table: ResourceTable,
     pub(crate) limiter: MemoryLimiter,
     pub(crate) meter: Arc<CpuMeter>,
@@ -69,8 +71,6 @@ pub(crate) struct HostState {
     /// `None` while the plugin is being loaded (`init`): no request, so no `send`.
     scope: Option<Arc<RequestScope>>,
     calls: Vec<Option<AbortOnDropHandle<CallResult>>>,
-    stdout: MemoryOutputPipe,
-    stderr: MemoryOutputPipe,
     /// How much of stdout/stderr has been logged already.
     logged: (usize, usize),
     /// The plugin version's metrics (`None` while loading).
@@ -103,6 +103,35 @@ impl std::fmt::Debug for HostState {
     }
 }
 
+/// An instance's WASI context and the pipes its stdout and stderr write to.
+struct Wasi {
+    ctx: WasiCtx,
+    stdout: MemoryOutputPipe,
+    stderr: MemoryOutputPipe,
+}
+
+impl Wasi {
+    /// Deny by default: no args, env, preopened directories or sockets; the wall clock is
+    /// pinned to the epoch so a plugin cannot observe time except by the monotonic clock.
+    fn deny_by_default() -> Self {
+        let stdout = MemoryOutputPipe::new(STDIO_CAPACITY);
+        let stderr = MemoryOutputPipe::new(STDIO_CAPACITY);
+        let ctx = WasiCtx::builder()
+            .stdout(stdout.clone())
+            .stderr(stderr.clone())
+            .wall_clock(FrozenWallClock)
+            .allow_ip_name_lookup(false)
+            .allow_tcp(false)
+            .allow_udp(false)
+            .build();
+        Self {
+            ctx,
+            stdout,
+            stderr,
+        }
+    }
+}
+
 impl HostState {
     pub(crate) fn new(
         plugin: Arc<str>,
@@ -112,20 +141,8 @@ impl HostState {
         series: Option<Arc<PluginSeries>>,
         instances: prometheus::IntGauge,
     ) -> Self {
-        let stdout = MemoryOutputPipe::new(STDIO_CAPACITY);
-        let stderr = MemoryOutputPipe::new(STDIO_CAPACITY);
-        // Deny by default: no args, env, preopened directories or sockets; the wall clock is
-        // pinned to the epoch so a plugin cannot observe time except by the monotonic clock.
-        let wasi = WasiCtx::builder()
-            .stdout(stdout.clone())
-            .stderr(stderr.clone())
-            .wall_clock(FrozenWallClock)
-            .allow_ip_name_lookup(false)
-            .allow_tcp(false)
-            .allow_udp(false)
-            .build();
         Self {
-            wasi,
+            wasi: None,
             table: ResourceTable::new(),
             limiter: MemoryLimiter {
                 max_bytes: usize::try_from(limits.max_memory_bytes).unwrap_or(usize::MAX),
@@ -137,8 +154,6 @@ impl HostState {
             limits,
             scope,
             calls: Vec::new(),
-            stdout,
-            stderr,
             logged: (0, 0),
             series,
             _alive: Alive::new(instances),
@@ -148,8 +163,11 @@ impl HostState {
     /// Logs what the guest wrote to stdout/stderr since the last flush, one event per line.
     /// Returns the stderr text of this flush (a Rust panic message lands there).
     pub(crate) fn flush_stdio(&mut self) -> String {
-        let out = self.stdout.contents();
-        let err = self.stderr.contents();
+        let Some(wasi) = &self.wasi else {
+            return String::new();
+        };
+        let out = wasi.stdout.contents();
+        let err = wasi.stderr.contents();
         let new_out = &out[self.logged.0.min(out.len())..];
         let new_err = &err[self.logged.1.min(err.len())..];
         let request_id = self.request_id();
@@ -185,7 +203,7 @@ impl HostState {
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
-            ctx: &mut self.wasi,
+            ctx: &mut self.wasi.get_or_insert_with(Wasi::deny_by_default).ctx,
             table: &mut self.table,
         }
     }
