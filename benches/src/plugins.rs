@@ -4,7 +4,8 @@
 //! 1. **Hop**: one `fields` reshape of a 1 KB and a 20 KB JSON body, done natively in the host
 //!    (the plugin crate's own `Fields::reshape`, linked as a Rust library: parse, reshape,
 //!    serialize) and as the isolated Wasm hop a request pays (fresh instance from the pool,
-//!    config parsed, body copied in, the same reshape, body copied out), interleaved.
+//!    config parsed, body copied in, the same reshape, body copied out), alternating every
+//!    2 ms so both see the same machine state.
 //! 2. **Chain**: requests/s and latency through bff-proxy for a route with three body-reading
 //!    plugins next to the same route without plugins (same upstream, same load).
 //! 3. **Aggregation**: `aggregate` calling three services that each answer after 20 ms; the
@@ -135,25 +136,56 @@ pub struct OpStats {
     pub p99_us: f64,
 }
 
-/// Runs `op` repeatedly for `duration`, timing each call.
-fn time_ops(duration: Duration, mut op: impl FnMut()) -> OpStats {
-    let mut hist =
-        Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("valid histogram bounds");
-    let start = Instant::now();
-    let mut n = 0u64;
-    while start.elapsed() < duration {
-        let t = Instant::now();
-        op();
-        let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        let _ = hist.record(ns.max(1));
-        n += 1;
+/// Per-call times of one operation, and the time spent in it.
+struct OpTimer {
+    hist: Histogram<u64>,
+    busy: Duration,
+}
+
+impl OpTimer {
+    fn new() -> Self {
+        Self {
+            hist: Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("valid histogram bounds"),
+            busy: Duration::ZERO,
+        }
     }
-    let secs = start.elapsed().as_secs_f64();
-    OpStats {
-        ops_per_sec: n as f64 / secs,
-        p50_us: hist.value_at_quantile(0.5) as f64 / 1000.0,
-        p99_us: hist.value_at_quantile(0.99) as f64 / 1000.0,
+
+    /// Runs `op` until `slice` has passed, timing each call.
+    fn run_for(&mut self, slice: Duration, op: &mut impl FnMut()) {
+        let start = Instant::now();
+        while start.elapsed() < slice {
+            let t = Instant::now();
+            op();
+            let ns = u64::try_from(t.elapsed().as_nanos()).unwrap_or(u64::MAX);
+            let _ = self.hist.record(ns.max(1));
+        }
+        self.busy += start.elapsed();
     }
+
+    fn stats(&self) -> OpStats {
+        OpStats {
+            ops_per_sec: self.hist.len() as f64 / self.busy.as_secs_f64(),
+            p50_us: self.hist.value_at_quantile(0.5) as f64 / 1000.0,
+            p99_us: self.hist.value_at_quantile(0.99) as f64 / 1000.0,
+        }
+    }
+}
+
+/// Runs `a` and `b` for `duration` each, alternating every 2 ms so both see the same machine:
+/// this VM switches between a fast and a slow state every few seconds, which back-to-back
+/// runs of each would turn into a ratio of states instead of a ratio of costs.
+fn time_interleaved(
+    duration: Duration,
+    mut a: impl FnMut(),
+    mut b: impl FnMut(),
+) -> (OpStats, OpStats) {
+    const SLICE: Duration = Duration::from_millis(2);
+    let (mut ta, mut tb) = (OpTimer::new(), OpTimer::new());
+    while ta.busy < duration || tb.busy < duration {
+        ta.run_for(SLICE, &mut a);
+        tb.run_for(SLICE, &mut b);
+    }
+    (ta.stats(), tb.stats())
 }
 
 /// The median (by the key) of `items`.
@@ -218,13 +250,15 @@ fn hop(plugins: &Path, size: usize, opts: &PluginOptions) -> anyhow::Result<HopR
         wasm_op(&body) == expected,
         "the Wasm hop and the native transform disagree"
     );
-    let _ = time_ops(opts.warmup, || drop(native_op(&body)));
-    let _ = time_ops(opts.warmup, || drop(wasm_op(&body)));
+    let native_loop = || drop(native_op(&body));
+    let wasm_loop = || drop(wasm_op(&body));
+    let _ = time_interleaved(opts.warmup, native_loop, wasm_loop);
     let mut natives = Vec::new();
     let mut wasms = Vec::new();
     for _ in 0..opts.rounds {
-        natives.push(time_ops(opts.duration, || drop(native_op(&body))));
-        wasms.push(time_ops(opts.duration, || drop(wasm_op(&body))));
+        let (n, w) = time_interleaved(opts.duration, native_loop, wasm_loop);
+        natives.push(n);
+        wasms.push(w);
     }
     Ok(HopResult {
         body_bytes: body.len(),
