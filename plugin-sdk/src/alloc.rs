@@ -233,6 +233,12 @@ mod wasm {
     #[cfg(not(target_feature = "atomics"))]
     unsafe impl Sync for Allocator {}
 
+    #[cfg(target_feature = "atomics")]
+    compile_error!(
+        "the SDK's allocator is single-threaded: for a threaded Wasm target, depend on \
+         bff-plugin-sdk with `default-features = false` and bring an allocator"
+    );
+
     impl Allocator {
         pub(crate) const fn new() -> Self {
             Self(UnsafeCell::new(Heap::new(0, 0)))
