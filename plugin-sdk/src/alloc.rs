@@ -111,12 +111,10 @@ impl Heap {
     /// hold as much, when the memory did not grow contiguously).
     fn grow_to(&mut self, stop: usize, memory: &mut impl Memory) -> Option<()> {
         let (start, end) = memory.grow(stop - self.end)?;
-        if start == self.end {
-            self.end = end;
-        } else {
+        if start != self.end {
             self.next = start;
-            self.end = end;
         }
+        self.end = end;
         Some(())
     }
 
@@ -330,6 +328,13 @@ mod tests {
         Layout::from_size_align(size, align).expect("valid layout")
     }
 
+    /// Whether the `len` bytes at `addr` all hold `fill`.
+    fn filled(addr: usize, len: usize, fill: u8) -> bool {
+        // SAFETY (test): `addr` is a live block of at least `len` bytes.
+        let bytes = unsafe { core::slice::from_raw_parts(addr as *const u8, len) };
+        bytes.iter().all(|&b| b == fill)
+    }
+
     #[test]
     fn size_classes_are_powers_of_two_from_16() {
         assert_eq!(class_of(0), Some(0));
@@ -443,20 +448,12 @@ mod tests {
                 let q = unsafe { heap.realloc(p as *mut u8, l, new_size, &mut mem) };
                 assert!(!q.is_null(), "op {i}: out of memory");
                 let kept = l.size().min(new_size);
-                let bytes = unsafe { core::slice::from_raw_parts(q, kept) };
-                assert!(
-                    bytes.iter().all(|&b| b == fill),
-                    "op {i}: realloc lost data"
-                );
+                assert!(filled(q as usize, kept, fill), "op {i}: realloc lost data");
                 unsafe { q.add(kept).write_bytes(fill, new_size - kept) };
                 live.push((q as usize, layout(new_size, l.align()), fill));
             } else {
                 let (p, l, fill) = live.swap_remove(next(live.len() as u64) as usize);
-                let bytes = unsafe { core::slice::from_raw_parts(p as *const u8, l.size()) };
-                assert!(
-                    bytes.iter().all(|&b| b == fill),
-                    "op {i}: block overwritten"
-                );
+                assert!(filled(p, l.size(), fill), "op {i}: block overwritten");
                 unsafe { heap.dealloc(p as *mut u8, l) };
             }
         }
@@ -468,8 +465,7 @@ mod tests {
         for (p, l, fill) in live {
             assert_eq!(p % l.align(), 0, "misaligned");
             assert!(p >= lo && p + l.size() <= hi, "outside the arena");
-            let bytes = unsafe { core::slice::from_raw_parts(p as *const u8, l.size()) };
-            assert!(bytes.iter().all(|&b| b == fill), "block overwritten");
+            assert!(filled(p, l.size(), fill), "block overwritten");
         }
     }
 }

@@ -74,6 +74,7 @@ mod guest;
 #[cfg(all(target_family = "wasm", feature = "allocator"))]
 #[global_allocator]
 static ALLOCATOR: alloc::Allocator = alloc::Allocator::new();
+
 #[cfg(not(target_family = "wasm"))]
 pub mod testing;
 
