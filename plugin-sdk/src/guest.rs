@@ -156,6 +156,7 @@ fn response_to_wit(r: Response) -> wit::Response {
 
 fn capabilities_to_wit(c: Capabilities) -> wit::Capabilities {
     wit::Capabilities {
+        handles_request: c.handles_request,
         reads_request_body: c.reads_request_body,
         reads_response_body: c.reads_response_body,
         handles_response: c.handles_response,

@@ -92,7 +92,7 @@ pub use crate::types::{
 pub const CONTRACT_PACKAGE: &str = "bff:plugin";
 
 /// The contract version. The host rejects plugins built against another major version.
-pub const CONTRACT_VERSION: &str = "0.1.0";
+pub const CONTRACT_VERSION: &str = "0.2.0";
 
 /// The WIT source of the contract, for tools that want to show or check it.
 pub const WIT: &str = include_str!("../wit/plugin.wit");
@@ -114,12 +114,13 @@ pub trait Plugin: Sized + 'static {
 
     /// What the plugin needs from the proxy. Default: only `on_request`, without the request body.
     /// Declare [`Capabilities::handles_response`] (or `reads_response_body`) for `on_response`
-    /// to be called at all.
+    /// to be called at all, and [`Capabilities::response_only`] if `on_request` need not be.
     fn capabilities(&self) -> Capabilities {
         Capabilities::NONE
     }
 
-    /// The request phase, in chain order. Return [`Action::Forward`] to pass the (possibly
+    /// The request phase, in chain order (not called if the plugin declared
+    /// [`Capabilities::response_only`]). Return [`Action::Forward`] to pass the (possibly
     /// changed) request on, or [`Action::Respond`] to answer now. Default: forward unchanged.
     ///
     /// ```
@@ -187,8 +188,9 @@ fn plugin_from_config<P: Plugin>(json: &str) -> Result<P, Error> {
     P::new(config)
 }
 
-/// The capabilities as the proxy should see them: reading the response body implies handling it.
+/// The capabilities as the proxy should see them: reading a body implies handling that phase.
 fn effective(mut c: Capabilities) -> Capabilities {
+    c.handles_request |= c.reads_request_body;
     c.handles_response |= c.reads_response_body;
     c
 }
@@ -347,12 +349,54 @@ mod tests {
         assert!(plugin_from_config::<Q>(r#"{"x": 1}"#).is_err());
     }
 
+    /// Tags responses; would refuse every request, but declares it never sees them.
+    struct ResponseOnly;
+    impl Plugin for ResponseOnly {
+        type Config = NoConfig;
+        fn new(_: NoConfig) -> Result<Self, Error> {
+            Ok(ResponseOnly)
+        }
+        fn capabilities(&self) -> Capabilities {
+            Capabilities::NONE.handles_response().response_only()
+        }
+        fn on_request(&self, _: &Context, _: Request) -> Result<Action, Error> {
+            Err(Error::internal("on_request must not be called"))
+        }
+        fn on_response(&self, _: &Context, r: Response) -> Result<Response, Error> {
+            Ok(r.with_header("x-seen", "1"))
+        }
+    }
+
     #[test]
-    fn reading_the_response_body_implies_handling_it() {
+    fn the_harness_skips_on_request_of_a_response_only_plugin() {
+        let h = testing::Harness::<ResponseOnly>::new(serde_json::json!({})).expect("valid");
+        assert!(!h.capabilities().handles_request);
+        let out = h
+            .request(Request::get("/x"), |_| Response::text(200, "hi"))
+            .expect("the request phase is skipped");
+        assert_eq!(out.headers.get("x-seen"), Some("1"));
+        assert_eq!(out.body, b"hi");
+        let called = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            h.on_request(Request::get("/x"))
+        }));
+        assert!(
+            called.is_err(),
+            "on_request of a response-only plugin panics in the harness"
+        );
+    }
+
+    #[test]
+    fn reading_a_body_implies_handling_its_phase() {
         let c = effective(Capabilities {
             reads_response_body: true,
             ..Capabilities::NONE
         });
         assert!(c.handles_response);
+        let c = effective(Capabilities {
+            handles_request: false,
+            reads_request_body: true,
+            ..Capabilities::NONE
+        });
+        assert!(c.handles_request);
     }
 }

@@ -189,9 +189,15 @@ impl<P: Plugin> Harness<P> {
         self
     }
 
-    /// Runs the request phase on a fresh plugin value. The body is emptied first unless the
+    /// Runs the request phase on a fresh plugin value. Panics if the plugin declared
+    /// `response_only` (the proxy would never call it). The body is emptied first unless the
     /// plugin declared `reads_request_body`, as the proxy does.
     pub fn on_request(&self, mut request: Request) -> Result<Action, Error> {
+        assert!(
+            self.capabilities.handles_request,
+            "the proxy never calls on_request of this plugin: its capabilities() declare \
+             response_only"
+        );
         if !self.capabilities.reads_request_body {
             request.body.clear();
         }
@@ -213,9 +219,9 @@ impl<P: Plugin> Harness<P> {
         self.run(|p| p.on_response(&self.context, response))
     }
 
-    /// Runs one whole request through the plugin as the only one in its chain: the request phase,
-    /// then (if it forwarded) `upstream` with the forwarded request, then the response phase if
-    /// the plugin handles responses. Both phases use one plugin value, like one instance in the
+    /// Runs one whole request through the plugin as the only one in its chain: the request phase
+    /// if the plugin handles requests, then (if it forwarded) `upstream` with the forwarded
+    /// request, then the response phase if the plugin handles responses. Both phases use one plugin value, like one instance in the
     /// proxy. Returns what the client would get.
     pub fn request(
         &self,
@@ -226,7 +232,12 @@ impl<P: Plugin> Harness<P> {
             request.body.clear();
         }
         self.run(|p| {
-            let response = match p.on_request(&self.context, request)? {
+            let action = if self.capabilities.handles_request {
+                p.on_request(&self.context, request)?
+            } else {
+                Action::Forward(request)
+            };
+            let response = match action {
                 Action::Respond(r) => return Ok(r),
                 Action::Forward(r) => upstream(r),
             };

@@ -328,10 +328,16 @@ pub enum Action {
 }
 
 /// What a plugin needs from the proxy, declared once when it loads, so that bodies are buffered
-/// and hooks called only when needed. All off by default.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// and hooks called only when needed. Start from [`Capabilities::NONE`] (what a plugin gets by
+/// default: `on_request` without the request body, no `on_response`) and add what you use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Capabilities {
-    /// Hand the request body to [`Plugin::on_request`](crate::Plugin::on_request).
+    /// Call [`Plugin::on_request`](crate::Plugin::on_request) at all. On by default; turn it off
+    /// with [`response_only`](Capabilities::response_only) in a plugin that only works on
+    /// responses, so the proxy skips it in the request phase.
+    pub handles_request: bool,
+    /// Hand the request body to [`Plugin::on_request`](crate::Plugin::on_request) (implies
+    /// `handles_request`).
     pub reads_request_body: bool,
     /// Hand the response body to [`Plugin::on_response`](crate::Plugin::on_response) (implies
     /// `handles_response`).
@@ -340,9 +346,16 @@ pub struct Capabilities {
     pub handles_response: bool,
 }
 
+impl Default for Capabilities {
+    fn default() -> Self {
+        Self::NONE
+    }
+}
+
 impl Capabilities {
-    /// Nothing: only `on_request` is called, without the request body.
+    /// The default: only `on_request` is called, without the request body.
     pub const NONE: Self = Self {
+        handles_request: true,
         reads_request_body: false,
         reads_response_body: false,
         handles_response: false,
@@ -351,6 +364,7 @@ impl Capabilities {
     /// Also hand the request body to `on_request`.
     pub const fn reads_request_body(mut self) -> Self {
         self.reads_request_body = true;
+        self.handles_request = true;
         self
     }
 
@@ -364,6 +378,22 @@ impl Capabilities {
     /// Call `on_response`, without the response body (headers and status only).
     pub const fn handles_response(mut self) -> Self {
         self.handles_response = true;
+        self
+    }
+
+    /// Do not call `on_request`: the plugin only works on responses (it also declares
+    /// `handles_response` or `reads_response_body`). The proxy then skips it in the request
+    /// phase and creates its instance only when the response phase reaches it, which saves the
+    /// request's head crossing into the plugin and back.
+    ///
+    /// ```
+    /// # use bff_plugin_sdk::Capabilities;
+    /// let trims_json = Capabilities::NONE.reads_response_body().response_only();
+    /// assert!(!trims_json.handles_request && trims_json.reads_response_body);
+    /// ```
+    pub const fn response_only(mut self) -> Self {
+        self.handles_request = false;
+        self.reads_request_body = false;
         self
     }
 }
@@ -515,5 +545,12 @@ mod tests {
     fn capabilities_builders() {
         let c = Capabilities::NONE.reads_response_body();
         assert!(c.handles_response && c.reads_response_body && !c.reads_request_body);
+        assert!(
+            c.handles_request,
+            "on_request is called unless a plugin opts out"
+        );
+        assert_eq!(Capabilities::default(), Capabilities::NONE);
+        let r = Capabilities::NONE.reads_request_body().response_only();
+        assert!(!r.handles_request && !r.reads_request_body);
     }
 }

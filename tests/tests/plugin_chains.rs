@@ -63,6 +63,62 @@ chain = [{ plugin = "probe", config = { name = "a" } }, { plugin = "probe", conf
     assert_eq!(echo.header("x-bff-client"), Some("web"));
 }
 
+/// The sum of `bff_plugin_invocations_total` samples of the probe plugin in `phase`, outcome ok.
+async fn probe_calls(proxy: &TestProxy, phase: &str) -> f64 {
+    let prefix =
+        format!(r#"bff_plugin_invocations_total{{outcome="ok",phase="{phase}",plugin="probe","#);
+    proxy
+        .metrics()
+        .await
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn response_only_plugins_skip_the_request_phase() {
+    let up = Upstream::echo("up").await;
+    let routes = r#"
+[[routes]]
+id = "ro"
+path = "/ro"
+service = "up"
+chain = [{ plugin = "probe", config = { name = "a", handles_request = false } }, { plugin = "probe", config = { name = "b" } }, { plugin = "probe", config = { name = "c", handles_request = false } }]
+
+[[routes]]
+id = "ro-answer"
+path = "/ro-answer"
+chain = [{ plugin = "probe", config = { name = "a", handles_request = false } }, { plugin = "probe", config = { mode = "respond" } }, { plugin = "probe", config = { name = "never", handles_request = false } }]
+"#;
+    let proxy = TestProxy::start(&config(&up.url(), routes)).await;
+    for _ in 0..3 {
+        let resp = get(proxy.addr(), "/ro", &[]).await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        let echo = resp.echo();
+        assert_eq!(
+            echo.header("x-probe-order"),
+            Some("b"),
+            "only b handles requests"
+        );
+        assert_eq!(echo.header("x-probe-a"), None);
+        // Every step still runs in the response phase, in reverse order.
+        assert_eq!(resp.header("x-probe-response-order"), Some("c,b,a"));
+    }
+    assert_eq!(probe_calls(&proxy, "request").await, 3.0);
+    assert_eq!(probe_calls(&proxy, "response").await, 9.0);
+
+    // A plugin that answers ends the chain; response-only steps before it still run.
+    let resp = get(proxy.addr(), "/ro-answer", &[]).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.header("x-probe-response-order"), Some("a"));
+    assert_eq!(
+        up.received().len(),
+        3,
+        "the answered request never reached the upstream"
+    );
+}
+
 #[tokio::test]
 async fn a_plugin_can_answer_with_context_and_shared_values() {
     let up = Upstream::echo("up").await;
@@ -272,7 +328,18 @@ async fn bad_plugins_fail_the_load_with_clear_reasons() {
         "[[routes]]\nid = \"o\"\npath = \"/o\"\nchain = [{ plugin = \"old_contract\" }]\n",
     )
     .await;
-    assert!(old.contains("0.2.0") && old.contains("0.1.0"), "{old}");
+    assert!(
+        old.contains("built against plugin contract bff:plugin@0.1.0")
+            && old.contains("this proxy implements bff:plugin@0.2.0"),
+        "{old}"
+    );
+
+    let idle = load_problems(
+        "[[routes]]\nid = \"i\"\npath = \"/i\"\nchain = [{ plugin = \"probe\", config = { handles_request = false, handles_response = false } }]\n",
+    )
+    .await;
+    assert!(idle.contains("routes[1].chain[0]"), "{idle}");
+    assert!(idle.contains("would never be called"), "{idle}");
 
     let rejected = load_problems(
         "[[routes]]\nid = \"r\"\npath = \"/r\"\nchain = [{ plugin = \"probe\", config = { mode = \"reject-config\" } }]\n",

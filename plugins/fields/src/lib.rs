@@ -138,7 +138,7 @@ impl Plugin for Fields {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::NONE.reads_response_body()
+        Capabilities::NONE.reads_response_body().response_only()
     }
 
     fn on_response(&self, _ctx: &Context, mut response: Response) -> Result<Response, Error> {
@@ -231,6 +231,10 @@ mod tests {
     fn runs_as_a_response_phase_plugin() {
         let h = Harness::<Fields>::new(json!({"allow": ["a"]})).expect("valid");
         assert!(h.capabilities().reads_response_body);
+        assert!(
+            !h.capabilities().handles_request,
+            "never called in the request phase"
+        );
         let out = h
             .request(Request::get("/x"), |_| {
                 Response::json(200, &json!({"a": 1, "b": 2})).expect("json")

@@ -214,11 +214,11 @@ impl Plugin for HeaderRules {
     }
 
     fn capabilities(&self) -> Capabilities {
-        if self.response.is_empty() {
-            Capabilities::NONE
-        } else {
+        match (self.request.is_empty(), self.response.is_empty()) {
+            (_, true) => Capabilities::NONE,
             // Headers only: the body streams past the plugin.
-            Capabilities::NONE.handles_response()
+            (false, false) => Capabilities::NONE.handles_response(),
+            (true, false) => Capabilities::NONE.handles_response().response_only(),
         }
     }
 
@@ -286,7 +286,11 @@ mod tests {
             "remove": ["server", "x-powered-by", "x-internal-*"],
             "set": {"cache-control": "private, max-age=60"}
         }}));
-        assert_eq!(h.capabilities(), Capabilities::NONE.handles_response());
+        assert_eq!(
+            h.capabilities(),
+            Capabilities::NONE.handles_response().response_only(),
+            "no request phase"
+        );
         let resp = Response::text(200, "hi")
             .with_header("server", "orders/1.4 (internal-7)")
             .with_header("x-internal-host", "10.0.3.7")

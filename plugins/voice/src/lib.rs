@@ -157,7 +157,7 @@ impl Plugin for Voice {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::NONE.reads_response_body()
+        Capabilities::NONE.reads_response_body().response_only()
     }
 
     fn on_response(&self, _ctx: &Context, response: Response) -> Result<Response, Error> {

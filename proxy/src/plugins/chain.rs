@@ -1,8 +1,9 @@
 //! Runs a route's chain for one request: the request phase in chain order, the upstream (unless a
 //! plugin answered), then the response phase in reverse order.
 //!
-//! Every plugin gets a fresh instance per request (the same instance serves both phases), so no
-//! data of one request can leak into another. Bodies are buffered only when a plugin declared it
+//! Every plugin gets a fresh instance per request (the same instance serves both phases; a
+//! response-only plugin gets it when the response phase reaches it), so no data of one request
+//! can leak into another. Bodies are buffered only when a plugin declared it
 //! reads them; otherwise they stream straight through as on a route without plugins. Whatever a
 //! plugin returns is validated (method, path, header names and values, status) before use.
 
@@ -276,6 +277,23 @@ struct Live {
     step: usize,
 }
 
+/// A step the response phase will call: its instance from the request phase, or, for a
+/// response-only step (no `handles-request`), none yet: it is created when the response phase
+/// reaches the step, so it holds no memory while the upstream answers.
+enum Pending {
+    Live(Live),
+    Deferred(usize),
+}
+
+impl Pending {
+    fn step(&self) -> usize {
+        match self {
+            Self::Live(l) => l.step,
+            Self::Deferred(i) => *i,
+        }
+    }
+}
+
 impl Chain {
     pub(crate) fn new(
         route: Arc<str>,
@@ -371,9 +389,14 @@ impl Chain {
             Some(q) => format!("{path}?{q}"),
             None => path,
         };
-        let mut live: Vec<Live> = Vec::with_capacity(self.steps.len());
+        let mut pending: Vec<Pending> = Vec::with_capacity(self.steps.len());
         let mut answered: Option<types::Response> = None;
         for (i, step) in self.steps.iter().enumerate() {
+            if !step.caps.handles_request {
+                // Response-only: no instance until the response phase reaches it.
+                pending.push(Pending::Deferred(i));
+                continue;
+            }
             let mut l = match self.instantiate(i, step, &scope).await {
                 Ok(l) => l,
                 Err(kind) => {
@@ -419,7 +442,7 @@ impl Chain {
             match outcome {
                 Ok(None) => {
                     if step.caps.handles_response {
-                        live.push(l);
+                        pending.push(Pending::Live(l));
                     }
                 }
                 Ok(Some(resp)) => {
@@ -431,9 +454,9 @@ impl Chain {
         }
 
         // Upstream (unless a plugin answered), then the response phase in reverse order.
-        let reads_response = live
+        let reads_response = pending
             .iter()
-            .any(|l| self.steps[l.step].caps.reads_response_body);
+            .any(|p| self.steps[p.step()].caps.reads_response_body);
         let (mut head, mut resp_body) = match answered {
             Some(resp) => {
                 let (head, body) = response_from_wit(resp)
@@ -484,8 +507,19 @@ impl Chain {
             }
         };
 
-        for mut l in live.into_iter().rev() {
-            let step = &self.steps[l.step];
+        for p in pending.into_iter().rev() {
+            let step = &self.steps[p.step()];
+            let mut l = match p {
+                Pending::Live(l) => l,
+                Pending::Deferred(i) => match self.instantiate(i, step, &scope).await {
+                    Ok(l) => l,
+                    Err(kind) => {
+                        step.series.count(Phase::Response, kind.label());
+                        self.skip_or_fail(step, kind)?;
+                        continue;
+                    }
+                },
+            };
             let reads = step.caps.reads_response_body;
             if reads && let ResponseBody::Stream(_) = resp_body {
                 resp_body =

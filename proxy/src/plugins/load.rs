@@ -31,7 +31,7 @@ use crate::config::Config;
 
 /// The contract version this host implements: `package bff:plugin@CONTRACT_VERSION` in
 /// `plugin-sdk/wit/plugin.wit` (a test keeps the two equal).
-pub(crate) const CONTRACT_VERSION: (u64, u64, u64) = (0, 1, 0);
+pub(crate) const CONTRACT_VERSION: (u64, u64, u64) = (0, 2, 0);
 const HOOKS_EXPORT: &str = "bff:plugin/hooks";
 
 /// Components compiled but not serving kept in memory (a rollback to one is instant).
@@ -835,15 +835,29 @@ pub(crate) async fn init(
         new_instance(runtime, plugin, config_json.clone(), limits, None, None).await;
     let instance = instance.map_err(|e| format!("cannot be instantiated: {}", first_line(&e)))?;
     let hooks = instance.bff_plugin_hooks();
-    super::chain::guarded!(store, limits, hooks.call_init(&mut store, &config_json)).map_err(|f| {
-        match f {
+    let caps = super::chain::guarded!(store, limits, hooks.call_init(&mut store, &config_json))
+        .map_err(|f| match f {
             FailureKind::Error {
                 kind: types::ErrorKind::InvalidConfig,
                 message,
             } => format!("config rejected by the plugin: {message}"),
             other => format!("init failed: {other}"),
-        }
-    })
+        })?;
+    effective(caps)
+}
+
+/// The capabilities the chain goes by: reading a phase's body implies handling that phase
+/// (whatever toolchain built the plugin), and a plugin must handle at least one phase.
+fn effective(mut caps: types::Capabilities) -> Result<types::Capabilities, String> {
+    caps.handles_request |= caps.reads_request_body;
+    caps.handles_response |= caps.reads_response_body;
+    if !caps.handles_request && !caps.handles_response {
+        return Err(
+            "declares neither handles-request nor handles-response: it would never be called"
+                .into(),
+        );
+    }
+    Ok(caps)
 }
 
 fn first_line(e: &wasmtime::Error) -> String {
@@ -853,6 +867,34 @@ fn first_line(e: &wasmtime::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn caps(flags: (bool, bool, bool, bool)) -> types::Capabilities {
+        types::Capabilities {
+            handles_request: flags.0,
+            reads_request_body: flags.1,
+            handles_response: flags.2,
+            reads_response_body: flags.3,
+        }
+    }
+
+    fn flags(c: types::Capabilities) -> (bool, bool, bool, bool) {
+        (
+            c.handles_request,
+            c.reads_request_body,
+            c.handles_response,
+            c.reads_response_body,
+        )
+    }
+
+    #[test]
+    fn reading_a_body_implies_its_phase_and_some_phase_is_required() {
+        let both = effective(caps((false, true, false, true))).expect("both phases");
+        assert_eq!(flags(both), (true, true, true, true));
+        let response = effective(caps((false, false, true, false))).expect("response only");
+        assert_eq!(flags(response), (false, false, true, false));
+        let none = effective(caps((false, false, false, false))).expect_err("never called");
+        assert!(none.contains("never be called"), "{none}");
+    }
 
     #[test]
     fn contract_version_matches_the_wit() {

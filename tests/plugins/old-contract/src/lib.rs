@@ -1,5 +1,6 @@
-//! `old-contract`: a plugin built against `bff:plugin@0.2.0`, which the host must refuse at load
-//! time with an error naming both versions.
+//! `old-contract`: a plugin built against `bff:plugin@0.1.0` (the contract before
+//! `handles-request`), which the host must refuse at load time with an error naming both
+//! versions.
 
 wit_bindgen::generate!({ path: "wit", world: "plugin" });
 

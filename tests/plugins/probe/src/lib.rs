@@ -138,6 +138,7 @@ impl exports::bff::plugin::hooks::Guest for Probe {
             _ => {}
         }
         Ok(Capabilities {
+            handles_request: flag(&cfg, "handles_request", true),
             reads_request_body: flag(&cfg, "reads_request_body", false),
             reads_response_body: flag(&cfg, "reads_response_body", false),
             handles_response: flag(&cfg, "handles_response", true),
