@@ -485,15 +485,51 @@ impl ResourceLimiter for MemoryLimiter {
     }
 }
 
-/// CPU time a plugin call has used: the time its future spent being polled (the guest running,
-/// or host code it called), which leaves out time waiting on upstream calls and time queued
-/// behind other tasks after a cooperative yield.
+/// CPU time a plugin call has used, for its CPU budget and the plugin metrics.
+///
+/// Metered per poll of the call's future (the guest running, or host code it called), so time
+/// waiting on upstream calls never counts. A poll ends at the latest at the first epoch tick after
+/// it starts (the epoch callback yields), so it runs the guest for at most about one tick. Polls
+/// are therefore counted by wall time capped at [`UNMEASURED_POLL_CAP`], which costs nothing and
+/// keeps a thread that the OS preempted mid-poll from charging the plugin for the wait; once a
+/// call has used [`MEASURE_AFTER`], its polls are measured with the thread's own CPU clock
+/// (`CLOCK_THREAD_CPUTIME_ID`, a system call, so only for calls that run that long). A loaded
+/// machine then slows a plugin down but does not fail it for CPU it did not use.
 #[derive(Debug)]
 pub(crate) struct CpuMeter {
     base: Instant,
     used_nanos: AtomicU64,
     /// Start of the poll in progress, in nanoseconds since `base`; `u64::MAX` when idle.
     poll_start: AtomicU64,
+    /// The thread's CPU clock at the start of the poll in progress, when it is measured;
+    /// `u64::MAX` otherwise.
+    poll_cpu_start: AtomicU64,
+}
+
+/// Most a poll counts when its CPU time is not measured: the epoch callback ends every poll
+/// about one [`EPOCH_TICK`](super::runtime::EPOCH_TICK) after it starts; twice that allows for a
+/// late ticker.
+const UNMEASURED_POLL_CAP: u64 = 2 * tick_nanos();
+/// A call that has used this much gets its polls measured with the thread's CPU clock.
+const MEASURE_AFTER: u64 = tick_nanos();
+
+const fn tick_nanos() -> u64 {
+    super::runtime::EPOCH_TICK.as_nanos() as u64
+}
+
+/// The calling thread's CPU time in nanoseconds (`None` where there is no such clock).
+fn thread_cpu_nanos() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+        let secs = u64::try_from(t.tv_sec).ok()?;
+        let nanos = u64::try_from(t.tv_nsec).ok()?;
+        secs.checked_mul(1_000_000_000)?.checked_add(nanos)
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
 }
 
 impl CpuMeter {
@@ -502,6 +538,7 @@ impl CpuMeter {
             base: Instant::now(),
             used_nanos: AtomicU64::new(0),
             poll_start: AtomicU64::new(u64::MAX),
+            poll_cpu_start: AtomicU64::new(u64::MAX),
         }
     }
 
@@ -514,14 +551,44 @@ impl CpuMeter {
         self.used_nanos.store(0, Ordering::Relaxed);
     }
 
-    /// CPU used by the current call so far, the poll in progress included.
+    /// CPU used by the current call so far, the poll in progress included. Called on the
+    /// polling thread (the epoch callback) or between polls.
     pub(crate) fn used(&self) -> Duration {
-        let mut used = self.used_nanos.load(Ordering::Relaxed);
+        Duration::from_nanos(self.used_nanos.load(Ordering::Relaxed) + self.in_poll())
+    }
+
+    /// What the poll in progress has used so far (0 between polls).
+    fn in_poll(&self) -> u64 {
         let start = self.poll_start.load(Ordering::Relaxed);
-        if start != u64::MAX {
-            used += self.now_nanos().saturating_sub(start);
+        if start == u64::MAX {
+            return 0;
         }
-        Duration::from_nanos(used)
+        let cpu_start = self.poll_cpu_start.load(Ordering::Relaxed);
+        // The CPU clock is a system call: read only for a poll measured by it.
+        let cpu_now = (cpu_start != u64::MAX).then(thread_cpu_nanos).flatten();
+        match cpu_now {
+            Some(cpu) => cpu.saturating_sub(cpu_start),
+            None => self
+                .now_nanos()
+                .saturating_sub(start)
+                .min(UNMEASURED_POLL_CAP),
+        }
+    }
+
+    fn start_poll(&self) {
+        let cpu_start = if self.used_nanos.load(Ordering::Relaxed) >= MEASURE_AFTER {
+            thread_cpu_nanos().unwrap_or(u64::MAX)
+        } else {
+            u64::MAX
+        };
+        self.poll_cpu_start.store(cpu_start, Ordering::Relaxed);
+        self.poll_start.store(self.now_nanos(), Ordering::Relaxed);
+    }
+
+    fn end_poll(&self) {
+        let spent = self.in_poll();
+        self.poll_start.store(u64::MAX, Ordering::Relaxed);
+        self.used_nanos.fetch_add(spent, Ordering::Relaxed);
     }
 }
 
@@ -545,12 +612,9 @@ impl<F: Future> Future for Metered<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let start = this.meter.now_nanos();
-        this.meter.poll_start.store(start, Ordering::Relaxed);
+        this.meter.start_poll();
         let out = this.inner.poll(cx);
-        let spent = this.meter.now_nanos().saturating_sub(start);
-        this.meter.poll_start.store(u64::MAX, Ordering::Relaxed);
-        this.meter.used_nanos.fetch_add(spent, Ordering::Relaxed);
+        this.meter.end_poll();
         out
     }
 }
@@ -566,5 +630,71 @@ impl wasmtime_wasi::HostWallClock for FrozenWallClock {
 
     fn now(&self) -> Duration {
         Duration::ZERO
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Polls a future that runs `f` once, inside the meter, as one poll of a plugin call.
+    fn poll_once(meter: &Arc<CpuMeter>, f: impl FnOnce()) {
+        let mut f = Some(f);
+        let call = std::future::poll_fn(move |_| {
+            if let Some(f) = f.take() {
+                f();
+            }
+            Poll::Ready(())
+        });
+        let mut metered = std::pin::pin!(Metered::new(call, meter.clone()));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(metered.as_mut().poll(&mut cx).is_ready());
+    }
+
+    /// Uses `cpu` of this thread's CPU time (by its CPU clock: however long that takes).
+    fn burn(cpu: Duration) {
+        let clock = || thread_cpu_nanos().expect("a thread CPU clock");
+        let until = clock() + u64::try_from(cpu.as_nanos()).expect("small");
+        let mut x = 0u64;
+        while clock() < until {
+            x = std::hint::black_box(x.wrapping_add(1));
+        }
+    }
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_short_poll_is_charged_its_wall_time_capped() {
+        let meter = Arc::new(CpuMeter::new());
+        poll_once(&meter, || burn(MS));
+        let used = meter.used();
+        assert!(used >= MS, "{used:?}");
+        // Preempted (here: asleep) for 60 ms: charged at most the cap, not the wait.
+        meter.reset();
+        poll_once(&meter, || std::thread::sleep(60 * MS));
+        let used = meter.used();
+        assert!(
+            used <= Duration::from_nanos(UNMEASURED_POLL_CAP),
+            "{used:?}"
+        );
+    }
+
+    #[test]
+    fn a_long_call_is_charged_the_cpu_it_used() {
+        let meter = Arc::new(CpuMeter::new());
+        // 5 ms in the first poll: charged the cap, enough to measure the next polls.
+        poll_once(&meter, || burn(5 * MS));
+        let before = meter.used();
+        assert!(before.as_nanos() >= u128::from(MEASURE_AFTER), "{before:?}");
+        let m = meter.clone();
+        poll_once(&meter, move || {
+            std::thread::sleep(60 * MS);
+            burn(10 * MS);
+            // What the epoch callback sees mid-poll.
+            let so_far = m.used() - before;
+            assert!(so_far >= 10 * MS && so_far < 40 * MS, "{so_far:?}");
+        });
+        let charged = meter.used() - before;
+        assert!(charged >= 10 * MS && charged < 40 * MS, "{charged:?}");
     }
 }
