@@ -131,16 +131,6 @@ pub enum MemoryReservation {
     Capped,
 }
 
-impl MemoryReservation {
-    /// The config spelling.
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            Self::Full => "full",
-            Self::Capped => "capped",
-        }
-    }
-}
-
 /// Linear memories a pool slot set aside per instance: components built by some toolchains
 /// carry a second memory (e.g. the WASI adapter's) next to the main one.
 pub(crate) const MEMORIES_PER_INSTANCE: u32 = 2;
@@ -326,6 +316,37 @@ impl PluginsConfig {
     }
 
     /// The compile cache directory in use, if any.
+    /// The settings of `new` that differ from these (the running runtime's) and take effect
+    /// only when the plugin runtime starts: the instance pool, the compilers, the compile cache.
+    pub(crate) fn restart_only_changes(&self, new: &Self) -> Vec<&'static str> {
+        [
+            (
+                self.max_instances != new.max_instances,
+                "plugins.max_instances",
+            ),
+            (
+                self.instance_memory_bytes != new.instance_memory_bytes,
+                "plugins.instance_memory_bytes",
+            ),
+            (
+                self.memory_reservation != new.memory_reservation,
+                "plugins.memory_reservation",
+            ),
+            (
+                self.tiered_compilation != new.tiered_compilation,
+                "plugins.tiered_compilation",
+            ),
+            (
+                self.compile_cache != new.compile_cache,
+                "plugins.compile_cache",
+            ),
+            (self.cache_dir != new.cache_dir, "plugins.cache_dir"),
+        ]
+        .into_iter()
+        .filter_map(|(changed, name)| changed.then_some(name))
+        .collect()
+    }
+
     pub(crate) fn cache_dir(&self) -> Option<std::path::PathBuf> {
         if !self.compile_cache {
             return None;

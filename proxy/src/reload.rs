@@ -11,7 +11,8 @@
 //!    a plugin whose new file is refused keeps its serving version, the problem recorded;
 //! 3. build the snapshot (upstream pools are reused when `services` did not change) and swap it.
 //!
-//! Settings bound at startup (`listen`, `admin`, `server`, the plugin instance pool) need a
+//! Settings bound at startup (`listen`, `admin`, `server`, `access_log.output`, and the plugin
+//! runtime's pool, compilers and compile cache: `PluginsConfig::restart_only_changes`) need a
 //! restart; a reload that changes them applies the rest and says so in its warnings. Each
 //! reload is kept in a bounded history (`GET /admin/reloads`) and counted in the metrics.
 
@@ -194,16 +195,8 @@ async fn build(
         }
         let (runtime, compiler) = state.runtime.as_mut().expect("just created");
         let pool = &runtime.config;
-        if pool.max_instances != config.plugins.max_instances
-            || pool.instance_memory_bytes != config.plugins.instance_memory_bytes
-            || pool.memory_reservation != config.plugins.memory_reservation
-        {
-            warnings.push(format!(
-                "`plugins.max_instances`, `instance_memory_bytes` and `memory_reservation` take effect after a restart (running: {} instances of {} bytes, {} reservation)",
-                pool.max_instances,
-                pool.instance_memory_bytes,
-                pool.memory_reservation.as_str()
-            ));
+        for what in pool.restart_only_changes(&config.plugins) {
+            warnings.push(format!("`{what}` changed: it takes effect after a restart"));
         }
         let mut problems = Vec::new();
         for (i, r) in config.routes.iter().enumerate() {

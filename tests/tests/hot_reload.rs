@@ -533,6 +533,27 @@ service = "main"
     assert_eq!(entry["routes"], serde_json::json!(["voice-home"]));
     assert_eq!(entry["clients"], serde_json::json!(["voice"]));
 
+    // Settings of the plugin runtime (pool, compilers, cache) apply on restart only: the
+    // reload applies the rest and names each of them.
+    let runtime_changed = config_text(&v2).replace(
+        "cache_dir = \"cache\"",
+        "cache_dir = \"cache\"\ntiered_compilation = false\nmax_instances = 500",
+    );
+    std::fs::write(setup.config(), runtime_changed).expect("write the config");
+    let (status, record) = proxy.reload().await;
+    assert_eq!(status, 200, "{record}");
+    assert_eq!(record["outcome"], "applied");
+    let warnings = record["warnings"].to_string();
+    for name in ["plugins.tiered_compilation", "plugins.max_instances"] {
+        assert!(
+            warnings.contains(&format!(
+                "`{name}` changed: it takes effect after a restart"
+            )),
+            "{warnings}"
+        );
+    }
+    assert!(!warnings.contains("plugins.cache_dir"), "{warnings}");
+
     // An invalid config is rejected as a whole, every problem listed; v2 keeps serving.
     let rejected_before = proxy
         .metric("bff_reloads_total{outcome=\"rejected\"}")
