@@ -148,7 +148,7 @@ impl HostState {
                 max_bytes: usize::try_from(limits.max_memory_bytes).unwrap_or(usize::MAX),
                 hit: false,
             },
-            meter: Arc::new(CpuMeter::new()),
+            meter: Arc::new(CpuMeter::new(limits.cpu_budget)),
             plugin,
             config_json,
             limits,
@@ -493,11 +493,14 @@ impl ResourceLimiter for MemoryLimiter {
 /// are therefore counted by wall time capped at [`UNMEASURED_POLL_CAP`], which costs nothing and
 /// keeps a thread that the OS preempted mid-poll from charging the plugin for the wait; once a
 /// call has used [`MEASURE_AFTER`], its polls are measured with the thread's own CPU clock
-/// (`CLOCK_THREAD_CPUTIME_ID`, a system call, so only for calls that run that long). A loaded
-/// machine then slows a plugin down but does not fail it for CPU it did not use.
+/// (`CLOCK_THREAD_CPUTIME_ID`, a system call, so only for calls that run that long; from the
+/// first poll when the budget itself is within the cap). A loaded machine then slows a plugin
+/// down but does not fail it for CPU it did not use.
 #[derive(Debug)]
 pub(crate) struct CpuMeter {
     base: Instant,
+    /// Use of the call after which polls are measured with the CPU clock.
+    measure_after: u64,
     used_nanos: AtomicU64,
     /// Start of the poll in progress, in nanoseconds since `base`; `u64::MAX` when idle.
     poll_start: AtomicU64,
@@ -533,9 +536,16 @@ fn thread_cpu_nanos() -> Option<u64> {
 }
 
 impl CpuMeter {
-    fn new() -> Self {
+    /// A meter for calls with `budget`.
+    fn new(budget: Duration) -> Self {
+        let budget = u64::try_from(budget.as_nanos()).unwrap_or(u64::MAX);
         Self {
             base: Instant::now(),
+            measure_after: if budget <= UNMEASURED_POLL_CAP {
+                0
+            } else {
+                MEASURE_AFTER
+            },
             used_nanos: AtomicU64::new(0),
             poll_start: AtomicU64::new(u64::MAX),
             poll_cpu_start: AtomicU64::new(u64::MAX),
@@ -576,7 +586,7 @@ impl CpuMeter {
     }
 
     fn start_poll(&self) {
-        let cpu_start = if self.used_nanos.load(Ordering::Relaxed) >= MEASURE_AFTER {
+        let cpu_start = if self.used_nanos.load(Ordering::Relaxed) >= self.measure_after {
             thread_cpu_nanos().unwrap_or(u64::MAX)
         } else {
             u64::MAX
@@ -665,7 +675,7 @@ mod tests {
 
     #[test]
     fn a_short_poll_is_charged_its_wall_time_capped() {
-        let meter = Arc::new(CpuMeter::new());
+        let meter = Arc::new(CpuMeter::new(50 * MS));
         poll_once(&meter, || burn(MS));
         let used = meter.used();
         assert!(used >= MS, "{used:?}");
@@ -681,7 +691,7 @@ mod tests {
 
     #[test]
     fn a_long_call_is_charged_the_cpu_it_used() {
-        let meter = Arc::new(CpuMeter::new());
+        let meter = Arc::new(CpuMeter::new(50 * MS));
         // 5 ms in the first poll: charged the cap, enough to measure the next polls.
         poll_once(&meter, || burn(5 * MS));
         let before = meter.used();
@@ -696,5 +706,16 @@ mod tests {
         });
         let charged = meter.used() - before;
         assert!(charged >= 10 * MS && charged < 40 * MS, "{charged:?}");
+    }
+
+    #[test]
+    fn a_budget_within_the_cap_is_measured_from_the_first_poll() {
+        let meter = Arc::new(CpuMeter::new(MS));
+        poll_once(&meter, || {
+            std::thread::sleep(20 * MS);
+            burn(MS / 2);
+        });
+        let used = meter.used();
+        assert!(used >= MS / 2 && used < MS, "{used:?}");
     }
 }
