@@ -357,7 +357,7 @@ fn set_at(value: &mut Value, steps: &[Step], new: &Value, count: &mut usize) {
 }
 
 /// A trie of paths, for [`pick`].
-#[derive(Default)]
+#[derive(Debug, Clone, Default)]
 struct Node {
     /// A path ends here: keep the whole value.
     end: bool,
@@ -401,26 +401,36 @@ fn merge(a: &mut Value, b: Value) {
     }
 }
 
+/// Adds `v` under `k` to `out`, deep-merged with what an earlier step put there.
+fn put(out: &mut Map<String, Value>, k: &str, v: Value) {
+    match out.get_mut(k) {
+        Some(existing) => merge(existing, v),
+        None => {
+            out.insert(k.to_owned(), v);
+        }
+    }
+}
+
 fn project(value: &Value, node: &Node) -> Option<Value> {
     if node.end {
         return Some(value.clone());
     }
     match value {
         Value::Object(o) => {
-            let mut out = Value::Object(Map::new());
+            let mut out = Map::new();
             let mut any = false;
             for (step, child) in &node.children {
                 match step {
                     Step::Key(k) => {
                         if let Some(v) = o.get(k).and_then(|v| project(v, child)) {
-                            merge(&mut out, Value::Object(Map::from_iter([(k.clone(), v)])));
+                            put(&mut out, k, v);
                             any = true;
                         }
                     }
                     Step::AnyKey => {
                         for (k, v) in o {
                             if let Some(v) = project(v, child) {
-                                merge(&mut out, Value::Object(Map::from_iter([(k.clone(), v)])));
+                                put(&mut out, k, v);
                                 any = true;
                             }
                         }
@@ -428,7 +438,7 @@ fn project(value: &Value, node: &Node) -> Option<Value> {
                     Step::Index(_) | Step::Each => {}
                 }
             }
-            any.then_some(out)
+            any.then_some(Value::Object(out))
         }
         Value::Array(a) => {
             let each = node.children.iter().find(|(s, _)| *s == Step::Each);
@@ -466,16 +476,44 @@ fn project(value: &Value, node: &Node) -> Option<Value> {
 }
 
 /// A copy of `value` with only what `paths` reach (an allow-list). Objects keep their shape; an
-/// array under `[]` keeps every element, each trimmed the same way.
+/// array under `[]` keeps every element, each trimmed the same way. To apply the same paths to
+/// many documents, build a [`Selection`] once instead.
 pub fn pick(value: &Value, paths: &[Path]) -> Value {
-    let mut root = Node::default();
-    for p in paths {
-        root.insert(&p.steps);
+    Selection::new(paths).pick(value)
+}
+
+/// Paths merged into one tree, built once (in [`Plugin::new`](crate::Plugin::new)) and applied to
+/// every document: [`pick`] without rebuilding the tree each time.
+///
+/// ```
+/// # use bff_plugin_sdk::json::{Path, Selection};
+/// let paths: Vec<Path> = ["id", "price.amount"].iter().map(|p| p.parse().unwrap()).collect();
+/// let keep = Selection::new(&paths);
+/// let doc = serde_json::json!({"id": 7, "price": {"amount": 5, "currency": "EUR"}, "raw": "…"});
+/// assert_eq!(keep.pick(&doc), serde_json::json!({"id": 7, "price": {"amount": 5}}));
+/// ```
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    root: Node,
+}
+
+impl Selection {
+    /// The tree of `paths`.
+    pub fn new(paths: &[Path]) -> Self {
+        let mut root = Node::default();
+        for p in paths {
+            root.insert(&p.steps);
+        }
+        Self { root }
     }
-    project(value, &root).unwrap_or_else(|| match value {
-        Value::Array(_) => Value::Array(Vec::new()),
-        _ => Value::Object(Map::new()),
-    })
+
+    /// A copy of `value` with only what the paths reach (see [`pick`]).
+    pub fn pick(&self, value: &Value) -> Value {
+        project(value, &self.root).unwrap_or_else(|| match value {
+            Value::Array(_) => Value::Array(Vec::new()),
+            _ => Value::Object(Map::new()),
+        })
+    }
 }
 
 /// Removes everything `paths` reach (a deny-list), in place.

@@ -9,7 +9,7 @@
 
 use std::collections::BTreeMap;
 
-use bff_plugin_sdk::json::{Path, omit, pick};
+use bff_plugin_sdk::json::{Path, Selection, omit};
 use bff_plugin_sdk::{Capabilities, Context, Error, Plugin, Response, debug};
 use serde::Deserialize;
 use serde_json::Value;
@@ -50,7 +50,7 @@ pub enum Flatten {
 /// The `fields` plugin.
 #[derive(Debug)]
 pub struct Fields {
-    allow: Option<Vec<Path>>,
+    allow: Option<Selection>,
     deny: Vec<Path>,
     rename: Vec<(Path, String)>,
     flatten: Vec<(Path, String)>,
@@ -60,7 +60,7 @@ impl Fields {
     /// Applies every step to `doc`.
     pub fn reshape(&self, doc: Value) -> Value {
         let mut doc = match &self.allow {
-            Some(allow) => pick(&doc, allow),
+            Some(allow) => allow.pick(&doc),
             None => doc,
         };
         omit(&mut doc, &self.deny);
@@ -130,7 +130,7 @@ impl Plugin for Fields {
             flatten.push((path, prefix));
         }
         Ok(Self {
-            allow: config.allow,
+            allow: config.allow.as_deref().map(Selection::new),
             deny: config.deny,
             rename,
             flatten,
