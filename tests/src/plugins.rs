@@ -49,7 +49,8 @@ fn build(dir: &Path) -> PathBuf {
     dir.join("target").join(TARGET).join("release")
 }
 
-/// The directory with the test plugins (`probe.wasm`, `old_contract.wasm`), built on first use.
+/// The directory with the test plugins (`probe.wasm`, `old_contract.wasm`, `slow_start.wasm`),
+/// built on first use.
 pub fn test_plugins() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| build(&repo_root().join("tests").join("plugins")))

@@ -1,7 +1,8 @@
 //! Plugin chains end to end, with the test plugins built from source (`tests/plugins/`): chain
 //! order and the onion response phase, answering without the upstream, fan-out with the egress
-//! allow-list, hostile plugins (CPU, memory, panic, errors, invalid output) failing one request
-//! cleanly while others keep working, fail-open, and load-time refusals.
+//! allow-list, hostile plugins (CPU, memory, panic, errors, invalid output, start code that spins
+//! or sleeps) failing one request cleanly while others keep working, fail-open, and load-time
+//! refusals.
 
 use bff_proxy_tests::plugins::test_plugins;
 use std::time::Duration;
@@ -353,6 +354,45 @@ async fn bad_plugins_fail_the_load_with_clear_reasons() {
     )
     .await;
     assert!(spinning.contains("CPU budget"), "{spinning}");
+}
+
+/// A component runs code while it is instantiated (its start function), before any hook: the
+/// proxy bounds that as it bounds a hook call, by the CPU budget and the call timeout.
+#[tokio::test]
+async fn code_that_runs_at_instantiation_is_bounded_like_a_hook() {
+    let spin = tokio::time::timeout(
+        Duration::from_secs(60),
+        load_problems(
+            "[[routes]]\nid = \"s\"\npath = \"/s\"\nchain = [{ plugin = \"slow_start\", config = { start = \"spin\" } }]\n",
+        ),
+    )
+    .await
+    .expect("a start function that spins does not hang the load");
+    assert!(spin.contains("routes[1].chain[0]"), "{spin}");
+    assert!(spin.contains("CPU budget"), "{spin}");
+
+    let sleep = tokio::time::timeout(
+        Duration::from_secs(60),
+        load_problems(
+            "[[routes]]\nid = \"z\"\npath = \"/z\"\nchain = [{ plugin = \"slow_start\", config = { start = \"sleep\" }, limits = { call_timeout = \"300ms\" } }]\n",
+        ),
+    )
+    .await
+    .expect("a start function that sleeps does not hang the load");
+    assert!(sleep.contains("routes[1].chain[0]"), "{sleep}");
+    assert!(sleep.contains("call timeout"), "{sleep}");
+
+    // A start function that returns is fine, and the plugin serves.
+    let up = Upstream::echo("up").await;
+    let routes = r#"
+[[routes]]
+id = "quick"
+path = "/quick"
+service = "up"
+chain = [{ plugin = "slow_start", config = { start = "none" } }]
+"#;
+    let proxy = TestProxy::start(&config(&up.url(), routes)).await;
+    assert_eq!(get(proxy.addr(), "/quick", &[]).await.status, 200);
 }
 
 #[tokio::test]

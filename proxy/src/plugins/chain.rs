@@ -20,7 +20,7 @@ use wasmtime::{Store, UpdateDeadline};
 
 use super::bindings::Plugin as Instance;
 use super::bindings::bff::plugin::types;
-use super::host::{HostState, RequestScope, headers_from_wit, headers_to_wit};
+use super::host::{HostState, Metered, RequestScope, headers_from_wit, headers_to_wit};
 use super::load::LoadedPlugin;
 use super::{PluginLimits, Runtime};
 use crate::body::{self, Body};
@@ -165,8 +165,24 @@ pub(crate) async fn new_instance(
         scope,
         series,
     );
-    let instance = code.pre.instantiate_async(&mut store).await;
+    // Instantiating runs the component's start functions (a module's `_initialize`): metered
+    // like a hook call, so the CPU budget bounds them too.
+    let meter = store.data().meter.clone();
+    meter.reset();
+    let instance = Metered::new(code.pre.instantiate_async(&mut store), meter).await;
     (store, instance)
+}
+
+/// Why instantiating failed: its start code over the CPU budget or the memory limit, or another
+/// reason (its first line).
+pub(crate) fn instantiation_failure(store: &Store<HostState>, e: &wasmtime::Error) -> FailureKind {
+    if e.downcast_ref::<CpuBudgetExceeded>().is_some() {
+        FailureKind::CpuBudget
+    } else if store.data().limiter.hit {
+        FailureKind::Memory
+    } else {
+        FailureKind::Unavailable(e.to_string().lines().next().unwrap_or_default().to_owned())
+    }
 }
 
 /// Creates a store for one instance of `plugin` with its limits and the epoch callback that
@@ -594,15 +610,7 @@ impl Chain {
             Some(step.series.clone()),
         )
         .await;
-        let instance = instance.map_err(|e| {
-            if store.data().limiter.hit {
-                FailureKind::Memory
-            } else {
-                FailureKind::Unavailable(
-                    e.to_string().lines().next().unwrap_or_default().to_owned(),
-                )
-            }
-        })?;
+        let instance = instance.map_err(|e| instantiation_failure(&store, &e))?;
         Ok(Live {
             store,
             instance,

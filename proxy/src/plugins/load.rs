@@ -24,7 +24,7 @@ use wasmtime::component::Component;
 
 use super::bindings::{self, bff::plugin::types};
 use super::cache::DiskCache;
-use super::chain::{Chain, FailureKind, Step, new_instance};
+use super::chain::{Chain, FailureKind, Step, instantiation_failure, new_instance};
 use super::runtime::Tier;
 use super::{PluginLimits, Runtime};
 use crate::config::Config;
@@ -831,9 +831,17 @@ pub(crate) async fn init(
     config_json: Arc<str>,
     limits: PluginLimits,
 ) -> Result<types::Capabilities, String> {
-    let (mut store, instance) =
-        new_instance(runtime, plugin, config_json.clone(), limits, None, None).await;
-    let instance = instance.map_err(|e| format!("cannot be instantiated: {}", first_line(&e)))?;
+    // Start code that waits (no CPU spent) would otherwise hold the load forever.
+    let (mut store, instance) = tokio::time::timeout(
+        limits.call_timeout,
+        new_instance(runtime, plugin, config_json.clone(), limits, None, None),
+    )
+    .await
+    .map_err(|_| format!("its instantiation {}", FailureKind::Timeout))?;
+    let instance = instance.map_err(|e| match instantiation_failure(&store, &e) {
+        FailureKind::Unavailable(why) => format!("cannot be instantiated: {why}"),
+        other => format!("its instantiation {other}"),
+    })?;
     let hooks = instance.bff_plugin_hooks();
     let caps = super::chain::guarded!(store, limits, hooks.call_init(&mut store, &config_json))
         .map_err(|f| match f {
