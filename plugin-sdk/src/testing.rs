@@ -221,8 +221,8 @@ impl<P: Plugin> Harness<P> {
 
     /// Runs one whole request through the plugin as the only one in its chain: the request phase
     /// if the plugin handles requests, then (if it forwarded) `upstream` with the forwarded
-    /// request, then the response phase if the plugin handles responses. Both phases use one plugin value, like one instance in the
-    /// proxy. Returns what the client would get.
+    /// request, then the response phase if the plugin handles responses. Both phases use one
+    /// plugin value, like one instance in the proxy. Returns what the client would get.
     pub fn request(
         &self,
         mut request: Request,

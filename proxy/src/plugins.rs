@@ -315,7 +315,6 @@ impl PluginsConfig {
         }
     }
 
-    /// The compile cache directory in use, if any.
     /// The settings of `new` that differ from these (the running runtime's) and take effect
     /// only when the plugin runtime starts: the instance pool, the compilers, the compile cache.
     pub(crate) fn restart_only_changes(&self, new: &Self) -> Vec<&'static str> {
@@ -347,6 +346,7 @@ impl PluginsConfig {
         .collect()
     }
 
+    /// The compile cache directory in use, if any.
     pub(crate) fn cache_dir(&self) -> Option<std::path::PathBuf> {
         if !self.compile_cache {
             return None;

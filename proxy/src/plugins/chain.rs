@@ -181,7 +181,7 @@ pub(crate) fn instantiation_failure(store: &Store<HostState>, e: &wasmtime::Erro
     } else if store.data().limiter.hit {
         FailureKind::Memory
     } else {
-        FailureKind::Unavailable(e.to_string().lines().next().unwrap_or_default().to_owned())
+        FailureKind::Unavailable(super::load::first_line(e))
     }
 }
 
@@ -413,13 +413,8 @@ impl Chain {
                 pending.push(Pending::Deferred(i));
                 continue;
             }
-            let mut l = match self.instantiate(i, step, &scope).await {
-                Ok(l) => l,
-                Err(kind) => {
-                    step.series.count(Phase::Request, kind.label());
-                    self.skip_or_fail(step, kind)?;
-                    continue;
-                }
+            let Some(mut l) = self.instantiate(i, step, &scope, Phase::Request).await? else {
+                continue;
             };
             let req = types::Request {
                 method: parts.method.to_string(),
@@ -527,14 +522,12 @@ impl Chain {
             let step = &self.steps[p.step()];
             let mut l = match p {
                 Pending::Live(l) => l,
-                Pending::Deferred(i) => match self.instantiate(i, step, &scope).await {
-                    Ok(l) => l,
-                    Err(kind) => {
-                        step.series.count(Phase::Response, kind.label());
-                        self.skip_or_fail(step, kind)?;
-                        continue;
+                Pending::Deferred(i) => {
+                    match self.instantiate(i, step, &scope, Phase::Response).await? {
+                        Some(l) => l,
+                        None => continue,
                     }
-                },
+                }
             };
             let reads = step.caps.reads_response_body;
             if reads && let ResponseBody::Stream(_) = resp_body {
@@ -595,12 +588,15 @@ impl Chain {
         Ok(Response::from_parts(head, body))
     }
 
+    /// A fresh instance of step `i` for `phase`. If it cannot be made, the failure is counted
+    /// and the step skipped (`None`, fail-open) or the request ended (fail-closed).
     async fn instantiate(
         &self,
         i: usize,
         step: &Step,
         scope: &Arc<RequestScope>,
-    ) -> Result<Live, FailureKind> {
+        phase: Phase,
+    ) -> Result<Option<Live>, ProxyError> {
         let (store, instance) = new_instance(
             &self.runtime,
             &step.plugin,
@@ -610,12 +606,18 @@ impl Chain {
             Some(step.series.clone()),
         )
         .await;
-        let instance = instance.map_err(|e| instantiation_failure(&store, &e))?;
-        Ok(Live {
-            store,
-            instance,
-            step: i,
-        })
+        match instance {
+            Ok(instance) => Ok(Some(Live {
+                store,
+                instance,
+                step: i,
+            })),
+            Err(e) => {
+                let kind = instantiation_failure(&store, &e);
+                step.series.count(phase, kind.label());
+                self.skip_or_fail(step, kind).map(|()| None)
+            }
+        }
     }
 
     fn failure(&self, step: &Step, kind: FailureKind) -> ProxyError {

@@ -868,7 +868,8 @@ fn effective(mut caps: types::Capabilities) -> Result<types::Capabilities, Strin
     Ok(caps)
 }
 
-fn first_line(e: &wasmtime::Error) -> String {
+/// The first line of `e`'s message (wasmtime appends backtraces on the next lines).
+pub(crate) fn first_line(e: &wasmtime::Error) -> String {
     e.to_string().lines().next().unwrap_or_default().to_owned()
 }
 
