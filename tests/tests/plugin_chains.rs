@@ -64,10 +64,12 @@ chain = [{ plugin = "probe", config = { name = "a" } }, { plugin = "probe", conf
     assert_eq!(echo.header("x-bff-client"), Some("web"));
 }
 
-/// The sum of `bff_plugin_invocations_total` samples of the probe plugin in `phase`, outcome ok.
-async fn probe_calls(proxy: &TestProxy, phase: &str) -> f64 {
-    let prefix =
-        format!(r#"bff_plugin_invocations_total{{outcome="ok",phase="{phase}",plugin="probe","#);
+/// The sum of `bff_plugin_invocations_total` samples (all versions) of `plugin` in `phase` with
+/// `outcome`.
+async fn invocations(proxy: &TestProxy, plugin: &str, phase: &str, outcome: &str) -> f64 {
+    let prefix = format!(
+        r#"bff_plugin_invocations_total{{outcome="{outcome}",phase="{phase}",plugin="{plugin}","#
+    );
     proxy
         .metrics()
         .await
@@ -75,6 +77,11 @@ async fn probe_calls(proxy: &TestProxy, phase: &str) -> f64 {
         .filter(|l| l.starts_with(&prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
+}
+
+/// The probe plugin's successful calls in `phase`.
+async fn probe_calls(proxy: &TestProxy, phase: &str) -> f64 {
+    invocations(proxy, "probe", phase, "ok").await
 }
 
 #[tokio::test]
@@ -383,7 +390,9 @@ async fn code_that_runs_at_instantiation_is_bounded_like_a_hook() {
         "{sleep}"
     );
 
-    // A start function that returns is fine, and the plugin serves.
+    // A start function that returns is fine, and the plugin serves. One that waits only on
+    // requests loads, and each request's instantiation ends at the call timeout (not the
+    // chain's, 10 s by default): fail-closed answers 504 `plugin_timeout`, fail-open skips it.
     let up = Upstream::echo("up").await;
     let routes = r#"
 [[routes]]
@@ -391,9 +400,29 @@ id = "quick"
 path = "/quick"
 service = "up"
 chain = [{ plugin = "slow_start", config = { start = "none" } }]
+
+[[routes]]
+id = "waits"
+path = "/waits"
+service = "up"
+chain = [{ plugin = "slow_start", config = { start = "sleep-on-request" }, limits = { call_timeout = "200ms" } }]
+
+[[routes]]
+id = "skipped"
+path = "/skipped"
+service = "up"
+chain = [{ plugin = "slow_start", on_error = "fail-open", config = { start = "sleep-on-request" }, limits = { call_timeout = "200ms" } }]
 "#;
     let proxy = TestProxy::start(&config(&up.url(), routes)).await;
     assert_eq!(get(proxy.addr(), "/quick", &[]).await.status, 200);
+    let waits = get(proxy.addr(), "/waits", &[]).await;
+    assert_eq!(waits.status, 504, "{}", waits.text());
+    assert_eq!(waits.json()["error"]["code"], "plugin_timeout");
+    assert_eq!(get(proxy.addr(), "/skipped", &[]).await.status, 200);
+    assert_eq!(
+        invocations(&proxy, "slow_start", "request", "timeout").await,
+        2.0
+    );
 }
 
 #[tokio::test]

@@ -165,19 +165,32 @@ pub(crate) async fn new_instance(
         scope,
         series,
     );
-    // Instantiating runs the component's start functions (a module's `_initialize`): metered
-    // like a hook call, so the CPU budget bounds them too.
+    // Instantiating runs the component's start functions (a module's `_initialize`): bounded
+    // like a hook call, by the CPU budget (metered) and the call timeout (start code that
+    // waits spends no CPU).
     let meter = store.data().meter.clone();
     meter.reset();
-    let instance = Metered::new(code.pre.instantiate_async(&mut store), meter).await;
+    let instance = tokio::time::timeout(
+        limits.call_timeout,
+        Metered::new(code.pre.instantiate_async(&mut store), meter),
+    )
+    .await
+    .unwrap_or_else(|_| Err(InstantiationTimedOut.into()));
     (store, instance)
 }
 
-/// Why instantiating failed: its start code over the CPU budget or the memory limit, or another
-/// reason (its first line).
+/// The error of an instantiation that did not finish within the call timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("instantiation timed out")]
+struct InstantiationTimedOut;
+
+/// Why instantiating failed: its start code over the CPU budget, the memory limit or the call
+/// timeout, or another reason (its first line).
 pub(crate) fn instantiation_failure(store: &Store<HostState>, e: &wasmtime::Error) -> FailureKind {
     if e.downcast_ref::<CpuBudgetExceeded>().is_some() {
         FailureKind::CpuBudget
+    } else if e.downcast_ref::<InstantiationTimedOut>().is_some() {
+        FailureKind::Timeout
     } else if store.data().limiter.hit {
         FailureKind::Memory
     } else {

@@ -831,13 +831,8 @@ pub(crate) async fn init(
     config_json: Arc<str>,
     limits: PluginLimits,
 ) -> Result<types::Capabilities, String> {
-    // Start code that waits (no CPU spent) would otherwise hold the load forever.
-    let (mut store, instance) = tokio::time::timeout(
-        limits.call_timeout,
-        new_instance(runtime, plugin, config_json.clone(), limits, None, None),
-    )
-    .await
-    .map_err(|_| format!("its instantiation {}", FailureKind::Timeout))?;
+    let (mut store, instance) =
+        new_instance(runtime, plugin, config_json.clone(), limits, None, None).await;
     let instance = instance.map_err(|e| match instantiation_failure(&store, &e) {
         FailureKind::Unavailable(why) => format!("cannot be instantiated: {why}"),
         other => format!("its instantiation {other}"),

@@ -1,8 +1,9 @@
 //! `slow-start`: a hostile plugin whose component runs code while it is instantiated, before any
 //! hook is called (wit-component calls a module's `_initialize` from the component's start). Its
 //! config picks what that code does: `{"start": "spin"}` loops forever, `{"start": "sleep"}`
-//! blocks on the monotonic clock (using no CPU), anything else returns at once. The proxy must
-//! bound both, at load time and on requests, like a hook call.
+//! blocks on the monotonic clock (using no CPU), `{"start": "sleep-on-request"}` does so only when
+//! instantiated for a request (so the plugin loads), anything else returns at once. The proxy
+//! must bound them, at load time and on requests, like a hook call.
 
 wit_bindgen::generate!({ path: "../../../plugin-sdk/wit", world: "plugin" });
 
@@ -40,7 +41,11 @@ pub extern "C" fn initialize() {
             x = std::hint::black_box(x.wrapping_add(1));
         }
     }
-    if config.contains(r#""start":"sleep""#) {
+    // Values exist only on the request path: this one loads, then waits on every request.
+    let on_request = host::set_value("slow-start", "started").is_ok();
+    if config.contains(r#""start":"sleep""#)
+        || (on_request && config.contains(r#""start":"sleep-on-request""#))
+    {
         std::thread::sleep(std::time::Duration::from_secs(3600));
     }
 }
