@@ -3,11 +3,13 @@
 //!
 //! 1. **Hop**: one `fields` reshape of a 1 KB and a 20 KB JSON body, done natively in the host
 //!    (the plugin crate's own `Fields::reshape`, linked as a Rust library: parse, reshape,
-//!    serialize) and as the isolated Wasm hop a request pays (fresh instance from the pool,
-//!    config parsed, body copied in, the same reshape, body copied out), alternating every
-//!    2 ms so both see the same machine state.
+//!    serialize), as the isolated Wasm hop a request pays (fresh instance from the pool,
+//!    config parsed, body copied in, the same reshape, body copied out), and as the hop of a
+//!    use with `instances = "reused"` (an idle instance, no instantiation or reset), alternating
+//!    every 2 ms so all three see the same machine state.
 //! 2. **Chain**: requests/s and latency through bff-proxy for a route with three body-reading
-//!    plugins next to the same route without plugins (same upstream, same load).
+//!    plugins, the same with reused instances, and the same route without plugins (same
+//!    upstream, same load).
 //! 3. **Aggregation**: `aggregate` calling three services that each answer after 20 ms; the
 //!    latency should be about 20 ms, not the 60 ms of calling them one after another.
 //!
@@ -19,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use bff_plugin_sdk::Plugin as _;
+use bff_proxy::plugins::Instances;
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
@@ -60,9 +63,10 @@ impl Default for PluginOptions {
 pub const USAGE: &str = "\
 cargo bench -p bff-proxy-benches --bench plugins [-- OPTIONS]
 
-Measures the cost of Wasm plugins: one fields reshape natively vs as an isolated Wasm hop
-(1 KB and 20 KB JSON), a three-plugin chain vs no plugins through bff-proxy, and aggregate over
-three services that each take 20 ms.
+Measures the cost of Wasm plugins: one fields reshape natively vs as an isolated Wasm hop vs
+on a reused instance (265 B, 1 KB and 20 KB JSON), a three-plugin chain (fresh and reused
+instances) vs no plugins through bff-proxy, and aggregate over three services that each take
+20 ms.
 
   --quick           smoke run: 0.5 s per target, 0.1 s warm-up, 1 round
   --duration SECS   measured time per target per round (default 5)
@@ -151,7 +155,7 @@ impl OpTimer {
     }
 
     /// Runs `op` until `slice` has passed, timing each call.
-    fn run_for(&mut self, slice: Duration, op: &mut impl FnMut()) {
+    fn run_for(&mut self, slice: Duration, op: &mut dyn FnMut()) {
         let start = Instant::now();
         while start.elapsed() < slice {
             let t = Instant::now();
@@ -171,21 +175,18 @@ impl OpTimer {
     }
 }
 
-/// Runs `a` and `b` for `duration` each, alternating every 2 ms so both see the same machine:
+/// Runs each of `ops` for `duration`, taking turns every 2 ms so all see the same machine:
 /// this VM switches between a fast and a slow state every few seconds, which back-to-back
 /// runs of each would turn into a ratio of states instead of a ratio of costs.
-fn time_interleaved(
-    duration: Duration,
-    mut a: impl FnMut(),
-    mut b: impl FnMut(),
-) -> (OpStats, OpStats) {
+fn time_interleaved(duration: Duration, ops: &mut [&mut dyn FnMut()]) -> Vec<OpStats> {
     const SLICE: Duration = Duration::from_millis(2);
-    let (mut ta, mut tb) = (OpTimer::new(), OpTimer::new());
-    while ta.busy < duration || tb.busy < duration {
-        ta.run_for(SLICE, &mut a);
-        tb.run_for(SLICE, &mut b);
+    let mut timers: Vec<OpTimer> = ops.iter().map(|_| OpTimer::new()).collect();
+    while timers.iter().any(|t| t.busy < duration) {
+        for (t, op) in timers.iter_mut().zip(ops.iter_mut()) {
+            t.run_for(SLICE, op);
+        }
     }
-    (ta.stats(), tb.stats())
+    timers.iter().map(OpTimer::stats).collect()
 }
 
 /// The median (by the key) of `items`.
@@ -212,14 +213,21 @@ pub struct HopResult {
     pub out_bytes: usize,
     /// The transform in the host.
     pub native: OpStats,
-    /// The isolated Wasm hop.
+    /// The isolated Wasm hop (a fresh instance per call).
     pub wasm: OpStats,
+    /// The Wasm hop of a use with `instances = "reused"`.
+    pub reused: OpStats,
 }
 
 impl HopResult {
-    /// Median Wasm hop time over median native time.
+    /// Median isolated Wasm hop time over median native time.
     pub fn ratio(&self) -> f64 {
         self.wasm.p50_us / self.native.p50_us
+    }
+
+    /// Median reused-instance hop time over median native time.
+    pub fn reused_ratio(&self) -> f64 {
+        self.reused.p50_us / self.native.p50_us
     }
 }
 
@@ -234,37 +242,47 @@ fn hop(plugins: &Path, size: usize, opts: &PluginOptions) -> anyhow::Result<HopR
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let wasm = rt
-        .block_on(bff_proxy::plugins::Hop::load(
+    let load = |instances| {
+        rt.block_on(bff_proxy::plugins::Hop::load(
             plugins,
             "fields",
             &hop_config(),
+            instances,
         ))
-        .map_err(|e| anyhow::anyhow!("loading fields.wasm: {e}"))?;
-    let wasm_op = |body: &[u8]| -> Vec<u8> {
-        rt.block_on(wasm.on_response(body.to_vec()))
+        .map_err(|e| anyhow::anyhow!("loading fields.wasm: {e}"))
+    };
+    let fresh = load(Instances::PerRequest)?;
+    let reused = load(Instances::Reused)?;
+    let wasm_op = |hop: &bff_proxy::plugins::Hop, body: &[u8]| -> Vec<u8> {
+        rt.block_on(hop.on_response(body.to_vec()))
             .expect("the fields hop succeeds")
     };
     let expected = native_op(&body);
-    anyhow::ensure!(
-        wasm_op(&body) == expected,
-        "the Wasm hop and the native transform disagree"
-    );
-    let native_loop = || drop(native_op(&body));
-    let wasm_loop = || drop(wasm_op(&body));
-    let _ = time_interleaved(opts.warmup, native_loop, wasm_loop);
-    let mut natives = Vec::new();
-    let mut wasms = Vec::new();
-    for _ in 0..opts.rounds {
-        let (n, w) = time_interleaved(opts.duration, native_loop, wasm_loop);
-        natives.push(n);
-        wasms.push(w);
+    for hop in [&fresh, &reused] {
+        anyhow::ensure!(
+            wasm_op(hop, &body) == expected,
+            "the Wasm hop and the native transform disagree"
+        );
     }
+    let mut native_loop = || drop(native_op(&body));
+    let mut fresh_loop = || drop(wasm_op(&fresh, &body));
+    let mut reused_loop = || drop(wasm_op(&reused, &body));
+    let mut ops: [&mut dyn FnMut(); 3] = [&mut native_loop, &mut fresh_loop, &mut reused_loop];
+    let _ = time_interleaved(opts.warmup, &mut ops);
+    let mut rounds = Vec::new();
+    for _ in 0..opts.rounds {
+        rounds.push(time_interleaved(opts.duration, &mut ops));
+    }
+    let median = |k: usize| {
+        let of_k: Vec<OpStats> = rounds.iter().map(|r| r[k]).collect();
+        median_by(&of_k, |s| s.p50_us)
+    };
     Ok(HopResult {
         body_bytes: body.len(),
         out_bytes: expected.len(),
-        native: median_by(&natives, |s| s.p50_us),
-        wasm: median_by(&wasms, |s| s.p50_us),
+        native: median(0),
+        wasm: median(1),
+        reused: median(2),
     })
 }
 
@@ -279,6 +297,8 @@ pub struct ChainResult {
     pub passthrough: Measurement,
     /// `GET /chain3`: three `fields` uses that read and rewrite the body.
     pub chain: Measurement,
+    /// `GET /chain3-reused`: the same with `instances = "reused"`.
+    pub chain_reused: Measurement,
 }
 
 /// The chain part's proxy config.
@@ -306,21 +326,28 @@ id = "pass"
 path = "/pass"
 service = "upstream"
 
-[[routes]]
-id = "chain3"
-path = "/chain3"
-service = "upstream"
-[[routes.chain]]
-plugin = "fields"
-config = {{ rename = {{ "items[].name" = "title" }} }}
-[[routes.chain]]
-plugin = "fields"
-config = {{ deny = ["items[].tags", "items[].image"] }}
-[[routes.chain]]
-plugin = "fields"
-config = {{ allow = ["total", "items[].id", "items[].name", "items[].price", "items[].sku"] }}
-"#,
-        dir = plugins.display().to_string()
+{chain3}
+{chain3_reused}"#,
+        dir = plugins.display().to_string(),
+        chain3 = chain3_route("chain3", "per-request"),
+        chain3_reused = chain3_route("chain3-reused", "reused"),
+    )
+}
+
+/// A route `/<id>` with three `fields` uses that each read and rewrite the body.
+fn chain3_route(id: &str, instances: &str) -> String {
+    let step = |config: &str| {
+        format!(
+            "[[routes.chain]]\nplugin = \"fields\"\ninstances = \"{instances}\"\nconfig = {config}\n"
+        )
+    };
+    format!(
+        "[[routes]]\nid = \"{id}\"\npath = \"/{id}\"\nservice = \"upstream\"\n{}{}{}\n",
+        step(r#"{ rename = { "items[].name" = "title" } }"#),
+        step(r#"{ deny = ["items[].tags", "items[].image"] }"#),
+        step(
+            r#"{ allow = ["total", "items[].id", "items[].name", "items[].price", "items[].sku"] }"#
+        ),
     )
 }
 
@@ -338,8 +365,8 @@ fn chain(
         duration,
         pin: None,
     };
-    // Warm-up also checks both routes answer 2xx.
-    for path in ["/pass", "/chain3"] {
+    // Warm-up also checks every route answers 2xx.
+    for path in ["/pass", "/chain3", "/chain3-reused"] {
         let m = load::run(
             &Generator::Builtin,
             proxy.addr(),
@@ -361,27 +388,25 @@ fn chain(
         },
     )?;
     let chain_out_bytes = probe.body_bytes / probe.requests.max(1);
-    let mut pass = Vec::new();
-    let mut chained = Vec::new();
+    let paths = ["/pass", "/chain3", "/chain3-reused"];
+    let mut rounds: Vec<Vec<Measurement>> = vec![Vec::new(); paths.len()];
     for _ in 0..opts.rounds {
-        pass.push(load::run(
-            generator,
-            proxy.addr(),
-            "/pass",
-            &spec(opts.duration),
-        )?);
-        chained.push(load::run(
-            generator,
-            proxy.addr(),
-            "/chain3",
-            &spec(opts.duration),
-        )?);
+        for (path, runs) in paths.iter().zip(rounds.iter_mut()) {
+            runs.push(load::run(
+                generator,
+                proxy.addr(),
+                path,
+                &spec(opts.duration),
+            )?);
+        }
     }
+    let median = |k: usize| median_by(&rounds[k], |m| m.rps);
     Ok(ChainResult {
         body_bytes: up.body_len(),
         chain_out_bytes,
-        passthrough: median_by(&pass, |m| m.rps),
-        chain: median_by(&chained, |m| m.rps),
+        passthrough: median(0),
+        chain: median(1),
+        chain_reused: median(2),
     })
 }
 
@@ -499,12 +524,12 @@ impl PluginReport {
         let mut out = String::new();
         if !self.hops.is_empty() {
             out.push_str(
-                "\n### Plugin hop: fields reshape, native vs isolated Wasm (median per operation)\n\n",
+                "\n### Plugin hop: fields reshape, native vs isolated Wasm hop (the goal) vs reused instance (median per operation)\n\n",
             );
-            out.push_str("| body in → out | native p50 / p99 | Wasm hop p50 / p99 | Wasm / native (p50) | goal ≤ 2× |\n|---|---:|---:|---:|---|\n");
+            out.push_str("| body in → out | native p50 / p99 | Wasm hop p50 / p99 | Wasm / native (p50) | goal ≤ 2× | reused instance p50 / p99 | reused / native |\n|---|---:|---:|---:|---|---:|---:|\n");
             for h in &self.hops {
                 out.push_str(&format!(
-                    "| {} → {} B | {:.1} / {:.1} µs | {:.1} / {:.1} µs | {:.2}× | {} |\n",
+                    "| {} → {} B | {:.1} / {:.1} µs | {:.1} / {:.1} µs | {:.2}× | {} | {:.1} / {:.1} µs | {:.2}× |\n",
                     h.body_bytes,
                     h.out_bytes,
                     h.native.p50_us,
@@ -512,7 +537,10 @@ impl PluginReport {
                     h.wasm.p50_us,
                     h.wasm.p99_us,
                     h.ratio(),
-                    if h.ratio() <= 2.0 { "met" } else { "not met" }
+                    if h.ratio() <= 2.0 { "met" } else { "not met" },
+                    h.reused.p50_us,
+                    h.reused.p99_us,
+                    h.reused_ratio(),
                 ));
             }
         }
@@ -521,7 +549,8 @@ impl PluginReport {
             "\n### Three-plugin chain through bff-proxy (1 worker, 32 connections, {} B upstream body)\n\n\
              | route | req/s | p50 | p99 |\n|---|---:|---:|---:|\n\
              | no plugins | {:.0} | {} | {} |\n\
-             | fields ×3 (each reads and rewrites the body; {} B out) | {:.0} ({:.2}×) | {} | {} |\n",
+             | fields ×3 (each reads and rewrites the body; {} B out) | {:.0} ({:.2}×) | {} | {} |\n\
+             | the same, `instances = \"reused\"` | {:.0} ({:.2}×) | {} | {} |\n",
             c.body_bytes,
             c.passthrough.rps,
             ms(c.passthrough.p50_us),
@@ -531,6 +560,10 @@ impl PluginReport {
             c.chain.rps / c.passthrough.rps,
             ms(c.chain.p50_us),
             ms(c.chain.p99_us),
+            c.chain_reused.rps,
+            c.chain_reused.rps / c.passthrough.rps,
+            ms(c.chain_reused.p50_us),
+            ms(c.chain_reused.p99_us),
         ));
         }
         if let Some(a) = &self.aggregate {
@@ -564,10 +597,12 @@ impl PluginReport {
             "hops": self.hops.iter().map(|h| json!({
                 "body_bytes": h.body_bytes, "out_bytes": h.out_bytes,
                 "native": ops(&h.native), "wasm": ops(&h.wasm), "ratio_p50": h.ratio(),
+                "reused": ops(&h.reused), "reused_ratio_p50": h.reused_ratio(),
             })).collect::<Vec<_>>(),
             "chain": self.chain.as_ref().map(|c| json!({
                 "body_bytes": c.body_bytes, "chain_out_bytes": c.chain_out_bytes,
                 "passthrough": m(&c.passthrough), "chain3": m(&c.chain),
+                "chain3_reused": m(&c.chain_reused),
             })),
             "aggregate": self.aggregate.as_ref().map(|a| json!({
                 "service_delay_ms": SERVICE_DELAY.as_millis(),

@@ -65,12 +65,12 @@ fn quick_plugin_benchmark() {
     for h in &report.hops {
         assert!(h.out_bytes < h.body_bytes, "fields trims: {h:?}");
         assert!(
-            h.native.ops_per_sec > 0.0 && h.wasm.ops_per_sec > 0.0,
+            h.native.ops_per_sec > 0.0 && h.wasm.ops_per_sec > 0.0 && h.reused.ops_per_sec > 0.0,
             "{h:?}"
         );
     }
     let chain = report.chain.as_ref().expect("chain measured");
-    for m in [&chain.passthrough, &chain.chain] {
+    for m in [&chain.passthrough, &chain.chain, &chain.chain_reused] {
         assert!(m.requests > 0 && m.non_2xx == 0 && m.errors == 0, "{m:?}");
     }
     assert!(chain.chain_out_bytes > 0 && chain.chain_out_bytes < chain.body_bytes as u64);

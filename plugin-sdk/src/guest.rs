@@ -2,8 +2,9 @@
 //! WIT types and the SDK's, the `hooks` export for a [`Plugin`] type (used by
 //! [`export!`](crate::export)), and the host backend of [`crate::host`].
 //!
-//! Each request gets a fresh instance from the proxy, so the plugin value built from the config
-//! on the first hook call of an instance serves that request only (both of its phases).
+//! The plugin value is built from the config on the first hook call of an instance and serves
+//! every later call of that instance: both phases of one request by default (a fresh instance
+//! per request), or request after request for a use with `instances = "reused"`.
 #![allow(unsafe_code, missing_docs, unreachable_pub)]
 
 use std::any::Any;

@@ -24,7 +24,8 @@
 //! impl Plugin for Tag {
 //!     type Config = TagConfig;
 //!
-//!     // Runs when the proxy loads the plugin (a bad config stops the load), then once per request.
+//!     // Runs when the proxy loads the plugin (a bad config stops the load), then once per
+//!     // instance: per request, unless the use reuses instances.
 //!     fn new(config: TagConfig) -> Result<Self, Error> {
 //!         if config.value.is_empty() {
 //!             return Err(Error::invalid_config("`value` must not be empty"));
@@ -101,8 +102,11 @@ pub const WIT: &str = include_str!("../wit/plugin.wit");
 /// implements only what it uses.
 ///
 /// The proxy builds the plugin value with [`Plugin::new`] when it loads the plugin (to validate
-/// the config and learn the [`capabilities`](Plugin::capabilities)), and again for every request
-/// on a fresh instance, so nothing of one request can leak into another. Keep `new` cheap.
+/// the config and learn the [`capabilities`](Plugin::capabilities)), and again on every fresh
+/// instance: by default one per request, so nothing of one request can leak into another. Keep
+/// `new` cheap. An operator may let a use reuse instances (`instances = "reused"`): the value
+/// then serves request after request, so keep no request data in it (or in statics) between
+/// hooks.
 pub trait Plugin: Sized + 'static {
     /// The plugin's config: what the route's chain gives it (`config = { ... }` in the proxy
     /// config), deserialized from JSON. Use [`NoConfig`] for none. Errors name the field.
@@ -170,8 +174,8 @@ pub struct NoConfig {}
 
 /// Builds a `P` from its config as JSON text, naming the field in a deserialization error.
 fn plugin_from_config<P: Plugin>(json: &str) -> Result<P, Error> {
-    // Runs on every request (a fresh instance each time): the plain parse first, and only if it
-    // fails the slower one that tracks the path for the error message.
+    // Runs on every fresh instance (by default one per request): the plain parse first, and
+    // only if it fails the slower one that tracks the path for the error message.
     if let Ok(config) = serde_json::from_str(json) {
         return P::new(config);
     }

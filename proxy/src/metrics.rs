@@ -425,6 +425,8 @@ pub(crate) struct PluginFamilies {
     send_refusals: IntCounterVec,
     /// `bff_plugin_instances_active`: plugin instances alive now.
     pub(crate) instances_active: IntGauge,
+    /// `bff_plugin_instances_idle`: instances of `reused` plugin uses waiting for a request.
+    pub(crate) instances_idle: IntGauge,
     /// `bff_plugin_instances_max`: the instance pool's size.
     pub(crate) instances_max: IntGauge,
     /// `bff_plugin_compile_seconds{tier}`: compiles from the `.wasm` file (not from a cache).
@@ -483,7 +485,12 @@ impl PluginFamilies {
             instances_active: gauge(
                 r,
                 "bff_plugin_instances_active",
-                "Plugin instances alive now (one per plugin of each request in a chain).",
+                "Plugin instances alive now (one per plugin of each request in a chain, plus idle instances of `reused` plugin uses).",
+            ),
+            instances_idle: gauge(
+                r,
+                "bff_plugin_instances_idle",
+                "Idle instances of plugin uses with `instances = \"reused\"`, waiting for their next request.",
             ),
             instances_max: gauge(
                 r,

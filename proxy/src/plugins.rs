@@ -19,7 +19,9 @@
 //! - `cache`: compiled plugins on disk by content hash and engine, for fast restarts.
 //! - `host`: per-request store data and the host imports (`send`/`wait`, `log`, shared values),
 //!   with the limits and the egress allow-list.
-//! - `chain`: runs a route's chain for one request with a fresh instance per plugin.
+//! - `chain`: runs a route's chain for one request with a fresh instance per plugin (or, for a
+//!   use with `instances = "reused"`, an idle one from `reuse`).
+//! - `reuse`: the idle instances of a `reused` plugin use.
 //! - `hop` (`test-util` only): one plugin's response phase on its own, for the benchmark.
 
 mod bindings;
@@ -29,6 +31,7 @@ mod chain;
 mod hop;
 mod host;
 mod load;
+mod reuse;
 mod runtime;
 
 use std::time::Duration;
@@ -96,6 +99,8 @@ pub struct PluginsConfig {
     /// If set, responses of routes with a chain carry this header listing the plugin versions
     /// that served them (`name=<first 12 hex of SHA-256>, ...`). Off by default.
     pub version_header: Option<String>,
+    /// How plugin uses with `instances = "reused"` keep their idle instances.
+    pub reuse: ReuseConfig,
 }
 
 impl Default for PluginsConfig {
@@ -111,6 +116,45 @@ impl Default for PluginsConfig {
             compile_cache: true,
             cache_dir: None,
             version_header: None,
+            reuse: ReuseConfig::default(),
+        }
+    }
+}
+
+/// A chain step's `instances`: where the instance that serves a request comes from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Instances {
+    /// A fresh instance per request: nothing one request leaves in the plugin's memory can
+    /// reach another.
+    #[default]
+    PerRequest,
+    /// An instance that served an earlier request of this use, if one is idle; else a fresh
+    /// one. It serves one request at a time. It skips instantiating, resetting memory and the
+    /// plugin's own start-up work (parsing its config), but whatever the plugin keeps in
+    /// memory outlives the request: for plugins you trust not to keep one request's data
+    /// for the next. Memory, CPU and time limits still apply per call; an instance whose
+    /// call failed is discarded, never reused.
+    Reused,
+}
+
+/// `[plugins.reuse]`: bounds on the idle instances of `instances = "reused"` uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReuseConfig {
+    /// Idle instances kept per plugin use; more are dropped when their request ends. Each
+    /// holds an instance pool slot (see `max_instances`) and its memory.
+    pub max_idle: u32,
+    /// Requests an instance serves before it is dropped and replaced by a fresh one, so
+    /// whatever a plugin accumulates (fragmented or leaked memory) is bounded.
+    pub max_uses: u32,
+}
+
+impl Default for ReuseConfig {
+    fn default() -> Self {
+        Self {
+            max_idle: 8,
+            max_uses: 10_000,
         }
     }
 }
@@ -271,11 +315,38 @@ impl PluginsConfig {
         }
         self.limits
             .validate(self.instance_memory_bytes, &at.key("limits"), problems);
+        check_range(
+            self.reuse.max_idle,
+            1..=1024,
+            &at.key("reuse").key("max_idle"),
+            problems,
+        );
+        check_range(
+            self.reuse.max_uses,
+            1..=10_000_000,
+            &at.key("reuse").key("max_uses"),
+            problems,
+        );
         if let Some(h) = &self.version_header
             && http::HeaderName::try_from(h.as_str()).is_err()
         {
             problems.push(at.key("version_header"), "is not a valid header name");
         }
+    }
+
+    /// Why `reused_uses` plugin uses with `instances = "reused"` may not fit an instance pool
+    /// of `max_instances`: their idle instances, at most `reuse.max_idle` each, may hold at
+    /// most half the pool, so requests always find slots for fresh instances.
+    pub(crate) fn idle_overcommit(&self, reused_uses: usize, max_instances: u32) -> Option<String> {
+        let idle = u64::try_from(reused_uses)
+            .unwrap_or(u64::MAX)
+            .saturating_mul(u64::from(self.reuse.max_idle));
+        (idle > u64::from(max_instances / 2)).then(|| {
+            format!(
+                "{reused_uses} plugin uses with `instances = \"reused\"` may keep {idle} idle instances (`plugins.reuse.max_idle` = {} each), more than half of the instance pool's {max_instances}: lower `max_idle` or raise `plugins.max_instances`",
+                self.reuse.max_idle
+            )
+        })
     }
 
     /// Whether new plugin versions start on baseline code (see `tiered_compilation`).

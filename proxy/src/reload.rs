@@ -210,6 +210,20 @@ async fn build(
                 }
             }
         }
+        // The config's own check used its `max_instances`; the running pool's may be smaller.
+        let reused = config
+            .routes
+            .iter()
+            .flat_map(|r| &r.chain)
+            .filter(|s| s.instances == crate::plugins::Instances::Reused)
+            .count();
+        if pool.max_instances < config.plugins.max_instances
+            && let Some(why) = config.plugins.idle_overcommit(reused, pool.max_instances)
+        {
+            problems.push(format!(
+                "{why} (the running pool's size; restart to raise it)"
+            ));
+        }
         if !problems.is_empty() {
             return Err(LoadError {
                 problems,

@@ -57,6 +57,10 @@ pub struct ChainStep {
     /// Overrides of `[plugins.limits]` for this use.
     #[serde(default)]
     pub limits: crate::plugins::PluginLimitsOverride,
+    /// Where this use's instances come from: a fresh one per request (the default), or
+    /// `reused` from earlier requests (trusted plugins only, see `[plugins.reuse]`).
+    #[serde(default)]
+    pub instances: crate::plugins::Instances,
 }
 
 /// Failure policy of a plugin use.
@@ -411,6 +415,24 @@ pub(crate) fn validate(
     problems: &mut Problems,
 ) {
     let mut ids = HashSet::new();
+    let reused: Vec<(usize, usize)> = routes
+        .iter()
+        .enumerate()
+        .flat_map(|(i, r)| {
+            r.chain
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.instances == crate::plugins::Instances::Reused)
+                .map(move |(j, _)| (i, j))
+        })
+        .collect();
+    if let Some(&(i, j)) = reused.first()
+        && let Some(why) = config
+            .plugins
+            .idle_overcommit(reused.len(), config.plugins.max_instances)
+    {
+        problems.push(at.index(i).key("chain").index(j).key("instances"), why);
+    }
     for (i, r) in routes.iter().enumerate() {
         let at = at.index(i);
         if !is_valid_name(&r.id) {

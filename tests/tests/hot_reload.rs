@@ -554,6 +554,27 @@ service = "main"
     }
     assert!(!warnings.contains("plugins.cache_dir"), "{warnings}");
 
+    // Idle instances of `reused` plugin uses may hold at most half the instance pool: the
+    // running one (1000), not the size a restart would give (2000).
+    let reusing = config_text(&v2.replace(
+        "plugin = \"probe\", config",
+        "plugin = \"probe\", instances = \"reused\", config",
+    ))
+    .replace(
+        "cache_dir = \"cache\"",
+        "cache_dir = \"cache\"\nmax_instances = 2000\nreuse = { max_idle = 600 }",
+    );
+    std::fs::write(setup.config(), reusing).expect("write the config");
+    let (status, record) = proxy.reload().await;
+    assert_eq!(status, 422, "{record}");
+    let errors = record["errors"].to_string();
+    assert!(
+        errors.contains("may keep 600 idle instances")
+            && errors.contains("instance pool's 1000")
+            && errors.contains("restart to raise it"),
+        "{errors}"
+    );
+
     // An invalid config is rejected as a whole, every problem listed; v2 keeps serving.
     let rejected_before = proxy
         .metric("bff_reloads_total{outcome=\"rejected\"}")

@@ -7,7 +7,7 @@
 use bff_proxy_tests::plugins::test_plugins;
 use std::time::Duration;
 
-use bff_proxy_tests::{Reply, TestProxy, Upstream, get};
+use bff_proxy_tests::{Gate, Reply, TestProxy, Upstream, get};
 
 /// A config with the test plugins' dir, one service `up` and the given routes.
 fn config(upstream: &str, routes: &str) -> String {
@@ -423,6 +423,103 @@ chain = [{ plugin = "slow_start", on_error = "fail-open", config = { start = "sl
         invocations(&proxy, "slow_start", "request", "timeout").await,
         2.0
     );
+}
+
+/// `instances = "reused"`: one instance serves request after request (what the plugin keeps in
+/// its memory carries over, which `probe` counts), in either phase, but never a request's values
+/// into the next, and never two requests at once; it is replaced after a failed call and after
+/// `max_uses` requests, and at most `max_idle` wait. By default every request gets a fresh
+/// instance.
+#[tokio::test]
+async fn reused_instances_carry_over_only_what_the_plugin_keeps() {
+    let gate = Gate::new();
+    let up = Upstream::builder("up")
+        .route("/held", Reply::Echo.gated(&gate))
+        .start()
+        .await;
+    let routes = r#"
+[[routes]]
+id = "reused"
+path = "/reused"
+service = "up"
+chain = [{ plugin = "probe", instances = "reused", on_error = "fail-open", config = { name = "a" } }]
+
+[[routes]]
+id = "response-only"
+path = "/response-only"
+service = "up"
+chain = [{ plugin = "probe", instances = "reused", config = { name = "o", handles_request = false } }]
+
+[[routes]]
+id = "values"
+path = "/values"
+chain = [{ plugin = "probe", instances = "reused", config = { name = "v" } }, { plugin = "probe", config = { name = "r", mode = "respond" } }]
+
+[[routes]]
+id = "held"
+path = "/held"
+service = "up"
+chain = [{ plugin = "probe", instances = "reused", config = { name = "h" } }]
+"#;
+    let proxy = TestProxy::start(&config_with(
+        &up.url(),
+        routes,
+        "reuse = { max_uses = 3, max_idle = 2 }",
+    ))
+    .await;
+    let counts = async |path: &str, header: &str, n: usize| {
+        let mut seen = Vec::new();
+        for _ in 0..n {
+            let resp = get(proxy.addr(), path, &[]).await;
+            assert_eq!(resp.status, 200, "{}", resp.text());
+            let value = match resp.header(header) {
+                Some(v) => Some(v.to_owned()),
+                None => resp.echo().header(header).map(str::to_owned),
+            };
+            seen.push(value.unwrap_or_else(|| "-".to_owned()));
+        }
+        seen.join(",")
+    };
+    let idle = async || proxy.metric("bff_plugin_instances_idle").await;
+
+    // The default: a fresh instance per request.
+    assert_eq!(counts("/good", "x-probe-g-served", 3).await, "1,1,1");
+    // Reused: counts up to max_uses, then a fresh instance starts again at 1; the same in the
+    // response phase of a response-only use.
+    assert_eq!(counts("/reused", "x-probe-a-served", 4).await, "1,2,3,1");
+    assert_eq!(idle().await, 1.0);
+    assert_eq!(
+        counts("/response-only", "x-probe-o-answered", 4).await,
+        "1,2,3,1"
+    );
+    assert_eq!(idle().await, 2.0);
+    // A failed call (skipped: fail-open) discards its instance.
+    let failed = get(proxy.addr(), "/reused", &[("x-probe-fail", "1")]).await;
+    assert_eq!(failed.status, 200, "{}", failed.text());
+    assert_eq!(failed.echo().header("x-probe-a-served"), None);
+    assert_eq!(counts("/reused", "x-probe-a-served", 1).await, "1");
+    // Values set by a reused instance belong to its request only.
+    for n in 1..=2 {
+        let resp = get(proxy.addr(), "/values", &[]).await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        assert_eq!(resp.json()["trail"], "v", "request {n}");
+    }
+    assert_eq!(idle().await, 3.0);
+
+    // Concurrent requests each get their own instance (all start at 1), and only max_idle of
+    // them wait for the next request.
+    let addr = proxy.addr();
+    let held: Vec<_> = (0..4)
+        .map(|_| tokio::spawn(async move { get(addr, "/held", &[]).await }))
+        .collect();
+    up.wait_for_requests(up.received().len() + 4).await;
+    gate.open();
+    for h in held {
+        let resp = h.await.expect("request task");
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        assert_eq!(resp.echo().header("x-probe-h-served"), Some("1"));
+    }
+    assert_eq!(idle().await, 5.0);
 }
 
 #[tokio::test]

@@ -256,3 +256,33 @@ fn plugin_pools_stay_within_the_address_space_limit() {
     let wrong = format!("{MINIMAL}\n[plugins]\nmemory_reservation = \"huge\"\n");
     assert!(problems(&wrong)[0].contains("memory_reservation"));
 }
+
+#[test]
+fn reused_instances_leave_most_of_the_pool_to_fresh_ones() {
+    let reused = |steps: usize, plugins: &str| {
+        let chain = vec![r#"{ plugin = "fields", instances = "reused" }"#; steps].join(", ");
+        format!("{MINIMAL}chain = [{chain}]\n\n[plugins]\nmax_instances = 64\n{plugins}")
+    };
+    // 4 uses × the default 8 idle = 32: half of 64, fine; a fifth use is one too many.
+    assert_eq!(problems(&reused(4, "")), Vec::<String>::new());
+    let found = problems(&reused(5, ""));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].starts_with("12:31 routes[0].chain[0].instances: 5 plugin uses")
+            && found[0].contains("may keep 40 idle instances"),
+        "{found:?}"
+    );
+    assert_eq!(
+        problems(&reused(5, "reuse = { max_idle = 6 }")),
+        Vec::<String>::new()
+    );
+    let bad = problems(&reused(1, "reuse = { max_idle = 0, max_uses = 0 }"));
+    assert_eq!(bad.len(), 2, "{bad:?}");
+    let typo = problems(&format!(
+        "{MINIMAL}chain = [{{ plugin = \"fields\", instances = \"shared\" }}]\n"
+    ));
+    assert!(
+        typo[0].contains("unknown variant `shared`, expected `per-request` or `reused`"),
+        "{typo:?}"
+    );
+}

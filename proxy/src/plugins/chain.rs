@@ -21,7 +21,9 @@ use wasmtime::{Store, UpdateDeadline};
 use super::bindings::Plugin as Instance;
 use super::bindings::bff::plugin::types;
 use super::host::{HostState, Metered, RequestScope, headers_from_wit, headers_to_wit};
-use super::load::LoadedPlugin;
+use super::load::{Code, LoadedPlugin};
+use super::reuse::{IdlePool, Reusable};
+use super::runtime::Tier;
 use super::{PluginLimits, Runtime};
 use crate::body::{self, Body};
 use crate::error::ProxyError;
@@ -43,6 +45,8 @@ pub(crate) struct Step {
     pub(crate) caps: types::Capabilities,
     /// This plugin version's metrics.
     pub(crate) series: Arc<PluginSeries>,
+    /// Idle instances, for a use with `instances = "reused"`.
+    pub(crate) reuse: Option<IdlePool>,
 }
 
 /// A route's loaded chain.
@@ -144,18 +148,18 @@ pub(crate) struct ScopeParts {
     pub(crate) stats: Arc<RequestStats>,
 }
 
-/// A fresh store and instance of `plugin`'s current code (baseline or optimized, see
-/// `LoadedPlugin::code`), with the use's limits. The store is returned even when
+/// A fresh store and instance of `plugin`'s `code` (its current code, baseline or optimized,
+/// see `LoadedPlugin::code`), with the use's limits. The store is returned even when
 /// instantiating fails, so the caller can tell a memory limit from other failures.
 pub(crate) async fn new_instance(
     runtime: &Runtime,
     plugin: &LoadedPlugin,
+    code: &Code,
     config_json: Arc<str>,
     limits: PluginLimits,
     scope: Option<Arc<RequestScope>>,
     series: Option<Arc<PluginSeries>>,
 ) -> (Store<HostState>, wasmtime::Result<Instance>) {
-    let code = plugin.code();
     let mut store = new_store(
         runtime,
         code.pre.engine(),
@@ -304,6 +308,9 @@ struct Live {
     store: Store<HostState>,
     instance: Instance,
     step: usize,
+    /// Requests it served before this one (0 unless reused).
+    uses: u32,
+    tier: Tier,
 }
 
 /// A step the response phase will call: its instance from the request phase, or, for a
@@ -320,6 +327,19 @@ impl Pending {
             Self::Live(l) => l.step,
             Self::Deferred(i) => *i,
         }
+    }
+}
+
+/// Done with `l` for this request, every call to it having succeeded: a reused use keeps it for
+/// a later request; otherwise it is dropped (its memory reset for the pool's next instance).
+fn release(step: &Step, l: Live) {
+    if let Some(pool) = &step.reuse {
+        pool.put(Reusable {
+            store: l.store,
+            instance: l.instance,
+            uses: l.uses,
+            tier: l.tier,
+        });
     }
 }
 
@@ -464,12 +484,10 @@ impl Chain {
                 types::Action::Respond(resp) => Ok(Some(resp)),
             });
             match outcome {
-                Ok(None) => {
-                    if step.caps.handles_response {
-                        pending.push(Pending::Live(l));
-                    }
-                }
+                Ok(None) if step.caps.handles_response => pending.push(Pending::Live(l)),
+                Ok(None) => release(step, l),
                 Ok(Some(resp)) => {
+                    release(step, l);
                     answered = Some(resp);
                     break;
                 }
@@ -533,15 +551,6 @@ impl Chain {
 
         for p in pending.into_iter().rev() {
             let step = &self.steps[p.step()];
-            let mut l = match p {
-                Pending::Live(l) => l,
-                Pending::Deferred(i) => {
-                    match self.instantiate(i, step, &scope, Phase::Response).await? {
-                        Some(l) => l,
-                        None => continue,
-                    }
-                }
-            };
             let reads = step.caps.reads_response_body;
             if reads && let ResponseBody::Stream(_) = resp_body {
                 resp_body =
@@ -555,6 +564,17 @@ impl Chain {
                         }
                     };
             }
+            // A response-only step gets its instance once the body is in: it holds none while
+            // the body arrives.
+            let mut l = match p {
+                Pending::Live(l) => l,
+                Pending::Deferred(i) => {
+                    match self.instantiate(i, step, &scope, Phase::Response).await? {
+                        Some(l) => l,
+                        None => continue,
+                    }
+                }
+            };
             let resp = types::Response {
                 status: head.status.as_u16(),
                 headers: headers_to_wit(&head.headers),
@@ -579,6 +599,7 @@ impl Chain {
             });
             match outcome {
                 Ok((new_head, new_body)) => {
+                    release(step, l);
                     head.status = new_head.status;
                     head.headers = new_head.headers;
                     if reads {
@@ -601,8 +622,9 @@ impl Chain {
         Ok(Response::from_parts(head, body))
     }
 
-    /// A fresh instance of step `i` for `phase`. If it cannot be made, the failure is counted
-    /// and the step skipped (`None`, fail-open) or the request ended (fail-closed).
+    /// An instance of step `i` for `phase`: an idle one if the use reuses instances and one is
+    /// idle, else a fresh one. If it cannot be made, the failure is counted and the step
+    /// skipped (`None`, fail-open) or the request ended (fail-closed).
     async fn instantiate(
         &self,
         i: usize,
@@ -610,9 +632,21 @@ impl Chain {
         scope: &Arc<RequestScope>,
         phase: Phase,
     ) -> Result<Option<Live>, ProxyError> {
+        let code = step.plugin.code();
+        if let Some(mut r) = step.reuse.as_ref().and_then(|p| p.take(code.tier)) {
+            r.store.data_mut().begin_request(scope.clone());
+            return Ok(Some(Live {
+                store: r.store,
+                instance: r.instance,
+                step: i,
+                uses: r.uses,
+                tier: r.tier,
+            }));
+        }
         let (store, instance) = new_instance(
             &self.runtime,
             &step.plugin,
+            &code,
             step.config_json.clone(),
             step.limits,
             Some(scope.clone()),
@@ -624,6 +658,8 @@ impl Chain {
                 store,
                 instance,
                 step: i,
+                uses: 0,
+                tier: code.tier,
             })),
             Err(e) => {
                 let kind = instantiation_failure(&store, &e);

@@ -1,7 +1,8 @@
 //! One plugin hop on its own, for the benchmark (`test-util` only): a plugin loaded and
 //! initialized exactly as a chain step is, then, per call, what a request costs in the response
-//! phase: a fresh store and instance from the pool and one `on-response` call under the use's
-//! limits. No HTTP around it, so the figure is the isolation cost alone.
+//! phase: a fresh store and instance from the pool (or, for `Instances::Reused`, an idle one
+//! when there is one) and one `on-response` call under the use's limits. No HTTP around it, so
+//! the figure is the cost of the isolation alone.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,7 +10,8 @@ use std::sync::Arc;
 use super::bindings::bff::plugin::types;
 use super::chain::{guarded, new_instance};
 use super::load::{LoadedPlugin, init, load_file};
-use super::{PluginLimits, PluginsConfig, Runtime};
+use super::reuse::{IdlePool, Reusable};
+use super::{Instances, PluginLimits, PluginsConfig, Runtime};
 
 /// A plugin use ready to run hops.
 #[derive(Debug)]
@@ -19,6 +21,7 @@ pub struct Hop {
     config_json: Arc<str>,
     limits: PluginLimits,
     ctx: types::Context,
+    reuse: Option<IdlePool>,
 }
 
 impl Hop {
@@ -28,6 +31,7 @@ impl Hop {
         dir: &Path,
         plugin: &str,
         config: &serde_json::Value,
+        instances: Instances,
     ) -> Result<Self, String> {
         // The steady state: optimized code from the start.
         let plugins = PluginsConfig {
@@ -45,6 +49,8 @@ impl Hop {
         if !caps.handles_response {
             return Err(format!("`{plugin}` does not handle responses"));
         }
+        let reuse = (instances == Instances::Reused)
+            .then(|| IdlePool::new(plugins.reuse, runtime.metrics.instances_idle.clone()));
         Ok(Self {
             runtime,
             plugin: loaded,
@@ -57,34 +63,52 @@ impl Hop {
                 params: Vec::new(),
                 request_id: "bench".into(),
             },
+            reuse,
         })
     }
 
-    /// A fresh instance's `on-response` on a 200 JSON response with `body`; returns the body the
-    /// plugin produced.
+    /// `on-response` on a 200 JSON response with `body`, by a fresh instance (or an idle one,
+    /// for a reused use); returns the body the plugin produced.
     pub async fn on_response(&self, body: Vec<u8>) -> Result<Vec<u8>, String> {
-        let (mut store, instance) = new_instance(
-            &self.runtime,
-            &self.plugin,
-            self.config_json.clone(),
-            self.limits,
-            None,
-            None,
-        )
-        .await;
-        let instance = instance.map_err(|e| e.to_string())?;
+        let code = self.plugin.code();
+        let idle = self.reuse.as_ref().and_then(|p| p.take(code.tier));
+        let (mut store, instance, uses) = match idle {
+            Some(r) => (r.store, r.instance, r.uses),
+            None => {
+                let (store, instance) = new_instance(
+                    &self.runtime,
+                    &self.plugin,
+                    &code,
+                    self.config_json.clone(),
+                    self.limits,
+                    None,
+                    None,
+                )
+                .await;
+                (store, instance.map_err(|e| e.to_string())?, 0)
+            }
+        };
         let resp = types::Response {
             status: 200,
             headers: vec![("content-type".into(), "application/json".into())],
             body,
         };
         let hooks = instance.bff_plugin_hooks();
-        guarded!(
+        let out = guarded!(
             store,
             self.limits,
             hooks.call_on_response(&mut store, &self.ctx, &resp)
         )
         .map(|r| r.body)
-        .map_err(|f| f.to_string())
+        .map_err(|f| f.to_string())?;
+        if let Some(pool) = &self.reuse {
+            pool.put(Reusable {
+                store,
+                instance,
+                uses,
+                tier: code.tier,
+            });
+        }
+        Ok(out)
     }
 }

@@ -160,6 +160,23 @@ impl HostState {
         }
     }
 
+    /// Hands a reused instance the request it serves next.
+    pub(crate) fn begin_request(&mut self, scope: Arc<RequestScope>) {
+        self.scope = Some(scope);
+    }
+
+    /// Ends the request this instance served: upstream calls still running are aborted and the
+    /// request's values and call ids are forgotten. Returns whether the instance may serve
+    /// another request: not if it went over its memory limit (a guest may survive a refused
+    /// `memory.grow`) or filled half of its stdout/stderr buffers, which only grow.
+    pub(crate) fn end_request(&mut self) -> bool {
+        self.scope = None;
+        self.calls.clear();
+        let stdio_room =
+            self.wasi.is_none() || self.logged.0.max(self.logged.1) < STDIO_CAPACITY / 2;
+        !self.limiter.hit && stdio_room
+    }
+
     /// Logs what the guest wrote to stdout/stderr since the last flush, one event per line.
     /// Returns the stderr text of this flush (a Rust panic message lands there).
     pub(crate) fn flush_stdio(&mut self) -> String {

@@ -25,6 +25,7 @@ use wasmtime::component::Component;
 use super::bindings::{self, bff::plugin::types};
 use super::cache::DiskCache;
 use super::chain::{Chain, FailureKind, Step, instantiation_failure, new_instance};
+use super::reuse::IdlePool;
 use super::runtime::Tier;
 use super::{PluginLimits, Runtime};
 use crate::config::Config;
@@ -583,6 +584,9 @@ async fn load_all(
                     limits: u.limits,
                     caps,
                     series,
+                    reuse: (use_.instances == super::Instances::Reused).then(|| {
+                        IdlePool::new(config.plugins.reuse, runtime.metrics.instances_idle.clone())
+                    }),
                 }
             })
             .collect();
@@ -831,8 +835,16 @@ pub(crate) async fn init(
     config_json: Arc<str>,
     limits: PluginLimits,
 ) -> Result<types::Capabilities, String> {
-    let (mut store, instance) =
-        new_instance(runtime, plugin, config_json.clone(), limits, None, None).await;
+    let (mut store, instance) = new_instance(
+        runtime,
+        plugin,
+        &plugin.code(),
+        config_json.clone(),
+        limits,
+        None,
+        None,
+    )
+    .await;
     let instance = instance.map_err(|e| match instantiation_failure(&store, &e) {
         FailureKind::Unavailable(why) => format!("cannot be instantiated: {why}"),
         other => format!("its instantiation {other}"),

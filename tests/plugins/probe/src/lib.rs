@@ -18,6 +18,12 @@ struct Probe;
 /// run time, never folded into the code.
 static VERSION: [u8; 24] = *b"probe-version:AAAAAAAAAA";
 
+/// Requests this instance has seen in the request phase (`tag` mode): 1 on every request when
+/// each gets a fresh instance, counting up when instances are reused.
+static SERVED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+/// The same for the response phase.
+static ANSWERED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 fn version() -> String {
     let bytes: &[u8; 24] = std::hint::black_box(&VERSION);
     String::from_utf8_lossy(&bytes[14..]).into_owned()
@@ -247,7 +253,14 @@ impl exports::bff::plugin::hooks::Guest for Probe {
                 Ok(Action::Forward(req))
             }
             _ => {
-                // "tag": mark the request, record the order plugins saw it in.
+                // "tag": mark the request, record the order plugins saw it in. A request with
+                // `x-probe-fail` fails it.
+                let served = SERVED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                if header(&req.headers, "x-probe-fail").is_some() {
+                    return Err(err(ErrorKind::BadInput, "asked to fail"));
+                }
+                req.headers
+                    .push((format!("x-probe-{me}-served"), served.to_string()));
                 req.headers.push((format!("x-probe-{me}"), "seen".into()));
                 append_order(&mut req.headers, "x-probe-order", &me);
                 let trail = host::get_value("trail").map_or(me.clone(), |t| format!("{t},{me}"));
@@ -285,6 +298,9 @@ impl exports::bff::plugin::hooks::Guest for Probe {
                 Ok(resp)
             }
             _ => {
+                let answered = ANSWERED.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
+                resp.headers
+                    .push((format!("x-probe-{me}-answered"), answered.to_string()));
                 resp.headers
                     .push((format!("x-probe-{me}-response"), "seen".into()));
                 append_order(&mut resp.headers, "x-probe-response-order", &me);
