@@ -66,30 +66,41 @@ pub fn runtime_builder(worker_threads: usize) -> tokio::runtime::Builder {
     builder
 }
 
-/// Resolves when the process gets SIGINT (Ctrl-C) or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
+/// Resolves when the process gets SIGINT (Ctrl-C) or SIGTERM. The handlers are registered when
+/// this is called (inside the runtime), not when the future is first polled: a signal sent as
+/// soon as the proxy reports ready must shut it down, not end it with the default action.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{Signal, SignalKind, signal};
+        let register = |kind: SignalKind, name: &'static str| -> Option<Signal> {
+            signal(kind)
+                .inspect_err(
+                    |e| tracing::error!(signal = name, error = %e, "cannot listen for the signal"),
+                )
+                .ok()
+        };
+        let int = register(SignalKind::interrupt(), "SIGINT");
+        let term = register(SignalKind::terminate(), "SIGTERM");
+        async move {
+            let recv = async |s: Option<Signal>| match s {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            };
+            tokio::select! {
+                () = recv(int) => tracing::info!(signal = "SIGINT", "shutdown requested"),
+                () = recv(term) => tracing::info!(signal = "SIGTERM", "shutdown requested"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
         if let Err(e) = tokio::signal::ctrl_c().await {
             tracing::error!(error = %e, "cannot listen for Ctrl-C");
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!(signal = "SIGINT", "shutdown requested"),
-        () = term => tracing::info!(signal = "SIGTERM", "shutdown requested"),
+        tracing::info!(signal = "SIGINT", "shutdown requested");
     }
 }
