@@ -97,6 +97,16 @@ chain = [{{ plugin = "probe", config = {{ mode = "reject-on-version", version = 
     )
 }
 
+/// A route `/vr` running `probe` in `version` mode with reused instances (for [`version_route`]'s
+/// `extra`).
+const REUSED_ROUTE: &str = r#"
+[[routes]]
+id = "vr"
+path = "/vr"
+service = "up"
+chain = [{ plugin = "probe", instances = "reused", config = { mode = "version" } }]
+"#;
+
 /// Writes a file the safe way ops do: a temporary name in the same directory, then a rename.
 fn write_atomic(path: &Path, bytes: &[u8]) {
     let name = path.file_name().expect("a file name").to_string_lossy();
@@ -126,7 +136,12 @@ where
 
 /// The version answering `/v` (both phases must agree), or the failure.
 async fn version_at(proxy: &TestProxy) -> Result<String, String> {
-    let resp = get(proxy.addr(), "/v", &[]).await;
+    version_on(proxy, "/v").await
+}
+
+/// The version answering `path` (both phases must agree), or the failure.
+async fn version_on(proxy: &TestProxy, path: &str) -> Result<String, String> {
+    let resp = get(proxy.addr(), path, &[]).await;
     if resp.status != 200 {
         return Err(format!("{}: {}", resp.status, resp.text()));
     }
@@ -142,10 +157,11 @@ async fn serves(proxy: &TestProxy, tag: char) -> bool {
     version_at(proxy).await.as_deref() == Ok(version_string(tag).as_str())
 }
 
-/// A client sending `/v` until `stop` (at most `requests`, and 300 s), pausing `pause` between
+/// A client sending `path` until `stop` (at most `requests`, and 300 s), pausing `pause` between
 /// requests; the count of answers that agreed between phases, and the failures.
 fn load_loop(
     proxy: Arc<TestProxy>,
+    path: &'static str,
     stop: Arc<AtomicBool>,
     requests: u64,
     pause: Duration,
@@ -157,7 +173,7 @@ fn load_loop(
             if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
                 break;
             }
-            match version_at(&proxy).await {
+            match version_on(&proxy, path).await {
                 Ok(_) => ok += 1,
                 Err(e) => failures.push(e),
             }
@@ -188,7 +204,8 @@ async fn fifty_swaps_under_load_fail_nothing_and_never_mix_versions() {
     let up = Upstream::echo("up").await;
     let setup = Setup::new();
     write_atomic(&setup.plugin("probe"), &probe_version('A'));
-    setup.write_config(&version_route(&up.url(), ""));
+    // `/vr` reuses instances: an idle one must never serve a request of a later snapshot.
+    setup.write_config(&version_route(&up.url(), REUSED_ROUTE));
     let proxy = Arc::new(TestProxy::start_file(&setup.config()).await);
     assert!(serves(&proxy, 'A').await);
     // Both versions compiled once before the load starts: compiling runs at low priority, and a
@@ -201,10 +218,12 @@ async fn fifty_swaps_under_load_fail_nothing_and_never_mix_versions() {
     // Continuous load: 3 clients, each bounded in requests and time, paced so that the other
     // tests of this binary (compiling plugins at low priority) are not starved.
     let stop = Arc::new(AtomicBool::new(false));
-    let load: Vec<_> = (0..3)
-        .map(|_| {
+    let load: Vec<_> = ["/v", "/v", "/vr"]
+        .into_iter()
+        .map(|path| {
             load_loop(
                 proxy.clone(),
+                path,
                 stop.clone(),
                 200_000,
                 Duration::from_millis(1),
@@ -218,6 +237,12 @@ async fn fifty_swaps_under_load_fail_nothing_and_never_mix_versions() {
         write_atomic(&setup.plugin("probe"), &probe_version(tag));
         let took = eventually(&format!("swap {i} to {tag}"), || serves(&proxy, tag)).await;
         slowest = slowest.max(took);
+        // The snapshot that serves `/v` the new version serves `/vr` with it too.
+        assert_eq!(
+            version_on(&proxy, "/vr").await,
+            Ok(version_string(tag)),
+            "swap {i}"
+        );
     }
     stop.store(true, Ordering::Relaxed);
     let (mut ok, mut failures) = (0, Vec::new());
@@ -777,18 +802,26 @@ async fn new_versions_serve_on_baseline_code_and_move_to_optimized_code_in_place
     let up = Upstream::echo("up").await;
     let setup = Setup::new();
     write_atomic(&setup.plugin("probe"), &probe_version('A'));
-    setup.write_config(&version_route(&up.url(), "[reload]\ndebounce = \"20ms\""));
+    let extra = format!("[reload]\ndebounce = \"20ms\"\n{REUSED_ROUTE}");
+    setup.write_config(&version_route(&up.url(), &extra));
     let proxy = Arc::new(TestProxy::start_file(&setup.config()).await);
     until_optimized(&proxy, "probe", 'A').await;
 
-    // Requests keep flowing while B is deployed and moves from Winch to Cranelift code.
+    // Requests keep flowing while B is deployed and moves from Winch to Cranelift code, also
+    // on `/vr`, whose idle instances of B's baseline code give way to optimized ones.
     let stop = Arc::new(AtomicBool::new(false));
-    let load = load_loop(
-        proxy.clone(),
-        stop.clone(),
-        100_000,
-        Duration::from_millis(2),
-    );
+    let load: Vec<_> = ["/v", "/vr"]
+        .into_iter()
+        .map(|path| {
+            load_loop(
+                proxy.clone(),
+                path,
+                stop.clone(),
+                100_000,
+                Duration::from_millis(2),
+            )
+        })
+        .collect();
     write_atomic(&setup.plugin("probe"), &probe_version('B'));
     eventually("B serves", || serves(&proxy, 'B')).await;
     let reloads_before = reload_count(&proxy).await;
@@ -802,9 +835,11 @@ async fn new_versions_serve_on_baseline_code_and_move_to_optimized_code_in_place
     let version = plugin_entry(&proxy, "probe").await.expect("listed")["sha256"].clone();
     until_optimized(&proxy, "probe", 'B').await;
     stop.store(true, Ordering::Relaxed);
-    let (ok, failures) = load.await.expect("load task");
-    assert!(failures.is_empty(), "{failures:?}");
-    assert!(ok > 0);
+    for task in load {
+        let (ok, failures) = task.await.expect("load task");
+        assert!(failures.is_empty(), "{failures:?}");
+        assert!(ok > 0);
+    }
 
     // Both versions were compiled by both tiers, each compile timed.
     for tier in ["baseline", "optimized"] {

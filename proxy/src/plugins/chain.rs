@@ -3,7 +3,8 @@
 //!
 //! Every plugin gets a fresh instance per request (the same instance serves both phases; a
 //! response-only plugin gets it when the response phase reaches it), so no data of one request
-//! can leak into another. Bodies are buffered only when a plugin declared it reads them;
+//! can leak into another; only a use with `instances = "reused"` takes an idle instance from
+//! its `IdlePool` instead, and gives it back after a request whose calls to it all succeeded. Bodies are buffered only when a plugin declared it reads them;
 //! otherwise they stream straight through as on a route without plugins. Whatever a plugin
 //! returns is validated (method, path, header names and values, status) before use.
 

@@ -64,18 +64,20 @@ impl IdlePool {
     /// An idle instance made from `tier`'s code, if there is one. Instances of an older tier
     /// (baseline code, since replaced by optimized code) are dropped on the way.
     pub(crate) fn take(&self, tier: Tier) -> Option<Reusable> {
+        let mut stale = Vec::new();
         let mut idle = self.lock();
-        let before = idle.len();
         let found = loop {
             match idle.pop() {
                 Some(r) if r.tier == tier => break Some(r),
-                Some(stale) => drop(stale),
+                Some(old) => stale.push(old),
                 None => break None,
             }
         };
-        let left = idle.len();
         drop(idle);
-        self.gauge.sub(i64::try_from(before - left).unwrap_or(0));
+        let taken = stale.len() + usize::from(found.is_some());
+        self.gauge.sub(i64::try_from(taken).unwrap_or(0));
+        // Outside the lock: dropping a store resets its memory.
+        drop(stale);
         found
     }
 
