@@ -23,13 +23,13 @@ fn plugin_parts(kind: &FailureKind) -> (StatusCode, &'static str, &'static str) 
     match kind {
         Error { .. } => (StatusCode::BAD_GATEWAY, "plugin_error", "returned an error"),
         Panic(_) => (StatusCode::BAD_GATEWAY, "plugin_panic", "panicked"),
-        Trap(_) => (StatusCode::BAD_GATEWAY, "plugin_trap", "crashed"),
-        CpuBudget => (
+        Trap(..) => (StatusCode::BAD_GATEWAY, "plugin_trap", "crashed"),
+        CpuBudget(_) => (
             StatusCode::BAD_GATEWAY,
             "plugin_cpu_limit",
             "used up its CPU budget",
         ),
-        Memory => (
+        Memory(_) => (
             StatusCode::BAD_GATEWAY,
             "plugin_memory_limit",
             "went over its memory limit",

@@ -22,8 +22,10 @@
 //! - `chain`: runs a route's chain for one request with a fresh instance per plugin (or, for a
 //!   use with `instances = "reused"`, an idle one from `reuse`).
 //! - `reuse`: the idle instances of a `reused` plugin use.
+//! - `backtrace`: where a failed plugin was (its innermost functions), for the failure's log.
 //! - `hop` (`test-util` only): one plugin's response phase on its own, for the benchmark.
 
+mod backtrace;
 mod bindings;
 mod cache;
 mod chain;

@@ -248,6 +248,11 @@ async fn hostile_plugins_fail_cleanly(plugins: &str) -> (String, String) {
         let good = get(proxy.addr(), "/good", &[]).await;
         assert_eq!(good.status, 200, "after {mode}: {}", good.text());
     }
+    // A call whose output the proxy refuses counts as such, not as a call that went well.
+    assert_eq!(
+        invocations(&proxy, "probe", "request", "invalid_output").await,
+        2.0
+    );
     (before, tier().await)
 }
 
@@ -315,6 +320,41 @@ chain = [{ plugin = "probe", config = { name = "a" } }]
     assert_eq!(resp.json()["error"]["code"], "plugin_no_response");
 }
 
+/// An answer is checked as the output of the plugin that gave it: an invalid one names that
+/// plugin, and follows that use's `on_error` (fail-open: skipped, the upstream answers).
+#[tokio::test]
+async fn an_invalid_answer_is_the_answering_plugins_failure() {
+    let up = Upstream::echo("up").await;
+    let routes = r#"
+[[routes]]
+id = "answers"
+path = "/answers"
+service = "up"
+chain = [{ plugin = "slow_start", config = { start = "none" } }, { plugin = "probe", config = { mode = "bad-status" } }]
+
+[[routes]]
+id = "skipped"
+path = "/skipped"
+service = "up"
+chain = [{ plugin = "slow_start", config = { start = "none" } }, { plugin = "probe", on_error = "fail-open", config = { mode = "bad-status" } }]
+"#;
+    let proxy = TestProxy::start(&config(&up.url(), routes)).await;
+    let resp = get(proxy.addr(), "/answers", &[]).await;
+    assert_eq!(resp.status, 502, "{}", resp.text());
+    let err = &resp.json()["error"];
+    assert_eq!(err["code"], "plugin_invalid_output");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("`probe`"),
+        "{err}"
+    );
+    let skipped = get(proxy.addr(), "/skipped", &[]).await;
+    assert_eq!(skipped.status, 200, "{}", skipped.text());
+    assert_eq!(skipped.echo().uri, "/skipped");
+}
+
 /// Problems found while loading plugins, as `bff-proxy check` and startup report them.
 async fn load_problems(routes: &str) -> String {
     let text = config("http://127.0.0.1:1", routes);
@@ -361,6 +401,11 @@ async fn bad_plugins_fail_the_load_with_clear_reasons() {
     )
     .await;
     assert!(spinning.contains("CPU budget"), "{spinning}");
+    // The failure names where the plugin was: its spinning function, from its `name` section.
+    assert!(
+        spinning.contains("CPU budget at probe::spin <- "),
+        "{spinning}"
+    );
 }
 
 /// A component runs code while it is instantiated (its start function), before any hook: the

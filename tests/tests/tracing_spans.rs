@@ -1,10 +1,11 @@
-//! The spans the request path opens, recorded by a subscriber layer: one `request` span per
-//! request (with its request id and trace id), a `plugin` span per plugin call inside it, and an
-//! `upstream` span per upstream call, inside the plugin call that made it for a plugin's
-//! `send`. This binary installs its own global subscriber, so it holds this one test.
+//! What the request path tells a subscriber, recorded by a layer: the spans it opens (one
+//! `request` span per request, with its request id and trace id; a `plugin` span per plugin call
+//! inside it; an `upstream` span per upstream call, inside the plugin call that made it for a
+//! plugin's `send`), and the log line of a failed plugin (where the plugin was). This binary
+//! installs its own global subscriber, shared by its tests.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bff_proxy_tests::plugins::test_plugins;
 use bff_proxy_tests::{Reply, TestProxy, Upstream, get};
@@ -22,8 +23,42 @@ struct Seen {
     fields: BTreeMap<String, String>,
 }
 
+/// What the layer saw: spans, and events (their `message` among their fields).
 #[derive(Debug, Clone, Default)]
-struct Spans(Arc<Mutex<Vec<Seen>>>);
+struct Recorded {
+    spans: Arc<Mutex<Vec<Seen>>>,
+    events: Arc<Mutex<Vec<BTreeMap<String, String>>>>,
+}
+
+/// The recorder, installed as the global subscriber by the first test that asks.
+fn recorded() -> &'static Recorded {
+    static RECORDED: OnceLock<Recorded> = OnceLock::new();
+    RECORDED.get_or_init(|| {
+        let recorded = Recorded::default();
+        tracing::subscriber::set_global_default(
+            tracing_subscriber::registry().with(recorded.clone()),
+        )
+        .expect("the only subscriber of this test binary");
+        recorded
+    })
+}
+
+/// A config with one client `web`, the test plugins, a service per upstream (named like it) and
+/// `routes`.
+fn config(upstreams: &[&Upstream], routes: &str) -> String {
+    let mut services = String::new();
+    for up in upstreams {
+        services.push_str(&format!(
+            "[services.{}]\nurls = [\"{}\"]\n",
+            up.name(),
+            up.url()
+        ));
+    }
+    format!(
+        "[identity]\ndefault_client = \"web\"\n{services}[[clients]]\nname = \"web\"\n[plugins]\ndir = {dir:?}\n{routes}",
+        dir = test_plugins().display().to_string()
+    )
+}
 
 #[derive(Default)]
 struct Fields(BTreeMap<String, String>);
@@ -41,7 +76,7 @@ impl Visit for Fields {
     }
 }
 
-impl<S: tracing::Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Spans {
+impl<S: tracing::Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Recorded {
     fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
         let mut fields = Fields::default();
         attrs.record(&mut fields);
@@ -49,7 +84,7 @@ impl<S: tracing::Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Spans {
             .span(id)
             .and_then(|s| s.parent())
             .map(|p| p.id().into_u64());
-        self.0.lock().expect("lock").push(Seen {
+        self.spans.lock().expect("lock").push(Seen {
             id: id.into_u64(),
             name: attrs.metadata().name(),
             parent,
@@ -60,58 +95,47 @@ impl<S: tracing::Subscriber + for<'a> LookupSpan<'a>> Layer<S> for Spans {
     fn on_record(&self, id: &Id, values: &Record<'_>, _ctx: Context<'_, S>) {
         let mut fields = Fields::default();
         values.record(&mut fields);
-        let mut spans = self.0.lock().expect("lock");
+        let mut spans = self.spans.lock().expect("lock");
         if let Some(s) = spans.iter_mut().rev().find(|s| s.id == id.into_u64()) {
             s.fields.extend(fields.0);
         }
+    }
+
+    fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        self.events.lock().expect("lock").push(fields.0);
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_plugin_and_upstream_spans_nest() {
-    let spans = Spans::default();
-    tracing::subscriber::set_global_default(tracing_subscriber::registry().with(spans.clone()))
-        .expect("the only subscriber of this test binary");
+    let recorded = recorded();
 
     let up = Upstream::echo("up").await;
     let small = Upstream::builder("small")
         .route("/", Reply::fixed(200, "{}"))
         .start()
         .await;
-    let proxy = TestProxy::start(&format!(
-        r#"
-[identity]
-default_client = "web"
-[services.up]
-urls = ["{up}"]
-[services.small]
-urls = ["{small}"]
-[[clients]]
-name = "web"
-[plugins]
-dir = {dir:?}
+    let routes = r#"
 [[routes]]
 id = "fan"
 path = "/fan"
 egress = ["small"]
-chain = [{{ plugin = "probe", config = {{ mode = "fanout", calls = [{{ service = "small", path = "/a" }}, {{ service = "small", path = "/b" }}] }} }}]
+chain = [{ plugin = "probe", config = { mode = "fanout", calls = [{ service = "small", path = "/a" }, { service = "small", path = "/b" }] } }]
 [[routes]]
 id = "plain"
 path = "/plain"
 service = "up"
-"#,
-        up = up.url(),
-        small = small.url(),
-        dir = test_plugins().display().to_string()
-    ))
-    .await;
+"#;
+    let proxy = TestProxy::start(&config(&[&up, &small], routes)).await;
 
     let fan = get(proxy.addr(), "/fan", &[("x-request-id", "fan-1")]).await;
     assert_eq!(fan.status, 200, "{}", fan.text());
     let plain = get(proxy.addr(), "/plain", &[("x-request-id", "plain-1")]).await;
     assert_eq!(plain.status, 200, "{}", plain.text());
 
-    let seen = spans.0.lock().expect("lock").clone();
+    let seen = recorded.spans.lock().expect("lock").clone();
     let request = |id: &str| {
         seen.iter()
             .find(|s| {
@@ -152,4 +176,79 @@ service = "up"
     assert_eq!(calls.len(), 1, "{seen:#?}");
     assert_eq!(calls[0].fields["service"], "up");
     assert_eq!(calls[0].fields["caller"], "route");
+}
+
+/// A plugin that traps, spins or runs out of memory is logged with where it was: the
+/// innermost functions of its Wasm backtrace, by name (the test plugins keep their `name`
+/// section), past the Rust runtime's abort path. The client's answer names none of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_failures_are_logged_with_where_the_plugin_was() {
+    let recorded = recorded();
+    let up = Upstream::echo("up").await;
+    let routes = r#"
+[[routes]]
+id = "trap"
+path = "/trap"
+service = "up"
+chain = [{ plugin = "probe", config = { mode = "trap" } }]
+[[routes]]
+id = "spin"
+path = "/spin"
+service = "up"
+chain = [{ plugin = "probe", config = { mode = "spin" } }]
+[[routes]]
+id = "membomb"
+path = "/membomb"
+service = "up"
+chain = [{ plugin = "probe", config = { mode = "membomb" }, limits = { cpu_budget = "10s" } }]
+[[routes]]
+id = "skipped"
+path = "/skipped"
+service = "up"
+chain = [{ plugin = "probe", on_error = "fail-open", config = { mode = "trap" } }]
+"#;
+    let proxy = TestProxy::start(&config(&[&up], routes)).await;
+
+    // (path, status, the failure's log line, what its error must say)
+    let cases = [
+        (
+            "/trap",
+            502,
+            "plugin chain failed",
+            "trapped: wasm trap: wasm `unreachable` instruction executed at abort <- … <- <probe::Probe as probe::exports::bff::plugin::hooks::Guest>::on_request <- ",
+        ),
+        (
+            "/spin",
+            502,
+            "plugin chain failed",
+            "used up its CPU budget at probe::spin <- <probe::Probe as probe::exports::bff::plugin::hooks::Guest>::on_request <- ",
+        ),
+        (
+            "/membomb",
+            502,
+            "plugin chain failed",
+            "went over its memory limit at abort <- … <- probe::eat_memory <- ",
+        ),
+        (
+            "/skipped",
+            200,
+            "plugin failed; skipped (fail-open)",
+            "trapped: wasm trap: wasm `unreachable` instruction executed at abort <- … <- <probe::Probe",
+        ),
+    ];
+    for (path, status, line, says) in cases {
+        let id = format!("fail{}", path.replace('/', "-"));
+        let resp = get(proxy.addr(), path, &[("x-request-id", &id)]).await;
+        assert_eq!(resp.status, status, "{path}: {}", resp.text());
+        assert!(!resp.text().contains("probe::"), "{path}: {}", resp.text());
+        let events = recorded.events.lock().expect("lock").clone();
+        let event = events
+            .iter()
+            .find(|e| {
+                e.get("message").map(String::as_str) == Some(line)
+                    && e.get("request_id") == Some(&id)
+            })
+            .unwrap_or_else(|| panic!("{path}: no `{line}` event for {id}: {events:#?}"));
+        assert!(event["error"].contains(says), "{path}: {event:#?}");
+    }
 }

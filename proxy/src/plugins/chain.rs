@@ -19,6 +19,7 @@ use http_body_util::BodyExt;
 use tracing::Instrument;
 use wasmtime::{Store, UpdateDeadline};
 
+use super::backtrace::GuestTrace;
 use super::bindings::Plugin as Instance;
 use super::bindings::bff::plugin::types;
 use super::host::{HostState, Metered, RequestScope, headers_from_wit, headers_to_wit};
@@ -71,15 +72,15 @@ pub(crate) enum FailureKind {
     },
     #[error("panicked: {0}")]
     Panic(String),
-    #[error("trapped: {0}")]
-    Trap(String),
-    #[error("used up its CPU budget")]
-    CpuBudget,
-    #[error("went over its memory limit")]
-    Memory,
+    #[error("trapped: {0}{1}")]
+    Trap(String, GuestTrace),
+    #[error("used up its CPU budget{0}")]
+    CpuBudget(GuestTrace),
+    #[error("went over its memory limit{0}")]
+    Memory(GuestTrace),
     #[error("did not finish within its call timeout")]
     Timeout,
-    #[error("returned an invalid {0}")]
+    #[error("returned invalid output: {0}")]
     InvalidOutput(String),
     #[error("needs a body larger than its limit")]
     BodyTooLarge,
@@ -94,9 +95,9 @@ impl FailureKind {
     pub(crate) fn label(&self) -> &'static str {
         match self {
             Self::Error { .. } => "error",
-            Self::Panic(_) | Self::Trap(_) => "trap",
-            Self::CpuBudget => "cpu_limit",
-            Self::Memory => "memory_limit",
+            Self::Panic(_) | Self::Trap(..) => "trap",
+            Self::CpuBudget(_) => "cpu_limit",
+            Self::Memory(_) => "memory_limit",
             Self::Timeout => "timeout",
             Self::InvalidOutput(_) => "invalid_output",
             Self::BodyTooLarge => "body_limit",
@@ -193,11 +194,11 @@ struct InstantiationTimedOut;
 /// timeout, or another reason (its first line).
 pub(crate) fn instantiation_failure(store: &Store<HostState>, e: &wasmtime::Error) -> FailureKind {
     if e.downcast_ref::<CpuBudgetExceeded>().is_some() {
-        FailureKind::CpuBudget
+        FailureKind::CpuBudget(GuestTrace::of(e))
     } else if e.downcast_ref::<InstantiationTimedOut>().is_some() {
         FailureKind::Timeout
     } else if store.data().limiter.hit {
-        FailureKind::Memory
+        FailureKind::Memory(GuestTrace::of(e))
     } else {
         FailureKind::Unavailable(super::load::first_line(e))
     }
@@ -269,9 +270,9 @@ pub(crate) fn finish<T>(
         }),
         Ok(Err(trap)) => {
             if trap.downcast_ref::<CpuBudgetExceeded>().is_some() {
-                Err(FailureKind::CpuBudget)
+                Err(FailureKind::CpuBudget(GuestTrace::of(&trap)))
             } else if store.data().limiter.hit {
-                Err(FailureKind::Memory)
+                Err(FailureKind::Memory(GuestTrace::of(&trap)))
             } else if let Some(msg) = panic_message(&stderr) {
                 Err(FailureKind::Panic(msg))
             } else {
@@ -280,6 +281,7 @@ pub(crate) fn finish<T>(
                     .map_or_else(|| trap.to_string(), ToString::to_string);
                 Err(FailureKind::Trap(
                     trap_code.lines().next().unwrap_or_default().to_owned(),
+                    GuestTrace::of(&trap),
                 ))
             }
         }
@@ -440,7 +442,7 @@ impl Chain {
             None => path,
         };
         let mut pending: Vec<Pending> = Vec::with_capacity(self.steps.len());
-        let mut answered: Option<types::Response> = None;
+        let mut answered: Option<(http::response::Parts, Bytes)> = None;
         for (i, step) in self.steps.iter().enumerate() {
             if !step.caps.handles_request {
                 // Response-only: no instance until the response phase reaches it.
@@ -459,31 +461,35 @@ impl Chain {
                     _ => Vec::new(),
                 },
             };
+            // The plugin's output is validated inside the recorded call, so an invalid one
+            // counts as `invalid_output`, not `ok`.
             let outcome = call(step, Phase::Request, &mut l, &scope.stats, async |l| {
                 let hooks = l.instance.bff_plugin_hooks();
-                guarded!(
+                let action = guarded!(
                     l.store,
                     step.limits,
                     hooks.call_on_request(&mut l.store, &ctx, &req)
-                )
+                )?;
+                match action {
+                    types::Action::Forward(r) => apply_forward(
+                        r,
+                        step.caps.reads_request_body,
+                        &mut parts,
+                        &mut uri,
+                        &scope,
+                    )
+                    .map(|new_body| {
+                        if let Some(b) = new_body {
+                            req_body = RequestBody::Buffered(b);
+                        }
+                        None
+                    }),
+                    types::Action::Respond(resp) => response_from_wit(resp)
+                        .map(Some)
+                        .map_err(FailureKind::InvalidOutput),
+                }
             })
             .await;
-            let outcome = outcome.and_then(|action| match action {
-                types::Action::Forward(r) => apply_forward(
-                    r,
-                    step.caps.reads_request_body,
-                    &mut parts,
-                    &mut uri,
-                    &scope,
-                )
-                .map(|new_body| {
-                    if let Some(b) = new_body {
-                        req_body = RequestBody::Buffered(b);
-                    }
-                    None
-                }),
-                types::Action::Respond(resp) => Ok(Some(resp)),
-            });
             match outcome {
                 Ok(None) if step.caps.handles_response => pending.push(Pending::Live(l)),
                 Ok(None) => release(step, l),
@@ -492,7 +498,7 @@ impl Chain {
                     answered = Some(resp);
                     break;
                 }
-                Err(kind) => self.skip_or_fail(step, kind)?,
+                Err(kind) => self.skip_or_fail(step, &scope, kind)?,
             }
         }
 
@@ -501,11 +507,7 @@ impl Chain {
             .iter()
             .any(|p| self.steps[p.step()].caps.reads_response_body);
         let (mut head, mut resp_body) = match answered {
-            Some(resp) => {
-                let (head, body) = response_from_wit(resp)
-                    .map_err(|m| self.failure(&self.steps[0], FailureKind::InvalidOutput(m)))?;
-                (head, ResponseBody::Buffered(body))
-            }
+            Some((head, body)) => (head, ResponseBody::Buffered(body)),
             None => {
                 let Some(service) = service else {
                     return Err(ProxyError::ChainNoResponse {
@@ -586,18 +588,14 @@ impl Chain {
             };
             let outcome = call(step, Phase::Response, &mut l, &scope.stats, async |l| {
                 let hooks = l.instance.bff_plugin_hooks();
-                guarded!(
+                let r = guarded!(
                     l.store,
                     step.limits,
                     hooks.call_on_response(&mut l.store, &ctx, &resp)
-                )
+                )?;
+                response_from_wit(r).map_err(FailureKind::InvalidOutput)
             })
-            .await
-            .and_then(|r| {
-                let (new_head, new_body) =
-                    response_from_wit(r).map_err(FailureKind::InvalidOutput)?;
-                Ok((new_head, new_body))
-            });
+            .await;
             match outcome {
                 Ok((new_head, new_body)) => {
                     release(step, l);
@@ -607,7 +605,7 @@ impl Chain {
                         resp_body = ResponseBody::Buffered(new_body);
                     }
                 }
-                Err(kind) => self.skip_or_fail(step, kind)?,
+                Err(kind) => self.skip_or_fail(step, &scope, kind)?,
             }
         }
 
@@ -665,7 +663,7 @@ impl Chain {
             Err(e) => {
                 let kind = instantiation_failure(&store, &e);
                 step.series.count(phase, kind.label());
-                self.skip_or_fail(step, kind).map(|()| None)
+                self.skip_or_fail(step, scope, kind).map(|()| None)
             }
         }
     }
@@ -678,12 +676,18 @@ impl Chain {
     }
 
     /// `fail-open`: log and go on without the plugin. `fail-closed`: end the request.
-    fn skip_or_fail(&self, step: &Step, kind: FailureKind) -> Result<(), ProxyError> {
+    fn skip_or_fail(
+        &self,
+        step: &Step,
+        scope: &RequestScope,
+        kind: FailureKind,
+    ) -> Result<(), ProxyError> {
         match step.on_error {
             OnError::FailOpen => {
                 step.series.skipped();
                 tracing::warn!(
                     plugin = %step.plugin.name,
+                    request_id = scope.request_id.to_str().unwrap_or_default(),
                     route = %self.route,
                     error = %kind,
                     "plugin failed; skipped (fail-open)"
@@ -743,20 +747,23 @@ fn apply_forward(
     uri: &mut String,
     scope: &RequestScope,
 ) -> Result<Option<Bytes>, FailureKind> {
-    let method = Method::from_bytes(r.method.as_bytes())
-        .map_err(|_| FailureKind::InvalidOutput(format!("method `{}`", r.method.escape_debug())))?;
+    let method = Method::from_bytes(r.method.as_bytes()).map_err(|_| {
+        FailureKind::InvalidOutput(format!("invalid method `{}`", r.method.escape_debug()))
+    })?;
     let (path, query) = match r.uri.split_once('?') {
         Some((p, q)) => (p, Some(q)),
         None => (r.uri.as_str(), None),
     };
-    let normalized = crate::router::path::normalize(path)
-        .map_err(|_| FailureKind::InvalidOutput(format!("uri `{}`", r.uri.escape_debug())))?;
+    let normalized = crate::router::path::normalize(path).map_err(|_| {
+        FailureKind::InvalidOutput(format!("invalid uri `{}`", r.uri.escape_debug()))
+    })?;
     let new_uri = match query {
         Some(q) => format!("{normalized}?{q}"),
         None => normalized.into_owned(),
     };
-    http::uri::PathAndQuery::try_from(new_uri.as_str())
-        .map_err(|_| FailureKind::InvalidOutput(format!("uri `{}`", r.uri.escape_debug())))?;
+    http::uri::PathAndQuery::try_from(new_uri.as_str()).map_err(|_| {
+        FailureKind::InvalidOutput(format!("invalid uri `{}`", r.uri.escape_debug()))
+    })?;
     let mut headers = headers_from_wit(r.headers).map_err(FailureKind::InvalidOutput)?;
     strip_managed(&mut headers);
     // Identity and the request id are the proxy's to state, whatever the plugin returned.
@@ -777,7 +784,7 @@ fn response_from_wit(r: types::Response) -> Result<(http::response::Parts, Bytes
     let status = StatusCode::from_u16(r.status)
         .ok()
         .filter(|s| (200..=599).contains(&s.as_u16()))
-        .ok_or_else(|| format!("status {}", r.status))?;
+        .ok_or_else(|| format!("invalid status {}", r.status))?;
     let mut headers = headers_from_wit(r.headers)?;
     crate::pipeline::remove_hop_by_hop(&mut headers);
     headers.remove(header::CONTENT_LENGTH);
