@@ -421,6 +421,7 @@ pub(crate) struct PluginFamilies {
     invocations: IntCounterVec,
     duration: HistogramVec,
     cpu_ratio: HistogramVec,
+    memory_ratio: HistogramVec,
     fail_open_skips: IntCounterVec,
     send_refusals: IntCounterVec,
     /// `bff_plugin_instances_active`: plugin instances alive now.
@@ -470,6 +471,13 @@ impl PluginFamilies {
                 RATIO_BUCKETS,
                 &["plugin", "phase"],
             ),
+            memory_ratio: histogram_vec(
+                r,
+                "bff_plugin_memory_used_ratio",
+                "Share of its memory limit a plugin instance's linear memory reached while serving a request (1 = at the limit).",
+                RATIO_BUCKETS,
+                &["plugin"],
+            ),
             fail_open_skips: counter_vec(
                 r,
                 "bff_plugin_fail_open_skips_total",
@@ -516,6 +524,7 @@ impl PluginFamilies {
             }),
             duration: PHASES.map(|p| self.duration.with_label_values(&[plugin, version, p])),
             cpu_ratio: PHASES.map(|p| self.cpu_ratio.with_label_values(&[plugin, p])),
+            memory_ratio: self.memory_ratio.with_label_values(&[plugin]),
             fail_open: self.fail_open_skips.with_label_values(&[plugin]),
             invocations: self.invocations.clone(),
             send_refusals: self.send_refusals.clone(),
@@ -544,6 +553,7 @@ pub(crate) struct PluginSeries {
     ok: [IntCounter; 2],
     duration: [Histogram; 2],
     cpu_ratio: [Histogram; 2],
+    memory_ratio: Histogram,
     fail_open: IntCounter,
     invocations: IntCounterVec,
     send_refusals: IntCounterVec,
@@ -579,6 +589,13 @@ impl PluginSeries {
                 .with_label_values(&[&*self.plugin, &*self.version, PHASES[p], outcome])
                 .inc();
         }
+    }
+
+    /// Records the most linear memory an instance had while serving a request, against its
+    /// limit.
+    pub(crate) fn memory_used(&self, peak_bytes: usize, limit_bytes: usize) {
+        let ratio = peak_bytes as f64 / (limit_bytes as f64).max(1.0);
+        self.memory_ratio.observe(ratio.min(1.0));
     }
 
     /// Counts a failed call skipped under `fail-open`.

@@ -320,6 +320,46 @@ chain = [{ plugin = "probe", config = { name = "a" } }]
     assert_eq!(resp.json()["error"]["code"], "plugin_no_response");
 }
 
+/// `bff_plugin_memory_used_ratio` records, once per request per instance, how close the
+/// instance's linear memory came to its limit: a plugin that ran into it is at the top.
+#[tokio::test]
+async fn memory_use_is_observed_against_the_limit() {
+    let up = Upstream::echo("up").await;
+    let routes = r#"
+[[routes]]
+id = "membomb"
+path = "/membomb"
+service = "up"
+chain = [{ plugin = "probe", config = { mode = "membomb" }, limits = { cpu_budget = "10s" } }]
+"#;
+    let proxy = TestProxy::start(&config(&up.url(), routes)).await;
+    let series = |suffix: &str| format!("bff_plugin_memory_used_ratio_{suffix}{{plugin=\"probe\"");
+    let sample = async |name: String| -> f64 {
+        let metrics = proxy.metrics().await;
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&name))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    };
+    // `/good`: one probe instance serves both phases, far below its 32 MiB.
+    assert_eq!(get(proxy.addr(), "/good", &[]).await.status, 200);
+    assert_eq!(sample(series("count")).await, 1.0);
+    assert_eq!(
+        sample(format!("{},le=\"0.25\"}}", series("bucket"))).await,
+        1.0
+    );
+    let small = sample(series("sum")).await;
+    assert!(small > 0.0 && small < 0.25, "{small}");
+    // The memory bomb grows its memory until the limit refuses: above 90 %.
+    assert_eq!(get(proxy.addr(), "/membomb", &[]).await.status, 502);
+    assert_eq!(sample(series("count")).await, 2.0);
+    assert_eq!(
+        sample(format!("{},le=\"0.9\"}}", series("bucket"))).await,
+        1.0
+    );
+}
+
 /// An answer is checked as the output of the plugin that gave it: an invalid one names that
 /// plugin, and follows that use's `on_error` (fail-open: skipped, the upstream answers).
 #[tokio::test]

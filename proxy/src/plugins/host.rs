@@ -94,6 +94,14 @@ impl Drop for Alive {
     }
 }
 
+/// A store dropped while serving a request (a fresh instance done with it, or a failed one)
+/// records its memory use; a reused instance did so when its request ended.
+impl Drop for HostState {
+    fn drop(&mut self) {
+        self.observe_memory();
+    }
+}
+
 impl std::fmt::Debug for HostState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HostState")
@@ -147,6 +155,7 @@ impl HostState {
             limiter: MemoryLimiter {
                 max_bytes: usize::try_from(limits.max_memory_bytes).unwrap_or(usize::MAX),
                 hit: false,
+                peak_bytes: 0,
             },
             meter: Arc::new(CpuMeter::new(limits.cpu_budget)),
             plugin,
@@ -170,11 +179,20 @@ impl HostState {
     /// another request: not if it went over its memory limit (a guest may survive a refused
     /// `memory.grow`) or filled half of its stdout/stderr buffers, which only grow.
     pub(crate) fn end_request(&mut self) -> bool {
+        self.observe_memory();
         self.scope = None;
         self.calls.clear();
         let stdio_room =
             self.wasi.is_none() || self.logged.0.max(self.logged.1) < STDIO_CAPACITY / 2;
         !self.limiter.hit && stdio_room
+    }
+
+    /// Records in the plugin's metrics how much memory the instance reached, if it is serving
+    /// a request: once per request (an instance made at load, or idle, serves none).
+    fn observe_memory(&self) {
+        if let (Some(_), Some(series)) = (&self.scope, &self.series) {
+            series.memory_used(self.limiter.peak_bytes, self.limiter.max_bytes);
+        }
     }
 
     /// Logs what the guest wrote to stdout/stderr since the last flush, one event per line.
@@ -475,10 +493,13 @@ pub(crate) fn headers_from_wit(fields: Vec<(String, String)>) -> Result<http::He
 /// follows (a Rust guest aborts when allocation fails) is reported as the memory limit, not a
 /// generic trap. Only the last attempt counts: an allocator that asks for a big step first and
 /// then for just what it needs (the SDK's does) has not hit the limit when the second succeeds.
+/// Also keeps the largest size it allowed a memory (its initial size included), for
+/// `bff_plugin_memory_used_ratio`.
 #[derive(Debug)]
 pub(crate) struct MemoryLimiter {
     max_bytes: usize,
     pub(crate) hit: bool,
+    peak_bytes: usize,
 }
 
 impl ResourceLimiter for MemoryLimiter {
@@ -489,6 +510,9 @@ impl ResourceLimiter for MemoryLimiter {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         self.hit = desired > self.max_bytes;
+        if !self.hit {
+            self.peak_bytes = self.peak_bytes.max(desired);
+        }
         Ok(!self.hit)
     }
 
