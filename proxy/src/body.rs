@@ -1,5 +1,8 @@
 //! The body type that flows through the proxy in both directions: a boxed stream, so upstream
 //! bodies, limited client bodies and small JSON error bodies share one type without buffering.
+//! `decode` reads a whole body for a plugin, undoing the content codings an upstream applied.
+
+pub(crate) mod decode;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty, Full, combinators::UnsyncBoxBody};

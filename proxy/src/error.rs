@@ -52,7 +52,7 @@ fn plugin_parts(kind: &FailureKind) -> (StatusCode, &'static str, &'static str) 
         EncodedBody(_) => (
             StatusCode::BAD_GATEWAY,
             "plugin_encoded_body",
-            "needs a body the upstream sent encoded",
+            "needs a body the upstream sent in a coding the proxy does not decode",
         ),
         Unavailable(_) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -674,6 +674,87 @@ chain = [{ plugin = "probe", limits = { call_timeout = "200ms" }, config = { mod
     assert_eq!(unbounded.json()["error"]["code"], "plugin_timeout");
 }
 
+/// A fixed JSON reply, gzipped, with `content-encoding: gzip`.
+fn gzipped(json: &str) -> Reply {
+    use std::io::Write;
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    e.write_all(json.as_bytes()).expect("in memory");
+    Reply::Fixed {
+        status: 200,
+        headers: vec![
+            ("content-type".into(), "application/json".into()),
+            ("content-encoding".into(), "gzip".into()),
+        ],
+        body: e.finish().expect("in memory").into(),
+    }
+}
+
+/// An upstream that encodes a body a plugin reads (though asked for `identity`, or not asked
+/// at all for a `send`): the body reaches the plugin decoded (gzip here; every coding is tested
+/// in `body/decode.rs`); a coding the proxy does not decode is `plugin_encoded_body`; a body
+/// that does not decode is the upstream's failure.
+#[tokio::test]
+async fn encoded_bodies_reach_plugins_decoded() {
+    let up = Upstream::builder("up")
+        .route("/gz", gzipped(r#"{"name":"ada"}"#))
+        .route(
+            "/br",
+            Reply::fixed(200, "not really brotli").header("content-encoding", "br"),
+        )
+        .route(
+            "/corrupt",
+            Reply::fixed(200, "not gzip at all").header("content-encoding", "gzip"),
+        )
+        .start()
+        .await;
+    let mut routes = String::new();
+    for doc in ["gz", "br", "corrupt"] {
+        routes.push_str(&format!(
+            "[[routes]]\nid = \"{doc}\"\npath = \"/{doc}\"\nservice = \"up\"\n\
+             chain = [{{ plugin = \"probe\", config = {{ reads_response_body = true, response_mode = \"upper-body\" }} }}]\n"
+        ));
+    }
+    routes.push_str(
+        r#"
+[[routes]]
+id = "fan"
+path = "/fan"
+egress = ["up"]
+chain = [{ plugin = "probe", config = { mode = "fanout", calls = [{ service = "up", path = "/gz" }, { service = "up", path = "/br" }] } }]
+"#,
+    );
+    let proxy = TestProxy::start(&config(&up.url(), &routes)).await;
+
+    let gz = get(proxy.addr(), "/gz", &[]).await;
+    assert_eq!(gz.status, 200, "{}", gz.text());
+    assert_eq!(gz.text(), r#"{"NAME":"ADA"}"#);
+    assert_eq!(gz.header("content-encoding"), None);
+    assert_eq!(gz.header("content-length"), Some("14"));
+
+    let br = get(proxy.addr(), "/br", &[]).await;
+    assert_eq!(br.status, 502, "{}", br.text());
+    assert_eq!(br.json()["error"]["code"], "plugin_encoded_body");
+
+    let broken = get(proxy.addr(), "/corrupt", &[]).await;
+    assert_eq!(broken.status, 502, "{}", broken.text());
+    assert_eq!(broken.json()["error"]["code"], "upstream_error");
+
+    // A plugin's `send`: decoded; what cannot be decoded is an error of that call only.
+    let fan = get(proxy.addr(), "/fan", &[]).await;
+    assert_eq!(fan.status, 200, "{}", fan.text());
+    let results = &fan.json()["results"];
+    assert_eq!(results[0]["status"], 200, "{results}");
+    assert_eq!(results[0]["body"]["name"], "ada", "{results}");
+    assert_eq!(results[1]["error"], "errorkind::upstream", "{results}");
+    assert!(
+        results[1]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("encoded as `br`"),
+        "{results}"
+    );
+}
+
 #[tokio::test]
 async fn response_phase_rewrites_bodies_and_fails_cleanly() {
     let up = Upstream::builder("up")

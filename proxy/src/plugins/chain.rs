@@ -27,12 +27,13 @@ use super::load::{Code, LoadedPlugin};
 use super::reuse::{IdlePool, Reusable};
 use super::runtime::Tier;
 use super::{PluginLimits, Runtime};
+use crate::body::decode::{self, ReadError};
 use crate::body::{self, Body};
 use crate::error::ProxyError;
 use crate::metrics::{Caller, Phase, PluginSeries};
 use crate::observe::{Counted, RequestStats};
 use crate::router::OnError;
-use crate::upstream::{UpstreamBody, Upstreams};
+use crate::upstream::{UpstreamBody, UpstreamError, Upstreams};
 
 /// The client's request body as the pipeline hands it over (counted as it is read).
 pub(crate) type ClientBody = Counted<hyper::body::Incoming>;
@@ -84,7 +85,7 @@ pub(crate) enum FailureKind {
     InvalidOutput(String),
     #[error("needs a body larger than its limit")]
     BodyTooLarge,
-    #[error("needs the body but the upstream sent it encoded ({0})")]
+    #[error("needs the body but the upstream sent it in a coding the proxy does not decode ({0})")]
     EncodedBody(String),
     #[error("could not be instantiated: {0}")]
     Unavailable(String),
@@ -509,7 +510,7 @@ impl Chain {
         let (mut head, mut resp_body) = match answered {
             Some((head, body)) => (head, ResponseBody::Buffered(body)),
             None => {
-                let Some(service) = service else {
+                let Some(service) = service.clone() else {
                     return Err(ProxyError::ChainNoResponse {
                         route: self.route.clone(),
                     });
@@ -555,17 +556,32 @@ impl Chain {
         for p in pending.into_iter().rev() {
             let step = &self.steps[p.step()];
             let reads = step.caps.reads_response_body;
-            if reads && let ResponseBody::Stream(_) = resp_body {
-                resp_body =
-                    match buffer_response(resp_body, &head.headers, step.limits.max_body_bytes)
-                        .await
-                    {
-                        Ok(b) => ResponseBody::Buffered(b),
-                        Err(kind) => {
-                            step.series.count(Phase::Response, kind.label());
-                            return Err(self.failure(step, kind));
+            if reads && let ResponseBody::Stream(incoming) = resp_body {
+                let limit = usize::try_from(step.limits.max_body_bytes).unwrap_or(usize::MAX);
+                let encoding = head.headers.get(header::CONTENT_ENCODING);
+                match decode::read_decoded(incoming, encoding, limit).await {
+                    Ok((bytes, decoded)) => {
+                        if decoded {
+                            head.headers.remove(header::CONTENT_ENCODING);
                         }
-                    };
+                        resp_body = ResponseBody::Buffered(bytes);
+                    }
+                    // The upstream's fault, not the plugin's: it never ran.
+                    Err(ReadError::Broken(why)) => {
+                        return Err(ProxyError::Upstream(UpstreamError::Failed {
+                            service: service.clone().unwrap_or_default(),
+                            source: why.into(),
+                        }));
+                    }
+                    Err(e) => {
+                        let kind = match e {
+                            ReadError::Unsupported(coding) => FailureKind::EncodedBody(coding),
+                            _ => FailureKind::BodyTooLarge,
+                        };
+                        step.series.count(Phase::Response, kind.label());
+                        return Err(self.failure(step, kind));
+                    }
+                }
             }
             // A response-only step gets its instance once the body is in: it holds none while
             // the body arrives.
@@ -792,27 +808,4 @@ fn response_from_wit(r: types::Response) -> Result<(http::response::Parts, Bytes
     head.status = status;
     head.headers = headers;
     Ok((head, Bytes::from(r.body)))
-}
-
-/// Reads an upstream body for a plugin that reads it, refusing encodings it could not parse.
-async fn buffer_response(
-    body: ResponseBody,
-    headers: &HeaderMap,
-    limit: u64,
-) -> Result<Bytes, FailureKind> {
-    let ResponseBody::Stream(incoming) = body else {
-        unreachable!("only streams are buffered")
-    };
-    if let Some(enc) = headers.get(header::CONTENT_ENCODING)
-        && !enc.as_bytes().eq_ignore_ascii_case(b"identity")
-    {
-        return Err(FailureKind::EncodedBody(
-            String::from_utf8_lossy(enc.as_bytes()).into_owned(),
-        ));
-    }
-    http_body_util::Limited::new(incoming, usize::try_from(limit).unwrap_or(usize::MAX))
-        .collect()
-        .await
-        .map(|c| c.to_bytes())
-        .map_err(|_| FailureKind::BodyTooLarge)
 }

@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Method, Request};
-use http_body_util::BodyExt;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 use wasmtime::ResourceLimiter;
@@ -24,7 +23,10 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::PluginLimits;
 use super::bindings::bff::plugin::{host, types};
-use crate::body;
+use crate::body::{
+    self,
+    decode::{self, ReadError},
+};
 use crate::metrics::{Caller, PluginSeries};
 use crate::upstream::{UpstreamError, Upstreams};
 
@@ -313,6 +315,8 @@ impl host::Host for HostState {
             Duration::from_millis(ms.into()).min(scope.upstream_timeout)
         });
         let max_body = self.limits.max_body_bytes;
+        // A plugin that asked for a coding gets the body as sent; otherwise it gets it decoded.
+        let decode_body = !req.headers().contains_key(http::header::ACCEPT_ENCODING);
         // The call runs as its own task, inside the span of the plugin call that made it.
         let span = tracing::Span::current();
         let task = tokio::spawn(
@@ -338,18 +342,33 @@ impl host::Host for HostState {
                         ),
                         _ => plugin_error(Upstream, format!("service `{service}` failed: {e}")),
                     })?;
-                let (parts, incoming) = resp.into_parts();
+                let (mut parts, incoming) = resp.into_parts();
                 let limit = usize::try_from(max_body).unwrap_or(usize::MAX);
-                let body = http_body_util::Limited::new(incoming, limit)
-                    .collect()
-                    .await
-                    .map_err(|_| {
-                        plugin_error(
+                let encoding = parts
+                    .headers
+                    .get(http::header::CONTENT_ENCODING)
+                    .filter(|_| decode_body);
+                let body = match decode::read_decoded(incoming, encoding, limit).await {
+                    Ok((body, decoded)) => {
+                        if decoded {
+                            parts.headers.remove(http::header::CONTENT_ENCODING);
+                            parts.headers.remove(http::header::CONTENT_LENGTH);
+                        }
+                        body
+                    }
+                    Err(ReadError::TooLarge) => {
+                        return Err(plugin_error(
                             Limit,
                             format!("the response of `{service}` is larger than {max_body} bytes"),
-                        )
-                    })?
-                    .to_bytes();
+                        ));
+                    }
+                    Err(e) => {
+                        return Err(plugin_error(
+                            Upstream,
+                            format!("the response body of `{service}` is {e}"),
+                        ));
+                    }
+                };
                 Ok(types::Response {
                     status: parts.status.as_u16(),
                     headers: headers_to_wit(&parts.headers),
