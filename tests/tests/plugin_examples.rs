@@ -123,6 +123,59 @@ async fn aggregate_calls_its_services_at_once() {
     assert_eq!(b.received()[0].uri, "/orders/u-1");
 }
 
+/// A call whose path needs a value from another call's answer starts once that call has
+/// answered; calls that need nothing still go out together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregate_calls_that_need_another_calls_answer_wait_for_it() {
+    let gate = Gate::new();
+    let a = Upstream::builder("a")
+        .route(
+            "/",
+            json_reply(json!({"account": {"id": "acc-9"}})).gated(&gate),
+        )
+        .start()
+        .await;
+    let b = Upstream::echo("b").await;
+    let c = Upstream::builder("c")
+        .route("/", json_reply(json!({"items": ["p"]})).gated(&gate))
+        .start()
+        .await;
+    let routes = r#"
+[[routes]]
+id = "deps"
+path = "/deps/{id}"
+egress = ["a", "b", "c"]
+[[routes.chain]]
+plugin = "aggregate"
+[routes.chain.config.calls.user]
+service = "a"
+path = "/users/{param.id}"
+[routes.chain.config.calls.orders]
+service = "b"
+path = "/accounts/{call.user.account.id}/orders"
+[routes.chain.config.calls.recs]
+service = "c"
+path = "/recs/{param.id}"
+"#;
+    let proxy = TestProxy::start(&config([&a.url(), &b.url(), &c.url()], routes)).await;
+    let addr = proxy.addr();
+    let pending = tokio::spawn(async move { get(addr, "/deps/u-1", &[]).await });
+    // `user` and `recs` are both in flight before either answers; `orders` waits for `user`.
+    a.wait_for_requests(1).await;
+    c.wait_for_requests(1).await;
+    assert!(
+        b.received().is_empty(),
+        "orders went out before user answered"
+    );
+    gate.open();
+    let resp = pending.await.expect("request task");
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let body = resp.json();
+    assert_eq!(body["user"]["account"]["id"], "acc-9", "{body}");
+    assert_eq!(body["recs"]["items"][0], "p", "{body}");
+    assert_eq!(b.received()[0].uri, "/accounts/acc-9/orders");
+}
+
 #[tokio::test]
 async fn aggregate_reports_partial_and_required_failures() {
     let a = Upstream::builder("a")
