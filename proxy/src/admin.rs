@@ -8,7 +8,9 @@
 //! - `GET /metrics`: Prometheus text format.
 //! - `GET /admin/config`: the effective config (defaults filled in), secrets redacted.
 //! - `GET /admin/plugins`: loaded plugins: version (SHA-256), size, loaded-at, the routes and
-//!   clients using each, status and the last problem with its file.
+//!   clients using each, status and the last problem with its file, and the serving version's
+//!   last failed use on a request (when, where, which outcome, the message with where the
+//!   plugin was, the request id).
 //! - `GET /admin/reloads`: recent reloads with trigger, outcome, duration, errors, warnings.
 //! - `POST /admin/reload`: reload now; 200 with the record, 422 if it was rejected.
 //!
@@ -30,6 +32,7 @@ use subtle::ConstantTimeEq;
 use crate::body::{self, Body};
 use crate::config::{ConfigPath, Problems};
 use crate::metrics::Metrics;
+use crate::plugins::LoadedPlugin;
 use crate::reload::{Outcome, Reloader, Trigger, rfc3339};
 use crate::state::Snapshot;
 
@@ -251,10 +254,31 @@ fn plugins(snapshot: &Snapshot) -> serde_json::Value {
                 "clients": e.clients,
                 "status": status,
                 "last_error": last_error,
+                "last_failure": last_failure(p),
             })
         })
         .collect();
     serde_json::json!({ "plugins": list })
+}
+
+/// The serving version's last failed use on a request, or `null`.
+fn last_failure(plugin: &LoadedPlugin) -> serde_json::Value {
+    let last = plugin
+        .last_failure
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
+    last.map_or(serde_json::Value::Null, |f| {
+        serde_json::json!({
+            "at": rfc3339(f.at),
+            "route": &*f.route,
+            "phase": f.phase,
+            "outcome": f.outcome,
+            "message": f.message,
+            "request_id": f.request_id,
+            "skipped": f.skipped,
+        })
+    })
 }
 
 fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {

@@ -46,7 +46,9 @@ pub(crate) use self::chain::{Chain, ChainInput, FailureKind, PluginFailure, Scop
 #[cfg(feature = "test-util")]
 pub use self::hop::Hop;
 pub use self::load::LoadError;
-pub(crate) use self::load::{Catalog, CompileStats, Compiler, LoadIssue, load_chains};
+pub(crate) use self::load::{
+    Catalog, CompileStats, Compiler, LoadIssue, LoadedPlugin, load_chains,
+};
 pub use self::runtime::{Runtime, RuntimeError};
 
 /// The `context` record plugins get: who the client is and where the request was routed.

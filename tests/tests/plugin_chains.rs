@@ -232,6 +232,10 @@ async fn hostile_plugins_fail_cleanly(plugins: &str) -> (String, String) {
             .to_owned()
     };
     let before = tier().await;
+    assert_eq!(
+        proxy.admin_json("/admin/plugins").await["plugins"][0]["last_failure"],
+        serde_json::Value::Null
+    );
     for (mode, code, status) in cases {
         // `get` is bounded: a plugin that hung the request would fail the test there.
         let resp = get(proxy.addr(), &format!("/{mode}"), &[]).await;
@@ -247,6 +251,21 @@ async fn hostile_plugins_fail_cleanly(plugins: &str) -> (String, String) {
         );
         let good = get(proxy.addr(), "/good", &[]).await;
         assert_eq!(good.status, 200, "after {mode}: {}", good.text());
+        // The admin API shows the plugin's last failure: this one.
+        let last = &proxy.admin_json("/admin/plugins").await["plugins"][0]["last_failure"];
+        assert_eq!(last["route"], mode, "{last}");
+        assert_eq!(last["phase"], "request", "{last}");
+        assert_eq!(
+            last["request_id"].as_str(),
+            resp.header("x-request-id"),
+            "{last}"
+        );
+        assert_eq!(last["skipped"], false, "{last}");
+        if mode == "spin" {
+            assert_eq!(last["outcome"], "cpu_limit", "{last}");
+            let message = last["message"].as_str().unwrap_or_default();
+            assert!(message.contains("at probe::spin <- "), "{last}");
+        }
     }
     // A call whose output the proxy refuses counts as such, not as a call that went well.
     assert_eq!(
@@ -288,6 +307,10 @@ chain = [{ plugin = "probe", on_error = "fail-open", config = { mode = "spin" } 
     let resp = get(proxy.addr(), "/open", &[]).await;
     assert_eq!(resp.status, 200, "{}", resp.text());
     assert_eq!(resp.echo().header("x-probe-after"), Some("seen"));
+    let last = &proxy.admin_json("/admin/plugins").await["plugins"][0]["last_failure"];
+    assert_eq!(last["outcome"], "cpu_limit", "{last}");
+    assert_eq!(last["skipped"], true, "{last}");
+    assert_eq!(last["route"], "open", "{last}");
 }
 
 #[tokio::test]

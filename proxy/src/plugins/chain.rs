@@ -23,7 +23,7 @@ use super::backtrace::GuestTrace;
 use super::bindings::Plugin as Instance;
 use super::bindings::bff::plugin::types;
 use super::host::{HostState, Metered, RequestScope, headers_from_wit, headers_to_wit};
-use super::load::{Code, LoadedPlugin};
+use super::load::{Code, LastFailure, LoadedPlugin};
 use super::reuse::{IdlePool, Reusable};
 use super::runtime::Tier;
 use super::{PluginLimits, Runtime};
@@ -499,7 +499,7 @@ impl Chain {
                     answered = Some(resp);
                     break;
                 }
-                Err(kind) => self.skip_or_fail(step, &scope, kind)?,
+                Err(kind) => self.skip_or_fail(step, &scope, Phase::Request, kind)?,
             }
         }
 
@@ -579,6 +579,8 @@ impl Chain {
                             _ => FailureKind::BodyTooLarge,
                         };
                         step.series.count(Phase::Response, kind.label());
+                        // Fails closed whatever `on_error` says: part of the body is consumed.
+                        self.note_failure(step, &scope, Phase::Response, &kind, false);
                         return Err(self.failure(step, kind));
                     }
                 }
@@ -621,7 +623,7 @@ impl Chain {
                         resp_body = ResponseBody::Buffered(new_body);
                     }
                 }
-                Err(kind) => self.skip_or_fail(step, &scope, kind)?,
+                Err(kind) => self.skip_or_fail(step, &scope, Phase::Response, kind)?,
             }
         }
 
@@ -679,7 +681,7 @@ impl Chain {
             Err(e) => {
                 let kind = instantiation_failure(&store, &e);
                 step.series.count(phase, kind.label());
-                self.skip_or_fail(step, scope, kind).map(|()| None)
+                self.skip_or_fail(step, scope, phase, kind).map(|()| None)
             }
         }
     }
@@ -691,13 +693,42 @@ impl Chain {
         })
     }
 
+    /// Keeps the failure as its plugin's last, for `GET /admin/plugins`.
+    fn note_failure(
+        &self,
+        step: &Step,
+        scope: &RequestScope,
+        phase: Phase,
+        kind: &FailureKind,
+        skipped: bool,
+    ) {
+        let failure = LastFailure {
+            at: std::time::SystemTime::now(),
+            route: self.route.clone(),
+            phase: phase.as_str(),
+            outcome: kind.label(),
+            message: kind.to_string(),
+            request_id: scope.request_id.to_str().unwrap_or_default().to_owned(),
+            skipped,
+        };
+        let mut last = step
+            .plugin
+            .last_failure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        *last = Some(failure);
+    }
+
     /// `fail-open`: log and go on without the plugin. `fail-closed`: end the request.
     fn skip_or_fail(
         &self,
         step: &Step,
         scope: &RequestScope,
+        phase: Phase,
         kind: FailureKind,
     ) -> Result<(), ProxyError> {
+        let skipped = step.on_error == OnError::FailOpen;
+        self.note_failure(step, scope, phase, &kind, skipped);
         match step.on_error {
             OnError::FailOpen => {
                 step.series.skipped();

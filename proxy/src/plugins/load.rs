@@ -16,7 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
@@ -59,6 +59,23 @@ pub(crate) struct LoadedPlugin {
     code: arc_swap::ArcSwap<Code>,
     /// When this version started serving.
     pub(crate) loaded_at: SystemTime,
+    /// Its last failed use on a request, for `GET /admin/plugins`.
+    pub(crate) last_failure: Mutex<Option<LastFailure>>,
+}
+
+/// A plugin's last failed use: what a plugin author looks at first (`GET /admin/plugins`).
+#[derive(Debug, Clone)]
+pub(crate) struct LastFailure {
+    pub(crate) at: SystemTime,
+    pub(crate) route: Arc<str>,
+    pub(crate) phase: &'static str,
+    /// The `outcome` label of `bff_plugin_invocations_total`.
+    pub(crate) outcome: &'static str,
+    /// What the failure's log line says (where the plugin was, for a trap or a limit).
+    pub(crate) message: String,
+    pub(crate) request_id: String,
+    /// Skipped under `on_error = "fail-open"` (else the request failed).
+    pub(crate) skipped: bool,
 }
 
 /// One tier's compiled code of a plugin, type-checked against that tier's linker.
@@ -757,6 +774,7 @@ async fn compile(
             tier,
         }),
         loaded_at: SystemTime::now(),
+        last_failure: Mutex::new(None),
     });
     if tier == Tier::Baseline {
         compiler.tier_ups_due.push((plugin.clone(), bytes));
