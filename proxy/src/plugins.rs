@@ -105,6 +105,12 @@ pub struct PluginsConfig {
     pub version_header: Option<String>,
     /// How plugin uses with `instances = "reused"` keep their idle instances.
     pub reuse: ReuseConfig,
+    /// Pins: plugin name → the SHA-256 (hex) its file must have. A file with another hash is
+    /// refused like an invalid one (at startup the proxy does not start; on a reload the
+    /// serving version stays, if it matches the pin), so only the build ops approved can run.
+    pub sha256: std::collections::BTreeMap<String, String>,
+    /// Refuse a config in which a plugin a route uses has no pin in `sha256`.
+    pub require_sha256: bool,
 }
 
 impl Default for PluginsConfig {
@@ -121,6 +127,8 @@ impl Default for PluginsConfig {
             cache_dir: None,
             version_header: None,
             reuse: ReuseConfig::default(),
+            sha256: std::collections::BTreeMap::new(),
+            require_sha256: false,
         }
     }
 }
@@ -336,6 +344,19 @@ impl PluginsConfig {
         {
             problems.push(at.key("version_header"), "is not a valid header name");
         }
+        for (name, pin) in &self.sha256 {
+            if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
+                problems.push(
+                    at.key("sha256").key(name),
+                    "must be a SHA-256 in hex, 64 characters (`sha256sum plugin.wasm`)",
+                );
+            }
+        }
+    }
+
+    /// The SHA-256 `plugin`'s file must have, if it is pinned (lowercase hex).
+    pub(crate) fn pin(&self, plugin: &str) -> Option<String> {
+        self.sha256.get(plugin).map(|p| p.to_ascii_lowercase())
     }
 
     /// Why `reused_uses` plugin uses with `instances = "reused"` may not fit an instance pool

@@ -531,6 +531,44 @@ pub(crate) fn validate(
             );
         }
     }
+    validate_pins(routes, &config.plugins, at, problems);
+}
+
+/// Pins name plugins the routes use (a typo would pin nothing), and with `require_sha256` every
+/// plugin used has one.
+fn validate_pins(
+    routes: &[RouteConfig],
+    plugins: &crate::plugins::PluginsConfig,
+    at: &ConfigPath,
+    problems: &mut Problems,
+) {
+    let mut first_use: std::collections::BTreeMap<&str, ConfigPath> = Default::default();
+    for (i, r) in routes.iter().enumerate() {
+        for (j, step) in r.chain.iter().enumerate() {
+            first_use
+                .entry(step.plugin.as_str())
+                .or_insert_with(|| at.index(i).key("chain").index(j).key("plugin"));
+        }
+    }
+    let pins = ConfigPath::root().key("plugins").key("sha256");
+    for name in plugins.sha256.keys() {
+        if !first_use.contains_key(name.as_str()) {
+            problems.push(
+                pins.key(name),
+                format!("no route's chain uses plugin `{name}`"),
+            );
+        }
+    }
+    if plugins.require_sha256 {
+        for (name, used_at) in first_use {
+            if !plugins.sha256.contains_key(name) {
+                problems.push(
+                    used_at,
+                    format!("`plugins.require_sha256` is on and plugin `{name}` has no pin in `plugins.sha256`"),
+                );
+            }
+        }
+    }
 }
 
 #[cfg(test)]

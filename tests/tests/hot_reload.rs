@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bff_proxy_tests::plugins::{probe_version, test_plugins, version_string};
-use bff_proxy_tests::{TestProxy, Upstream, get, request};
+use bff_proxy_tests::{TestProxy, Upstream, get, request, sha256_hex_bytes};
 
 /// Upper bound for a change to show: generous, since a debug build compiles plugins slowly.
 const SHOW_WITHIN: Duration = Duration::from_secs(120);
@@ -365,6 +365,55 @@ async fn a_bad_file_never_replaces_the_serving_version() {
                 .any(|w| w.as_str().unwrap_or_default().contains("keeps serving")))),
         "reloads that kept a version say so: {reloads}"
     );
+}
+
+/// With `plugins.sha256` pinning a build, only that build serves: a new file with another hash
+/// is refused like a broken one (the pinned version keeps serving), a config moving the pin
+/// switches to the newly pinned file, and a pin no file matches is refused as a whole.
+#[tokio::test]
+async fn pinned_plugins_serve_only_the_pinned_build() {
+    let up = Upstream::echo("up").await;
+    let setup = Setup::new();
+    let (a, b) = (probe_version('A'), probe_version('B'));
+    let pinned = |bytes: &[u8]| {
+        let routes = version_route(&up.url(), "");
+        format!(
+            "{routes}\n[plugins.sha256]\nprobe = \"{}\"\n",
+            sha256_hex_bytes(bytes)
+        )
+    };
+    write_atomic(&setup.plugin("probe"), &a);
+    setup.write_config(&pinned(&a));
+    let proxy = TestProxy::start_file(&setup.config()).await;
+    assert_eq!(version_at(&proxy).await, Ok(version_string('A')));
+
+    // Another build appears: refused, A keeps serving.
+    write_atomic(&setup.plugin("probe"), &b);
+    eventually("the unpinned build is refused", || async {
+        plugin_entry(&proxy, "probe")
+            .await
+            .is_some_and(|p| p["status"] == "rejected")
+    })
+    .await;
+    let entry = plugin_entry(&proxy, "probe").await.expect("still loaded");
+    let message = entry["last_error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains(&format!("has SHA-256 {}", sha256_hex_bytes(&b)))
+            && message.contains("`plugins.sha256.probe` pins"),
+        "{entry}"
+    );
+    assert_eq!(version_at(&proxy).await, Ok(version_string('A')));
+
+    // Ops pin B: it serves.
+    setup.write_config(&pinned(&b));
+    eventually("the newly pinned build serves", || serves(&proxy, 'B')).await;
+
+    // A pin no file matches: the whole config is refused, B keeps serving.
+    setup.write_config(&pinned(b"some other build"));
+    let (status, record) = proxy.reload().await;
+    assert_eq!(status, 422, "{record}");
+    assert!(record["errors"].to_string().contains("pins"), "{record}");
+    assert_eq!(version_at(&proxy).await, Ok(version_string('B')));
 }
 
 #[tokio::test]

@@ -469,6 +469,22 @@ async fn bad_plugins_fail_the_load_with_clear_reasons() {
         spinning.contains("CPU budget at probe::spin <- "),
         "{spinning}"
     );
+
+    // A plugin whose file is not the pinned build does not load.
+    let text = config_with(
+        "http://127.0.0.1:1",
+        "",
+        &format!("sha256 = {{ probe = \"{}\" }}", "0".repeat(64)),
+    );
+    let cfg = bff_proxy::Config::from_toml(&text, "test").expect("valid config");
+    let unpinned = match bff_proxy::check_plugins(&cfg).await {
+        Ok(n) => panic!("expected a load failure, {n} uses loaded"),
+        Err(e) => bff_proxy::ErrorChain(&e).to_string(),
+    };
+    assert!(
+        unpinned.contains("plugin `probe`") && unpinned.contains("`plugins.sha256.probe` pins"),
+        "{unpinned}"
+    );
 }
 
 /// A component runs code while it is instantiated (its start function), before any hook: the

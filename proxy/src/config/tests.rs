@@ -286,3 +286,50 @@ fn reused_instances_leave_most_of_the_pool_to_fresh_ones() {
         "{typo:?}"
     );
 }
+
+#[test]
+fn plugin_pins_are_hashes_of_plugins_in_use_and_can_be_required() {
+    let pin = "a".repeat(64);
+    let with =
+        |chain: &str, plugins: &str| format!("{MINIMAL}chain = [{chain}]\n\n[plugins]\n{plugins}");
+    let fields = r#"{ plugin = "fields" }"#;
+    let both = r#"{ plugin = "fields" }, { plugin = "voice" }"#;
+    assert_eq!(
+        problems(&with(fields, &format!("sha256 = {{ fields = \"{pin}\" }}"))),
+        Vec::<String>::new()
+    );
+    // Upper-case hex is a hash too.
+    assert_eq!(
+        problems(&with(
+            fields,
+            &format!("sha256 = {{ fields = \"{}\" }}", pin.to_uppercase())
+        )),
+        Vec::<String>::new()
+    );
+    let found = problems(&with(
+        fields,
+        &format!("sha256 = {{ fields = \"abc\", feilds = \"{pin}\" }}"),
+    ));
+    assert_eq!(found.len(), 2, "{found:?}");
+    assert!(
+        found
+            .iter()
+            .any(|p| p.contains("plugins.sha256.fields: must be a SHA-256 in hex")),
+        "{found:?}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|p| p.contains("plugins.sha256.feilds: no route's chain uses plugin `feilds`")),
+        "{found:?}"
+    );
+    let required = problems(&with(
+        both,
+        &format!("require_sha256 = true\nsha256 = {{ fields = \"{pin}\" }}"),
+    ));
+    assert_eq!(required.len(), 1, "{required:?}");
+    assert!(
+        required[0].contains("routes[0].chain[1].plugin: `plugins.require_sha256` is on and plugin `voice` has no pin"),
+        "{required:?}"
+    );
+}

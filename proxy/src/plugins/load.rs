@@ -649,7 +649,19 @@ async fn resolve(
         since: SystemTime::now(),
     };
     let mut changing = false;
+    let pin = config.plugins.pin(name);
     let candidate: Result<Arc<LoadedPlugin>, FileProblem> = match state {
+        FileState::Read { sha256, .. } if pin.as_ref().is_some_and(|p| *p != sha256) => {
+            Err(problem(
+                ProblemKind::Rejected,
+                format!(
+                    "{} has SHA-256 {sha256}, not the one `plugins.sha256.{name}` pins ({})",
+                    file.display(),
+                    pin.as_deref().unwrap_or_default()
+                ),
+                Some(sha256),
+            ))
+        }
         FileState::Read {
             bytes,
             sha256,
@@ -688,7 +700,10 @@ async fn resolve(
             u.route, u.step, config.routes[u.route].id
         )
     };
-    let prev_serving = prev.map(|p| p.serving.clone());
+    // A pinned plugin keeps serving an earlier version only if that is the pinned build.
+    let prev_serving = prev
+        .map(|p| p.serving.clone())
+        .filter(|p| pin.as_ref().is_none_or(|pin| *pin == p.sha256));
     let resolution = match candidate {
         Ok(plugin) => match init_all(runtime, &plugin, uses, &label).await {
             Ok(caps) => Resolution::Ready {
