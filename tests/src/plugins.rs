@@ -88,3 +88,55 @@ pub fn probe_version(tag: char) -> Vec<u8> {
 pub fn version_string(tag: char) -> String {
     std::iter::repeat_n(tag, 10).collect()
 }
+
+/// The directory with the Python example plugin (`py-summary.wasm`, from `plugins/py-summary/`),
+/// built on first use by componentize-py at the version `plugins/py-summary/requirements.txt`
+/// pins, installed from PyPI into a virtualenv under `target/py-plugins/` (kept between runs).
+pub fn python_plugins() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let root = repo_root();
+        let src = root.join("plugins").join("py-summary");
+        let work = root.join("target").join("py-plugins");
+        let venv = work.join("venv");
+        let out = work.join("out");
+        let run = |cmd: &mut Command, what: &str| {
+            let output = cmd
+                .output()
+                .unwrap_or_else(|e| panic!("{what}: cannot run it: {e}"));
+            assert!(
+                output.status.success(),
+                "{what} failed:\n{}\n{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        };
+        if !venv.join("bin").join("pip").exists() {
+            run(
+                Command::new("python3").args(["-m", "venv"]).arg(&venv),
+                "python3 -m venv (the Python plugin's toolchain)",
+            );
+        }
+        // Quick and offline once the pinned version is installed.
+        run(
+            Command::new(venv.join("bin").join("pip"))
+                .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+                .arg(src.join("requirements.txt")),
+            "pip install componentize-py",
+        );
+        std::fs::create_dir_all(&out).expect("create target/py-plugins/out");
+        run(
+            Command::new(venv.join("bin").join("componentize-py"))
+                .arg("-d")
+                .arg(root.join("plugin-sdk").join("wit"))
+                .args(["-w", "plugin", "componentize", "-p"])
+                .arg(&src)
+                .arg("app")
+                .arg("-o")
+                .arg(out.join("py-summary.wasm"))
+                .env("PYTHONDONTWRITEBYTECODE", "1"),
+            "componentize-py (building plugins/py-summary)",
+        );
+        out
+    })
+}

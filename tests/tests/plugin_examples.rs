@@ -1,11 +1,12 @@
 //! The example plugins (`plugins/`: aggregate, fields, headers, voice), built from source, running in the
 //! real proxy: the example configs load them, `aggregate` really calls its services at once and
 //! reports partial and required failures, `fields` and `voice` reshape proxied responses,
-//! `headers` rewrites header fields both ways while the body streams past.
+//! `headers` rewrites header fields both ways while the body streams past, and `py-summary`,
+//! written in Python and built by componentize-py, runs like the Rust ones.
 //! (Their own unit tests, on the SDK's native harness, live in `plugins/`.)
 
 use bff_proxy::{Config, check_plugins};
-use bff_proxy_tests::plugins::example_plugins;
+use bff_proxy_tests::plugins::{example_plugins, python_plugins};
 use bff_proxy_tests::{Gate, Reply, TestProxy, Upstream, closed_port_url, get};
 use serde_json::json;
 
@@ -308,4 +309,83 @@ response.set = { "cache-control" = "private, max-age=30" }
     assert_eq!(field("cookie"), None);
     // Headers only: the upstream was not asked for an unencoded body.
     assert_eq!(field("accept-encoding"), None);
+}
+
+/// A plugin from another toolchain: `py-summary` is Python, built by componentize-py against the
+/// same WIT. It loads (its config checked by its own `init`), reshapes a proxied answer, gets a
+/// fresh instance per request (its module state starts over) unless the use reuses instances,
+/// and an uncaught Python exception fails only its request (componentize-py's runtime panics,
+/// the traceback goes to the log).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_plugin_runs_like_a_rust_one() {
+    let dir = python_plugins();
+    let up = Upstream::builder("up")
+        .route("/", json_reply(json!({"name": "Ada", "langs": ["en"]})))
+        .start()
+        .await;
+    let text = |routes: &str| {
+        format!(
+            "[identity]\ndefault_client = \"web\"\n[services.up]\nurls = [\"{}\"]\n\
+             [[clients]]\nname = \"web\"\n[plugins]\ndir = {:?}\n{routes}",
+            up.url(),
+            dir.display().to_string()
+        )
+    };
+    let bad = text(
+        "[[routes]]\nid = \"r\"\npath = \"/r\"\nservice = \"up\"\n\
+         chain = [{ plugin = \"py-summary\", config = { label = 7 } }]\n",
+    );
+    let refused = check_plugins(&Config::from_toml(&bad, "bad").expect("valid config"))
+        .await
+        .expect_err("py-summary refuses a label that is not a string");
+    assert!(
+        bff_proxy::ErrorChain(&refused)
+            .to_string()
+            .contains("label: must be a string"),
+        "{refused:?}"
+    );
+
+    let routes = r#"
+[[routes]]
+id = "fresh"
+path = "/fresh"
+service = "up"
+chain = [{ plugin = "py-summary", config = { label = "from-python" } }]
+[[routes]]
+id = "reused"
+path = "/reused"
+service = "up"
+chain = [{ plugin = "py-summary", instances = "reused", config = { label = "again" } }]
+[[routes]]
+id = "fails"
+path = "/fails"
+service = "up"
+chain = [{ plugin = "py-summary", config = { fail = true } }]
+"#;
+    let proxy = TestProxy::start(&text(routes)).await;
+    for _ in 0..3 {
+        let resp = get(proxy.addr(), "/fresh", &[]).await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        assert_eq!(resp.header("content-type"), Some("application/json"));
+        assert_eq!(
+            resp.json(),
+            json!({"name": "Ada", "langs": ["en"], "summary": {
+                "label": "from-python", "keys": ["langs", "name"], "client": "web",
+                "served_by_this_instance": 1,
+            }})
+        );
+    }
+    // One request at a time on a reused use: the same instance, its module state carried over.
+    let mut served = Vec::new();
+    for _ in 0..3 {
+        let resp = get(proxy.addr(), "/reused", &[]).await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        served.push(resp.json()["summary"]["served_by_this_instance"].clone());
+    }
+    assert_eq!(served, [json!(1), json!(2), json!(3)]);
+
+    let fails = get(proxy.addr(), "/fails", &[]).await;
+    assert_eq!(fails.status, 502, "{}", fails.text());
+    assert_eq!(fails.json()["error"]["code"], "plugin_panic");
+    assert_eq!(get(proxy.addr(), "/fresh", &[]).await.status, 200);
 }
