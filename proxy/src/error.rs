@@ -109,6 +109,13 @@ pub(crate) enum ProxyError {
     TooManyHeaders { limit: usize },
     #[error("request body is larger than {limit} bytes")]
     BodyTooLarge { limit: u64 },
+    /// A plugin reads the request body and the client sent it in a coding the proxy does not
+    /// decode.
+    #[error("request body is encoded as `{coding}`, which the proxy does not decode")]
+    BodyEncoding { coding: String },
+    /// The request body broke off, or does not decode as its `content-encoding` says.
+    #[error("request body could not be read: {why}")]
+    BodyUnreadable { why: String },
     #[error("too many requests in flight")]
     Overloaded,
     #[error("too many open connections")]
@@ -174,6 +181,16 @@ impl ProxyError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body_too_large",
                 "the request body is larger than allowed",
+            ),
+            BodyEncoding { .. } => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_content_encoding",
+                "the request body's content-encoding is not one the proxy decodes (gzip, deflate, zstd)",
+            ),
+            BodyUnreadable { .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                "the request body ended early or does not decode as its content-encoding says",
             ),
             HeadersTooLarge { .. } => (
                 StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -253,6 +270,13 @@ impl ProxyError {
             }
             Self::Identity(_) => {
                 h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("ApiKey"));
+            }
+            // RFC 9110, 15.5.16: say which codings would have worked.
+            Self::BodyEncoding { .. } => {
+                h.insert(
+                    header::ACCEPT_ENCODING,
+                    HeaderValue::from_static(crate::body::decode::DECODED_CODINGS),
+                );
             }
             _ => {}
         }

@@ -7,7 +7,8 @@
 use bff_proxy_tests::plugins::test_plugins;
 use std::time::Duration;
 
-use bff_proxy_tests::{Gate, Reply, TestProxy, Upstream, get};
+use bff_proxy_tests::{Gate, Reply, TestProxy, Upstream, get, request};
+use http_body_util::BodyExt;
 
 /// A config with the test plugins' dir, one service `up` and the given routes.
 fn config(upstream: &str, routes: &str) -> String {
@@ -713,19 +714,105 @@ chain = [{ plugin = "probe", limits = { call_timeout = "200ms" }, config = { mod
     assert_eq!(unbounded.json()["error"]["code"], "plugin_timeout");
 }
 
-/// A fixed JSON reply, gzipped, with `content-encoding: gzip`.
-fn gzipped(json: &str) -> Reply {
+/// `bytes`, gzipped.
+fn gzip(bytes: &[u8]) -> Vec<u8> {
     use std::io::Write;
     let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
-    e.write_all(json.as_bytes()).expect("in memory");
+    e.write_all(bytes).expect("in memory");
+    e.finish().expect("in memory")
+}
+
+/// A fixed JSON reply, gzipped, with `content-encoding: gzip`.
+fn gzipped(json: &str) -> Reply {
     Reply::Fixed {
         status: 200,
         headers: vec![
             ("content-type".into(), "application/json".into()),
             ("content-encoding".into(), "gzip".into()),
         ],
-        body: e.finish().expect("in memory").into(),
+        body: gzip(json.as_bytes()).into(),
     }
+}
+
+/// A plugin that reads the request body gets it whole, decoded if the client compressed it,
+/// and what it forwards is what the upstream gets (without the client's `content-encoding`);
+/// a body in a coding the proxy does not decode is `415`, one that does not decode `400`, one
+/// over the plugin's limit `413`.
+#[tokio::test]
+async fn request_bodies_reach_plugins_whole_and_decoded() {
+    let up = Upstream::echo("up").await;
+    let routes = r#"
+[[routes]]
+id = "echo"
+path = "/echo"
+service = "up"
+chain = [{ plugin = "probe", limits = { max_body_bytes = 4096 }, config = { mode = "echo-request-body", reads_request_body = true } }]
+
+[[routes]]
+id = "upper"
+path = "/upper"
+service = "up"
+chain = [{ plugin = "probe", config = { mode = "upper-request-body", reads_request_body = true } }]
+"#;
+    let proxy = TestProxy::start(&config(&up.url(), routes)).await;
+    let post = async |path: &str, headers: &[(&str, &str)], body: Vec<u8>| {
+        request(
+            proxy.addr(),
+            "POST",
+            path,
+            headers,
+            http_body_util::Full::new(bytes::Bytes::from(body))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .await
+    };
+    let plain = post("/echo", &[], b"hello plugins".to_vec()).await;
+    assert_eq!(plain.status, 200, "{}", plain.text());
+    assert_eq!(plain.text(), "hello plugins");
+    let gz = post(
+        "/echo",
+        &[("content-encoding", "gzip")],
+        gzip(b"hello plugins"),
+    )
+    .await;
+    assert_eq!(gz.status, 200, "{}", gz.text());
+    assert_eq!(gz.text(), "hello plugins");
+
+    let br = post("/echo", &[("content-encoding", "br")], b"xx".to_vec()).await;
+    assert_eq!(br.status, 415, "{}", br.text());
+    assert_eq!(br.json()["error"]["code"], "unsupported_content_encoding");
+    assert_eq!(br.header("accept-encoding"), Some("gzip, deflate, zstd"));
+    let corrupt = post(
+        "/echo",
+        &[("content-encoding", "gzip")],
+        b"not gzip".to_vec(),
+    )
+    .await;
+    assert_eq!(corrupt.status, 400, "{}", corrupt.text());
+    assert_eq!(corrupt.json()["error"]["code"], "invalid_body");
+    // 4 KiB limit: a gzip body that inflates past it is refused like a big one.
+    let bomb = post(
+        "/echo",
+        &[("content-encoding", "gzip")],
+        gzip(&vec![b'a'; 64 * 1024]),
+    )
+    .await;
+    assert_eq!(bomb.status, 413, "{}", bomb.text());
+    assert_eq!(bomb.json()["error"]["code"], "body_too_large");
+
+    // Forwarded: the plugin's body, unencoded, with its own length.
+    let upper = post(
+        "/upper",
+        &[("content-encoding", "gzip"), ("content-type", "text/plain")],
+        gzip(b"hello upstream"),
+    )
+    .await;
+    assert_eq!(upper.status, 200, "{}", upper.text());
+    let echo = upper.echo();
+    assert_eq!(echo.body_len, 14);
+    assert_eq!(echo.header("content-encoding"), None);
+    assert_eq!(echo.header("content-length"), Some("14"));
 }
 
 /// An upstream that encodes a body a plugin reads (though asked for `identity`, or not asked

@@ -16,6 +16,9 @@ use bytes::Bytes;
 use http::HeaderValue;
 use http_body_util::BodyExt;
 
+/// The codings [`read_decoded`] undoes, as an `accept-encoding` value.
+pub(crate) const DECODED_CODINGS: &str = "gzip, deflate, zstd";
+
 /// Bodies whose encoded size is above this are decoded on the blocking pool, not the thread
 /// serving requests (a MiB of gzip takes a few ms).
 const INLINE_DECODE_BYTES: usize = 64 * 1024;

@@ -15,7 +15,6 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body::Body as _;
-use http_body_util::BodyExt;
 use tracing::Instrument;
 use wasmtime::{Store, UpdateDeadline};
 
@@ -426,14 +425,20 @@ impl Chain {
             let RequestBody::Stream(incoming) = req_body else {
                 unreachable!("just built as a stream")
             };
-            let bytes = http_body_util::Limited::new(
-                incoming,
-                usize::try_from(limit).unwrap_or(usize::MAX),
-            )
-            .collect()
-            .await
-            .map_err(|_| ProxyError::BodyTooLarge { limit })?
-            .to_bytes();
+            let encoding = parts.headers.get(header::CONTENT_ENCODING);
+            let size = usize::try_from(limit).unwrap_or(usize::MAX);
+            let (bytes, decoded) = decode::read_decoded(incoming, encoding, size)
+                .await
+                .map_err(|e| match e {
+                    ReadError::TooLarge => ProxyError::BodyTooLarge { limit },
+                    ReadError::Unsupported(coding) => ProxyError::BodyEncoding { coding },
+                    ReadError::Broken(why) => ProxyError::BodyUnreadable { why },
+                })?;
+            if decoded {
+                // Plugins and the upstream get the body as the client meant it.
+                parts.headers.remove(header::CONTENT_ENCODING);
+                parts.headers.remove(header::CONTENT_LENGTH);
+            }
             req_body = RequestBody::Buffered(bytes);
         }
 

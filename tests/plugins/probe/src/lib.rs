@@ -224,6 +224,12 @@ impl exports::bff::plugin::hooks::Guest for Probe {
                 req.body = req.body.to_ascii_uppercase();
                 Ok(Action::Forward(req))
             }
+            // Answers with the request body as the plugin got it.
+            "echo-request-body" => Ok(Action::Respond(Response {
+                status: 200,
+                headers: vec![("x-probe-body-len".into(), req.body.len().to_string())],
+                body: req.body,
+            })),
             "rewrite-uri" => {
                 req.uri = cfg["uri"].as_str().unwrap_or("/").to_owned();
                 Ok(Action::Forward(req))
