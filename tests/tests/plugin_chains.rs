@@ -314,6 +314,46 @@ chain = [{ plugin = "probe", on_error = "fail-open", config = { mode = "spin" } 
     assert_eq!(last["route"], "open", "{last}");
 }
 
+/// A plugin may send the request to another path of the route's service: the path it returns is
+/// normalized like a client's, and one a client could not send (encoded separators, not
+/// starting with `/`) is invalid output.
+#[tokio::test]
+async fn a_plugin_can_rewrite_the_upstream_path_within_the_rules() {
+    let up = Upstream::echo("up").await;
+    let mut routes = String::new();
+    let cases = [
+        ("plain", "/other/path?x=1", Some("/other/path?x=1")),
+        ("dots", "/a/./b/../c", Some("/a/c")),
+        ("encoded-slash", "/a%2Fb", None),
+        ("relative", "no-slash", None),
+        ("nul", "/a%00b", None),
+    ];
+    for (id, uri, _) in cases {
+        routes.push_str(&format!(
+            "[[routes]]\nid = \"{id}\"\npath = \"/{id}\"\nservice = \"up\"\n\
+             chain = [{{ plugin = \"probe\", config = {{ mode = \"rewrite-uri\", uri = \"{uri}\" }} }}]\n"
+        ));
+    }
+    let proxy = TestProxy::start(&config(&up.url(), &routes)).await;
+    for (id, uri, upstream_saw) in cases {
+        let resp = get(proxy.addr(), &format!("/{id}"), &[]).await;
+        match upstream_saw {
+            Some(path) => {
+                assert_eq!(resp.status, 200, "{uri}: {}", resp.text());
+                assert_eq!(resp.echo().uri, path, "{uri}");
+            }
+            None => {
+                assert_eq!(resp.status, 502, "{uri}: {}", resp.text());
+                assert_eq!(
+                    resp.json()["error"]["code"],
+                    "plugin_invalid_output",
+                    "{uri}"
+                );
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_plugin_cannot_claim_another_client() {
     let up = Upstream::echo("up").await;

@@ -252,3 +252,48 @@ chain = [{ plugin = "probe", on_error = "fail-open", config = { mode = "trap" } 
         assert!(event["error"].contains(says), "{path}: {event:#?}");
     }
 }
+
+/// What a plugin logs (`log`) and prints (stdout, stderr) reaches the proxy's log as events
+/// tagged with the plugin and the request id, the text in its own field (never in place of the
+/// event's constant message).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_logs_and_output_reach_the_proxy_log() {
+    let recorded = recorded();
+    let up = Upstream::echo("up").await;
+    let routes = r#"
+[[routes]]
+id = "talk"
+path = "/talk"
+service = "up"
+chain = [{ plugin = "probe", config = { mode = "log" } }]
+"#;
+    let proxy = TestProxy::start(&config(&[&up], routes)).await;
+    let resp = get(proxy.addr(), "/talk", &[("x-request-id", "talk-1")]).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let events = recorded.events.lock().expect("lock").clone();
+    let ours: Vec<&BTreeMap<String, String>> = events
+        .iter()
+        .filter(|e| {
+            e.get("request_id").map(String::as_str) == Some("talk-1")
+                && e.get("plugin").map(String::as_str) == Some("probe")
+        })
+        .collect();
+    let has = |message: &str, key: &str, value: &str| {
+        ours.iter().any(|e| {
+            e.get("message").map(String::as_str) == Some(message)
+                && e.get(key).map(String::as_str) == Some(value)
+        })
+    };
+    assert!(has("plugin log", "text", "probe says hello"), "{ours:#?}");
+    assert!(
+        has("plugin output", "line", "probe stdout line")
+            && ours
+                .iter()
+                .any(|e| e.get("stream").map(String::as_str) == Some("stdout")),
+        "{ours:#?}"
+    );
+    assert!(
+        has("plugin output", "line", "probe stderr line"),
+        "{ours:#?}"
+    );
+}

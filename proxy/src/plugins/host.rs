@@ -260,11 +260,21 @@ impl host::Host for HostState {
         let plugin = &*self.plugin;
         let request_id = self.request_id();
         match level {
-            types::LogLevel::Trace => tracing::trace!(plugin, request_id, message, "plugin log"),
-            types::LogLevel::Debug => tracing::debug!(plugin, request_id, message, "plugin log"),
-            types::LogLevel::Info => tracing::info!(plugin, request_id, message, "plugin log"),
-            types::LogLevel::Warn => tracing::warn!(plugin, request_id, message, "plugin log"),
-            types::LogLevel::Error => tracing::error!(plugin, request_id, message, "plugin log"),
+            types::LogLevel::Trace => {
+                tracing::trace!(plugin, request_id, text = message, "plugin log")
+            }
+            types::LogLevel::Debug => {
+                tracing::debug!(plugin, request_id, text = message, "plugin log")
+            }
+            types::LogLevel::Info => {
+                tracing::info!(plugin, request_id, text = message, "plugin log")
+            }
+            types::LogLevel::Warn => {
+                tracing::warn!(plugin, request_id, text = message, "plugin log")
+            }
+            types::LogLevel::Error => {
+                tracing::error!(plugin, request_id, text = message, "plugin log")
+            }
         }
         Ok(())
     }
