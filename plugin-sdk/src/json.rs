@@ -379,38 +379,58 @@ impl Node {
         };
         self.children[pos].1.insert(rest);
     }
-}
 
-/// Deep-merges `b` into `a` (objects key by key, arrays element by element; otherwise `b` wins).
-fn merge(a: &mut Value, b: Value) {
-    match (a, b) {
-        (Value::Object(a), Value::Object(b)) => {
-            for (k, v) in b {
-                match a.get_mut(&k) {
-                    Some(existing) => merge(existing, v),
-                    None => {
-                        a.insert(k, v);
-                    }
-                }
+    /// The child for `step`, if any.
+    fn child(&self, step: &Step) -> Option<&Node> {
+        self.children
+            .iter()
+            .find(|(s, _)| s == step)
+            .map(|(_, n)| n)
+    }
+
+    /// The child for key `k`, if any (without building a [`Step`]).
+    fn key_child(&self, k: &str) -> Option<&Node> {
+        self.children.iter().find_map(|(s, n)| match s {
+            Step::Key(key) if key == k => Some(n),
+            _ => None,
+        })
+    }
+
+    /// Adds everything `other` selects to this node.
+    fn absorb(&mut self, other: &Node) {
+        self.end |= other.end;
+        for (step, theirs) in &other.children {
+            match self.children.iter_mut().find(|(s, _)| s == step) {
+                Some((_, ours)) => ours.absorb(theirs),
+                None => self.children.push((step.clone(), theirs.clone())),
             }
         }
-        (Value::Array(a), Value::Array(b)) if a.len() == b.len() => {
-            a.iter_mut().zip(b).for_each(|(x, y)| merge(x, y));
+    }
+
+    /// Makes each value's node say all that is selected of it, so [`project`] follows one node
+    /// per value and never merges two projections: a node that keeps its whole value drops its
+    /// children, a key also gets what `*` selects, an index what `[]` selects.
+    fn normalize(&mut self) {
+        if self.end {
+            self.children.clear();
+            return;
         }
-        (a, b) => *a = b,
+        let any_key = self.child(&Step::AnyKey).cloned();
+        let each = self.child(&Step::Each).cloned();
+        for (step, node) in &mut self.children {
+            match (step, &any_key, &each) {
+                (Step::Key(_), Some(any), _) => node.absorb(any),
+                (Step::Index(_), _, Some(each)) => node.absorb(each),
+                _ => {}
+            }
+        }
+        for (_, node) in &mut self.children {
+            node.normalize();
+        }
     }
 }
 
-/// Adds `v` under `k` to `out`, deep-merged with what an earlier step put there.
-fn put(out: &mut Map<String, Value>, k: &str, v: Value) {
-    match out.get_mut(k) {
-        Some(existing) => merge(existing, v),
-        None => {
-            out.insert(k.to_owned(), v);
-        }
-    }
-}
-
+/// What `node` (normalized) selects of `value`, or `None` if nothing.
 fn project(value: &Value, node: &Node) -> Option<Value> {
     if node.end {
         return Some(value.clone());
@@ -418,53 +438,47 @@ fn project(value: &Value, node: &Node) -> Option<Value> {
     match value {
         Value::Object(o) => {
             let mut out = Map::new();
-            let mut any = false;
-            for (step, child) in &node.children {
-                match step {
-                    Step::Key(k) => {
-                        if let Some(v) = o.get(k).and_then(|v| project(v, child)) {
-                            put(&mut out, k, v);
-                            any = true;
+            match node.child(&Step::AnyKey) {
+                // Every key: by its own node if it has one (which includes what `*` selects).
+                Some(any) => {
+                    for (k, v) in o {
+                        let n = node.key_child(k).unwrap_or(any);
+                        if let Some(p) = project(v, n) {
+                            out.insert(k.clone(), p);
                         }
                     }
-                    Step::AnyKey => {
-                        for (k, v) in o {
-                            if let Some(v) = project(v, child) {
-                                put(&mut out, k, v);
-                                any = true;
-                            }
+                }
+                None => {
+                    for (step, child) in &node.children {
+                        if let Step::Key(k) = step
+                            && let Some(p) = o.get(k).and_then(|v| project(v, child))
+                        {
+                            out.insert(k.clone(), p);
                         }
                     }
-                    Step::Index(_) | Step::Each => {}
                 }
             }
-            any.then_some(Value::Object(out))
+            (!out.is_empty()).then_some(Value::Object(out))
         }
         Value::Array(a) => {
-            let each = node.children.iter().find(|(s, _)| *s == Step::Each);
-            let indexed: Vec<(usize, &Node)> = node
+            let each = node.child(&Step::Each);
+            let indexed = node
                 .children
                 .iter()
-                .filter_map(|(s, n)| match s {
-                    Step::Index(i) => Some((*i, n)),
-                    _ => None,
-                })
-                .collect();
+                .any(|(s, _)| matches!(s, Step::Index(_)));
             let mut out = Vec::new();
             for (i, v) in a.iter().enumerate() {
-                let mut picked: Option<Value> = each.and_then(|(_, n)| project(v, n));
-                for (_, n) in indexed.iter().filter(|(j, _)| *j == i) {
-                    if let Some(p) = project(v, n) {
-                        match &mut picked {
-                            Some(existing) => merge(existing, p),
-                            None => picked = Some(p),
-                        }
-                    }
-                }
-                // With `[]`, every element keeps its place (possibly as `{}`); with indexes
-                // only, just the chosen elements.
-                match picked {
+                // An element's own index node includes what `[]` selects.
+                let n = if indexed {
+                    node.child(&Step::Index(i)).or(each)
+                } else {
+                    each
+                };
+                let Some(n) = n else { continue };
+                match project(v, n) {
                     Some(p) => out.push(p),
+                    // With `[]`, every element keeps its place (possibly as `{}`); with indexes
+                    // only, just the chosen elements.
                     None if each.is_some() && v.is_object() => out.push(Value::Object(Map::new())),
                     None => {}
                 }
@@ -504,6 +518,7 @@ impl Selection {
         for p in paths {
             root.insert(&p.steps);
         }
+        root.normalize();
         Self { root }
     }
 
@@ -681,9 +696,200 @@ mod tests {
     }
 
     #[test]
+    fn overlapping_paths_never_lose_what_one_of_them_keeps() {
+        // `[]` keeps every element whole; `[0][1]` alone would keep one value of the first. The
+        // two together keep everything (merging the two projections used to drop `1` and `3`).
+        let doc = json!({"l": [[1, 2, 3], 4], "m": {"x": [1, 2], "y": [3]}});
+        assert_eq!(
+            pick(&doc, &ps(&["l[]", "l[0][1]"])),
+            json!({"l": [[1, 2, 3], 4]})
+        );
+        assert_eq!(
+            pick(&doc, &ps(&["l[0][1]", "l[]"])),
+            json!({"l": [[1, 2, 3], 4]})
+        );
+        // `m.*` keeps each value whole, whatever `m.x[0]` says.
+        assert_eq!(
+            pick(&doc, &ps(&["m.x[0]", "m.*"])),
+            json!({"m": {"x": [1, 2], "y": [3]}})
+        );
+        // Indexes with `[]` below: the chosen element gets both selections.
+        let items = json!({"i": [{"a": 1, "b": 2, "c": 3}, {"a": 4, "b": 5, "c": 6}]});
+        assert_eq!(
+            pick(&items, &ps(&["i[].a", "i[1].b"])),
+            json!({"i": [{"a": 1}, {"a": 4, "b": 5}]})
+        );
+    }
+
+    #[test]
     fn omit_removes_every_listed_path() {
         let mut doc = json!({"a": {"b": 1, "c": 2}, "l": [{"x": 1, "y": 2}, {"x": 3}]});
         omit(&mut doc, &ps(&["a.b", "l[].x", "missing"]));
         assert_eq!(doc, json!({"a": {"c": 2}, "l": [{"y": 2}, {}]}));
+    }
+
+    /// Random documents and paths (a fixed-seed generator, so a failure reproduces): a path's
+    /// text parses back to its steps, `pick` keeps everything a path reaches, `omit` leaves
+    /// nothing it reaches, `set` puts the value wherever the path then reaches.
+    #[test]
+    fn random_documents_and_paths_keep_the_helpers_promises() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        for case in 0..4000 {
+            let doc = rng.value(3);
+            let paths: Vec<Vec<Step>> = (0..1 + rng.below(3)).map(|_| rng.path(&doc)).collect();
+            let parsed: Vec<Path> = paths
+                .iter()
+                .map(|steps| {
+                    let text = render(steps);
+                    let path = p(&text);
+                    assert_eq!(path.steps(), &steps[..], "case {case}: `{text}`");
+                    path
+                })
+                .collect();
+            let picked = pick(&doc, &parsed);
+            for path in &parsed {
+                // An index picks the element out of its array, so its position changes.
+                if path.steps().iter().any(|s| matches!(s, Step::Index(_))) {
+                    continue;
+                }
+                assert_eq!(
+                    path.get_all(&picked),
+                    path.get_all(&doc),
+                    "case {case}: pick {path} from {doc} gave {picked}"
+                );
+            }
+            for path in &parsed {
+                // Removing element i moves the next one into its place.
+                if matches!(path.steps().last(), Some(Step::Index(_))) {
+                    continue;
+                }
+                let mut trimmed = doc.clone();
+                omit(&mut trimmed, std::slice::from_ref(path));
+                assert!(
+                    path.get_all(&trimmed).is_empty(),
+                    "case {case}: omit {path} from {doc} left {trimmed}"
+                );
+                let mut set = doc.clone();
+                let n = path.set(&mut set, json!("SET"));
+                let reached = path.get_all(&set);
+                assert_eq!(
+                    reached.len(),
+                    n,
+                    "case {case}: set {path} on {doc} gave {set}"
+                );
+                assert!(
+                    reached.iter().all(|v| **v == json!("SET")),
+                    "case {case}: set {path} on {doc} gave {set}"
+                );
+            }
+        }
+    }
+
+    /// xorshift64: enough randomness for shapes, no dependency.
+    struct Rng(u64);
+
+    /// Keys with the characters paths escape (`.`, `[`, `\\`). (An empty key has no path.)
+    const KEYS: [&str; 5] = ["a", "b", "c.d", "e[0]", "f\\g"];
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n as u64) as usize
+        }
+
+        fn key(&mut self) -> String {
+            KEYS[self.below(KEYS.len())].to_owned()
+        }
+
+        fn value(&mut self, depth: u32) -> Value {
+            match (depth, self.below(7)) {
+                (_, 0) => Value::Null,
+                (_, 1) => json!(self.below(100)),
+                (_, 2) => json!(format!("s{}", self.below(10))),
+                (0, _) => json!(self.below(2) == 0),
+                (_, 3 | 4) => {
+                    Value::Array((0..self.below(4)).map(|_| self.value(depth - 1)).collect())
+                }
+                _ => Value::Object(
+                    (0..self.below(4))
+                        .map(|_| (self.key(), self.value(depth - 1)))
+                        .collect(),
+                ),
+            }
+        }
+
+        /// A path that mostly follows `doc`'s shape, with the odd step that reaches nothing.
+        fn path(&mut self, doc: &Value) -> Vec<Step> {
+            let mut steps = Vec::new();
+            let mut at = Some(doc);
+            loop {
+                let step = match (at, self.below(8)) {
+                    (_, 0) => Step::Key(self.key()),
+                    (_, 1) => Step::AnyKey,
+                    (Some(Value::Object(o)), _) if !o.is_empty() => {
+                        let k = o
+                            .keys()
+                            .nth(self.below(o.len()))
+                            .cloned()
+                            .unwrap_or_default();
+                        Step::Key(k)
+                    }
+                    (Some(Value::Array(a)), n) if !a.is_empty() => {
+                        if n % 2 == 0 {
+                            Step::Each
+                        } else {
+                            Step::Index(self.below(a.len() + 1))
+                        }
+                    }
+                    _ => Step::Key(self.key()),
+                };
+                at = at.and_then(|v| match (&step, v) {
+                    (Step::Key(k), Value::Object(o)) => o.get(k),
+                    (Step::Index(i), Value::Array(a)) => a.get(*i),
+                    (Step::Each, Value::Array(a)) => a.first(),
+                    (Step::AnyKey, Value::Object(o)) => o.values().next(),
+                    _ => None,
+                });
+                steps.push(step);
+                if steps.len() >= 4 || self.below(3) == 0 {
+                    return steps;
+                }
+            }
+        }
+    }
+
+    /// The text of `steps` in the path syntax.
+    fn render(steps: &[Step]) -> String {
+        let mut out = String::new();
+        for (i, step) in steps.iter().enumerate() {
+            match step {
+                Step::Key(k) => {
+                    if i > 0 {
+                        out.push('.');
+                    }
+                    for c in k.chars() {
+                        if matches!(c, '.' | '[' | '\\') {
+                            out.push('\\');
+                        }
+                        out.push(c);
+                    }
+                }
+                Step::AnyKey => {
+                    if i > 0 {
+                        out.push('.');
+                    }
+                    out.push('*');
+                }
+                Step::Index(n) => out.push_str(&format!("[{n}]")),
+                Step::Each => out.push_str("[]"),
+            }
+        }
+        out
     }
 }
