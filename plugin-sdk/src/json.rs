@@ -730,7 +730,8 @@ mod tests {
 
     /// Random documents and paths (a fixed-seed generator, so a failure reproduces): a path's
     /// text parses back to its steps, `pick` keeps everything a path reaches, `omit` leaves
-    /// nothing it reaches, `set` puts the value wherever the path then reaches.
+    /// nothing it reaches, `rename` moves what it reaches, `set` puts the value wherever the path
+    /// then reaches.
     #[test]
     fn random_documents_and_paths_keep_the_helpers_promises() {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
@@ -769,6 +770,24 @@ mod tests {
                     path.get_all(&trimmed).is_empty(),
                     "case {case}: omit {path} from {doc} left {trimmed}"
                 );
+                if let Some(Step::Key(_)) = path.steps().last() {
+                    let mut renamed = doc.clone();
+                    let n = path.rename(&mut renamed, "new");
+                    let mut moved = path.steps().to_vec();
+                    moved.pop();
+                    moved.push(Step::Key("new".into()));
+                    let moved = p(&render(&moved));
+                    assert_eq!(
+                        n,
+                        path.get_all(&doc).len(),
+                        "case {case}: rename {path} in {doc}"
+                    );
+                    assert_eq!(
+                        moved.get_all(&renamed),
+                        path.get_all(&doc),
+                        "case {case}: rename {path} in {doc} gave {renamed}"
+                    );
+                }
                 let mut set = doc.clone();
                 let n = path.set(&mut set, json!("SET"));
                 let reached = path.get_all(&set);
