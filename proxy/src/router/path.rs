@@ -47,7 +47,12 @@ pub(crate) fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
     if is_normal(bytes) {
         return Ok(Cow::Borrowed(path));
     }
+    rebuild(path).map(Cow::Owned)
+}
 
+/// [`normalize`] the long way: decode, then resolve segments (`path` starts with `/`).
+fn rebuild(path: &str) -> Result<String, PathError> {
+    let bytes = path.as_bytes();
     // Pass 1: decode escapes and backslashes into a byte string of segments.
     let mut decoded = String::with_capacity(path.len());
     let mut i = 0;
@@ -112,7 +117,7 @@ pub(crate) fn normalize(path: &str) -> Result<Cow<'_, str>, PathError> {
     if trailing_slash || out.is_empty() {
         result.push('/');
     }
-    Ok(Cow::Owned(result))
+    Ok(result)
 }
 
 /// True when [`normalize`] would return the path unchanged (the common case: no allocation).
@@ -205,6 +210,65 @@ mod tests {
                 Ok(once.as_str()),
                 "input {input}"
             );
+        }
+    }
+
+    /// Random paths over the characters that matter (fixed seed, so a failure reproduces): a
+    /// normalized path is a fixed point, has no empty, `.` or `..` segment, no `\\`, no escaped
+    /// separator or NUL and only uppercase escapes of reserved bytes; and the no-allocation fast
+    /// path only passes paths the long way would leave unchanged.
+    #[test]
+    fn random_paths_normalize_safely() {
+        const PIECES: [&str; 14] = [
+            "/", "/", ".", "..", "a", "%2e", "%2E", "%2f", "%5C", "%00", "%7e", "%c3%a9", "\\", "%",
+        ];
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for case in 0..20_000 {
+            let mut path = String::from("/");
+            for _ in 0..next(10) {
+                path.push_str(PIECES[next(PIECES.len())]);
+            }
+            if is_normal(path.as_bytes()) {
+                assert_eq!(
+                    rebuild(&path).as_deref(),
+                    Ok(path.as_str()),
+                    "case {case}: {path}"
+                );
+            }
+            let Ok(out) = normalize(&path) else { continue };
+            assert_eq!(
+                normalize(&out).as_deref(),
+                Ok(&*out),
+                "case {case}: {path} -> {out} is not a fixed point"
+            );
+            let body = out.strip_prefix('/').expect("absolute");
+            let segments: Vec<&str> = body.split('/').collect();
+            let last = segments.len() - 1;
+            for (i, seg) in segments.iter().enumerate() {
+                assert!(
+                    !matches!(*seg, "." | "..") && (!seg.is_empty() || i == last),
+                    "case {case}: {path} -> {out}"
+                );
+            }
+            assert!(!out.contains('\\'), "case {case}: {path} -> {out}");
+            let upper = out.to_ascii_uppercase();
+            for bad in ["%2F", "%5C", "%00", "%2E", "%7E"] {
+                assert!(!upper.contains(bad), "case {case}: {path} -> {out}");
+            }
+            for (at, _) in out.match_indices('%') {
+                let hex = &out.as_bytes()[at + 1..at + 3];
+                assert!(
+                    hex.iter()
+                        .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(b)),
+                    "case {case}: {path} -> {out}"
+                );
+            }
         }
     }
 }
