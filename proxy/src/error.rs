@@ -185,7 +185,7 @@ impl ProxyError {
             BodyEncoding { .. } => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "unsupported_content_encoding",
-                "the request body's content-encoding is not one the proxy decodes (gzip, deflate, zstd)",
+                "the request body's content-encoding is not one the proxy decodes (gzip, deflate, br, zstd)",
             ),
             BodyUnreadable { .. } => (
                 StatusCode::BAD_REQUEST,
