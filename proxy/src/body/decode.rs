@@ -102,6 +102,11 @@ where
     if codings.is_empty() {
         return Ok((raw, false));
     }
+    // No body (a HEAD answer, a 204 or 304 that still names its coding): nothing to decode,
+    // and an empty stream is not a valid one in most codings.
+    if raw.is_empty() {
+        return Ok((raw, true));
+    }
     let decoded = if raw.len() <= INLINE_DECODE_BYTES {
         decode_all(&raw, &codings, limit)?
     } else {
@@ -245,6 +250,12 @@ mod tests {
         }
         let (bytes, decoded) = read(DOC.to_vec(), None, 1 << 20).await.expect("plain");
         assert_eq!((&bytes[..], decoded), (DOC, false));
+        for coding in ["gzip", "deflate", "br", "zstd"] {
+            let (bytes, _) = read(Vec::new(), Some(coding), 1 << 20)
+                .await
+                .expect("an empty body decodes to nothing");
+            assert!(bytes.is_empty(), "{coding}");
+        }
     }
 
     #[tokio::test]
