@@ -125,16 +125,19 @@ pub fn python_plugins() -> &'static Path {
             "pip install componentize-py",
         );
         std::fs::create_dir_all(&out).expect("create target/py-plugins/out");
+        // Built from a copy: componentize-py leaves `__pycache__` next to the sources it imports.
+        let copy = work.join("src");
+        std::fs::create_dir_all(&copy).expect("create target/py-plugins/src");
+        std::fs::copy(src.join("app.py"), copy.join("app.py")).expect("copy app.py");
         run(
             Command::new(venv.join("bin").join("componentize-py"))
                 .arg("-d")
                 .arg(root.join("plugin-sdk").join("wit"))
                 .args(["-w", "plugin", "componentize", "-p"])
-                .arg(&src)
+                .arg(&copy)
                 .arg("app")
                 .arg("-o")
-                .arg(out.join("py-summary.wasm"))
-                .env("PYTHONDONTWRITEBYTECODE", "1"),
+                .arg(out.join("py-summary.wasm")),
             "componentize-py (building plugins/py-summary)",
         );
         out
