@@ -13,7 +13,7 @@
 use std::io::Read;
 
 use bytes::Bytes;
-use http::HeaderValue;
+use http::{HeaderMap, HeaderValue, header};
 use http_body_util::BodyExt;
 
 /// The codings [`read_decoded`] undoes, as an `accept-encoding` value.
@@ -69,43 +69,33 @@ fn codings(value: &HeaderValue) -> Result<Vec<Coding>, ReadError> {
     Ok(out)
 }
 
-/// Reads `body` whole, at most `limit` bytes, and decodes it as `encoding` says. Returns the
-/// bytes and whether they were decoded (the caller then drops `content-encoding` and
-/// `content-length`, which described the encoded body).
+/// Reads `body` whole, at most `limit` bytes, decoded as its `content-encoding` in `headers`
+/// says. When it decoded, it drops `content-encoding` and `content-length` from `headers`: they
+/// described the encoded body.
 pub(crate) async fn read_decoded<B>(
     body: B,
-    encoding: Option<&HeaderValue>,
+    headers: &mut HeaderMap,
     limit: usize,
-) -> Result<(Bytes, bool), ReadError>
+) -> Result<Bytes, ReadError>
 where
     B: http_body::Body<Data = Bytes>,
     B::Error: Into<super::BoxError>,
 {
     // Checked before reading, so a coding the proxy cannot decode costs no transfer.
-    let codings = match encoding {
+    let codings = match headers.get(header::CONTENT_ENCODING) {
         Some(value) => codings(value)?,
         None => Vec::new(),
     };
-    let raw = http_body_util::Limited::new(body, limit)
-        .collect()
-        .await
-        .map_err(|e| {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                ReadError::TooLarge
-            } else {
-                ReadError::Broken(e.to_string())
-            }
-        })?
-        .to_bytes();
+    let raw = read_whole(body, limit).await?;
     if codings.is_empty() {
-        return Ok((raw, false));
+        return Ok(raw);
     }
+    headers.remove(header::CONTENT_ENCODING);
+    headers.remove(header::CONTENT_LENGTH);
     // No body (a HEAD answer, a 204 or 304 that still names its coding): nothing to decode,
     // and an empty stream is not a valid one in most codings.
     if raw.is_empty() {
-        return Ok((raw, true));
+        return Ok(raw);
     }
     let decoded = if raw.len() <= INLINE_DECODE_BYTES {
         decode_all(&raw, &codings, limit)?
@@ -114,16 +104,37 @@ where
             .await
             .map_err(|e| ReadError::Broken(e.to_string()))??
     };
-    Ok((decoded.into(), true))
+    Ok(decoded.into())
+}
+
+/// Reads `body` whole, at most `limit` bytes, as it is (no decoding).
+pub(crate) async fn read_whole<B>(body: B, limit: usize) -> Result<Bytes, ReadError>
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: Into<super::BoxError>,
+{
+    http_body_util::Limited::new(body, limit)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                ReadError::TooLarge
+            } else {
+                ReadError::Broken(e.to_string())
+            }
+        })
 }
 
 /// Undoes `codings` (applied in this order) on `bytes`, each step at most `limit` bytes.
 fn decode_all(bytes: &[u8], codings: &[Coding], limit: usize) -> Result<Vec<u8>, ReadError> {
-    let mut current = bytes.to_vec();
+    let mut current: Option<Vec<u8>> = None;
     for &coding in codings.iter().rev() {
-        current = decode(&current, coding, limit)?;
+        current = Some(decode(current.as_deref().unwrap_or(bytes), coding, limit)?);
     }
-    Ok(current)
+    Ok(current.unwrap_or_else(|| bytes.to_vec()))
 }
 
 /// Undoes one coding, reading at most `limit` bytes of output.
@@ -193,21 +204,27 @@ mod tests {
         e.finish().expect("in memory")
     }
 
+    /// Reads `body` labelled with `encoding`; returns the bytes and whether the headers say it
+    /// was decoded (no `content-encoding` left, and no stale `content-length`).
     async fn read(
         body: Vec<u8>,
         encoding: Option<&str>,
         limit: usize,
     ) -> Result<(Bytes, bool), ReadError> {
-        let header = encoding
-            .map(HeaderValue::from_str)
-            .transpose()
-            .expect("valid");
-        read_decoded(
+        let mut headers = HeaderMap::new();
+        if let Some(coding) = encoding {
+            headers.insert(header::CONTENT_ENCODING, coding.parse().expect("valid"));
+            headers.insert(header::CONTENT_LENGTH, body.len().into());
+        }
+        let bytes = read_decoded(
             http_body_util::Full::new(Bytes::from(body)),
-            header.as_ref(),
+            &mut headers,
             limit,
         )
-        .await
+        .await?;
+        let decoded = !headers.contains_key(header::CONTENT_ENCODING);
+        assert_eq!(decoded, !headers.contains_key(header::CONTENT_LENGTH));
+        Ok((bytes, encoding.is_some() && decoded))
     }
 
     /// `DOC` compressed by Python's `brotli.compress` (the crate only decodes).

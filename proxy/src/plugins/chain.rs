@@ -425,20 +425,15 @@ impl Chain {
             let RequestBody::Stream(incoming) = req_body else {
                 unreachable!("just built as a stream")
             };
-            let encoding = parts.headers.get(header::CONTENT_ENCODING);
+            // Plugins and the upstream get the body as the client meant it.
             let size = usize::try_from(limit).unwrap_or(usize::MAX);
-            let (bytes, decoded) = decode::read_decoded(incoming, encoding, size)
+            let bytes = decode::read_decoded(incoming, &mut parts.headers, size)
                 .await
                 .map_err(|e| match e {
                     ReadError::TooLarge => ProxyError::BodyTooLarge { limit },
                     ReadError::Unsupported(coding) => ProxyError::BodyEncoding { coding },
                     ReadError::Broken(why) => ProxyError::BodyUnreadable { why },
                 })?;
-            if decoded {
-                // Plugins and the upstream get the body as the client meant it.
-                parts.headers.remove(header::CONTENT_ENCODING);
-                parts.headers.remove(header::CONTENT_LENGTH);
-            }
             req_body = RequestBody::Buffered(bytes);
         }
 
@@ -563,14 +558,8 @@ impl Chain {
             let reads = step.caps.reads_response_body;
             if reads && let ResponseBody::Stream(incoming) = resp_body {
                 let limit = usize::try_from(step.limits.max_body_bytes).unwrap_or(usize::MAX);
-                let encoding = head.headers.get(header::CONTENT_ENCODING);
-                match decode::read_decoded(incoming, encoding, limit).await {
-                    Ok((bytes, decoded)) => {
-                        if decoded {
-                            head.headers.remove(header::CONTENT_ENCODING);
-                        }
-                        resp_body = ResponseBody::Buffered(bytes);
-                    }
+                match decode::read_decoded(incoming, &mut head.headers, limit).await {
+                    Ok(bytes) => resp_body = ResponseBody::Buffered(bytes),
                     // The upstream's fault, not the plugin's: it never ran.
                     Err(ReadError::Broken(why)) => {
                         return Err(ProxyError::Upstream(UpstreamError::Failed {
@@ -713,7 +702,7 @@ impl Chain {
             phase: phase.as_str(),
             outcome: kind.label(),
             message: kind.to_string(),
-            request_id: scope.request_id.to_str().unwrap_or_default().to_owned(),
+            request_id: scope.request_id_str().to_owned(),
             skipped,
         };
         let mut last = step
@@ -732,14 +721,19 @@ impl Chain {
         phase: Phase,
         kind: FailureKind,
     ) -> Result<(), ProxyError> {
-        let skipped = step.on_error == OnError::FailOpen;
-        self.note_failure(step, scope, phase, &kind, skipped);
+        self.note_failure(
+            step,
+            scope,
+            phase,
+            &kind,
+            step.on_error == OnError::FailOpen,
+        );
         match step.on_error {
             OnError::FailOpen => {
                 step.series.skipped();
                 tracing::warn!(
                     plugin = %step.plugin.name,
-                    request_id = scope.request_id.to_str().unwrap_or_default(),
+                    request_id = scope.request_id_str(),
                     route = %self.route,
                     error = %kind,
                     "plugin failed; skipped (fail-open)"

@@ -56,6 +56,13 @@ pub(crate) struct RequestScope {
     pub(crate) values: Mutex<HashMap<String, String>>,
 }
 
+impl RequestScope {
+    /// The request id as text, for logs (`""` if the header value is not visible ASCII).
+    pub(crate) fn request_id_str(&self) -> &str {
+        self.request_id.to_str().unwrap_or_default()
+    }
+}
+
 /// The result of one `send`, produced by its task.
 type CallResult = Result<types::Response, types::PluginError>;
 
@@ -230,10 +237,7 @@ impl HostState {
     }
 
     fn request_id(&self) -> &str {
-        self.scope
-            .as_ref()
-            .and_then(|s| s.request_id.to_str().ok())
-            .unwrap_or("")
+        self.scope.as_ref().map_or("", |s| s.request_id_str())
     }
 }
 
@@ -354,18 +358,13 @@ impl host::Host for HostState {
                     })?;
                 let (mut parts, incoming) = resp.into_parts();
                 let limit = usize::try_from(max_body).unwrap_or(usize::MAX);
-                let encoding = parts
-                    .headers
-                    .get(http::header::CONTENT_ENCODING)
-                    .filter(|_| decode_body);
-                let body = match decode::read_decoded(incoming, encoding, limit).await {
-                    Ok((body, decoded)) => {
-                        if decoded {
-                            parts.headers.remove(http::header::CONTENT_ENCODING);
-                            parts.headers.remove(http::header::CONTENT_LENGTH);
-                        }
-                        body
-                    }
+                let read = if decode_body {
+                    decode::read_decoded(incoming, &mut parts.headers, limit).await
+                } else {
+                    decode::read_whole(incoming, limit).await
+                };
+                let body = match read {
+                    Ok(body) => body,
                     Err(ReadError::TooLarge) => {
                         return Err(plugin_error(
                             Limit,
