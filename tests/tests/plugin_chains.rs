@@ -461,7 +461,12 @@ chain = [{ plugin = "slow_start", config = { start = "none" } }, { plugin = "pro
 
 /// Problems found while loading plugins, as `bff-proxy check` and startup report them.
 async fn load_problems(routes: &str) -> String {
-    let text = config("http://127.0.0.1:1", routes);
+    load_problems_with(routes, "").await
+}
+
+/// [`load_problems`] with more `[plugins]` keys.
+async fn load_problems_with(routes: &str, plugins: &str) -> String {
+    let text = config_with("http://127.0.0.1:1", routes, plugins);
     let cfg = bff_proxy::Config::from_toml(&text, "test").expect("valid config");
     match bff_proxy::check_plugins(&cfg).await {
         Ok(n) => panic!("expected a load failure, {n} uses loaded"),
@@ -512,16 +517,11 @@ async fn bad_plugins_fail_the_load_with_clear_reasons() {
     );
 
     // A plugin whose file is not the pinned build does not load.
-    let text = config_with(
-        "http://127.0.0.1:1",
+    let unpinned = load_problems_with(
         "",
         &format!("sha256 = {{ probe = \"{}\" }}", "0".repeat(64)),
-    );
-    let cfg = bff_proxy::Config::from_toml(&text, "test").expect("valid config");
-    let unpinned = match bff_proxy::check_plugins(&cfg).await {
-        Ok(n) => panic!("expected a load failure, {n} uses loaded"),
-        Err(e) => bff_proxy::ErrorChain(&e).to_string(),
-    };
+    )
+    .await;
     assert!(
         unpinned.contains("plugin `probe`") && unpinned.contains("`plugins.sha256.probe` pins"),
         "{unpinned}"

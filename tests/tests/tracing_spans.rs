@@ -30,6 +30,19 @@ struct Recorded {
     events: Arc<Mutex<Vec<BTreeMap<String, String>>>>,
 }
 
+impl Recorded {
+    /// The events logged for the request with `request_id`, in order.
+    fn events_for(&self, request_id: &str) -> Vec<BTreeMap<String, String>> {
+        self.events
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|e| e.get("request_id").map(String::as_str) == Some(request_id))
+            .cloned()
+            .collect()
+    }
+}
+
 /// The recorder, installed as the global subscriber by the first test that asks.
 fn recorded() -> &'static Recorded {
     static RECORDED: OnceLock<Recorded> = OnceLock::new();
@@ -241,13 +254,10 @@ chain = [{ plugin = "probe", on_error = "fail-open", config = { mode = "trap" } 
         let resp = get(proxy.addr(), path, &[("x-request-id", &id)]).await;
         assert_eq!(resp.status, status, "{path}: {}", resp.text());
         assert!(!resp.text().contains("probe::"), "{path}: {}", resp.text());
-        let events = recorded.events.lock().expect("lock").clone();
+        let events = recorded.events_for(&id);
         let event = events
             .iter()
-            .find(|e| {
-                e.get("message").map(String::as_str) == Some(line)
-                    && e.get("request_id") == Some(&id)
-            })
+            .find(|e| e.get("message").map(String::as_str) == Some(line))
             .unwrap_or_else(|| panic!("{path}: no `{line}` event for {id}: {events:#?}"));
         assert!(event["error"].contains(says), "{path}: {event:#?}");
     }
@@ -270,13 +280,10 @@ chain = [{ plugin = "probe", config = { mode = "log" } }]
     let proxy = TestProxy::start(&config(&[&up], routes)).await;
     let resp = get(proxy.addr(), "/talk", &[("x-request-id", "talk-1")]).await;
     assert_eq!(resp.status, 200, "{}", resp.text());
-    let events = recorded.events.lock().expect("lock").clone();
-    let ours: Vec<&BTreeMap<String, String>> = events
-        .iter()
-        .filter(|e| {
-            e.get("request_id").map(String::as_str) == Some("talk-1")
-                && e.get("plugin").map(String::as_str) == Some("probe")
-        })
+    let ours: Vec<BTreeMap<String, String>> = recorded
+        .events_for("talk-1")
+        .into_iter()
+        .filter(|e| e.get("plugin").map(String::as_str) == Some("probe"))
         .collect();
     let has = |message: &str, key: &str, value: &str| {
         ours.iter().any(|e| {
