@@ -42,16 +42,12 @@ impl GuestTrace {
     fn from_names(names: impl Iterator<Item = String>) -> Self {
         let names: Vec<String> = names.collect();
         let runtime = names.iter().take_while(|n| is_runtime(n)).count();
-        let mut shown: Vec<&str> = Vec::with_capacity(MAX_FRAMES + 2);
-        if runtime >= 2 && runtime < names.len() {
-            shown.extend([names[0].as_str(), "…"]);
-        } else if runtime < names.len() {
-            shown.extend(names[..runtime].iter().map(String::as_str));
-        }
-        let rest = if runtime < names.len() {
-            &names[runtime..]
-        } else {
-            &names[..]
+        // A stack of runtime frames only is shown as it is.
+        let (lead, rest) = names.split_at(if runtime == names.len() { 0 } else { runtime });
+        let mut shown: Vec<&str> = match lead {
+            [] => Vec::new(),
+            [one] => vec![one.as_str()],
+            [innermost, ..] => vec![innermost.as_str(), "…"],
         };
         shown.extend(rest.iter().take(MAX_FRAMES).map(String::as_str));
         if rest.len() > MAX_FRAMES {
