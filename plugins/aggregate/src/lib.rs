@@ -265,42 +265,39 @@ fn resolve_dependencies(calls: &mut [Planned]) -> Result<(), Error> {
             }
         }
     }
-    // Depth-first search for a cycle: 0 unvisited, 1 on the current path, 2 done.
+    // Depth-first search for a cycle: a call met again while on the current path closes one.
     fn visit(
         i: usize,
         calls: &[Planned],
-        state: &mut [u8],
+        done: &mut [bool],
         path: &mut Vec<usize>,
     ) -> Result<(), Error> {
-        match state[i] {
-            2 => return Ok(()),
-            1 => {
-                let start = path.iter().position(|&p| p == i).unwrap_or(0);
-                let mut names: Vec<&str> = path[start..]
-                    .iter()
-                    .map(|&p| calls[p].key.as_str())
-                    .collect();
-                names.push(&calls[i].key);
-                return Err(Error::invalid_config(format!(
-                    "calls.{}.path: the calls need each other's results in a cycle: {}",
-                    calls[i].key,
-                    names.join(" -> ")
-                )));
-            }
-            _ => {}
+        if done[i] {
+            return Ok(());
         }
-        state[i] = 1;
+        if let Some(start) = path.iter().position(|&p| p == i) {
+            let mut names: Vec<&str> = path[start..]
+                .iter()
+                .map(|&p| calls[p].key.as_str())
+                .collect();
+            names.push(&calls[i].key);
+            return Err(Error::invalid_config(format!(
+                "calls.{}.path: the calls need each other's results in a cycle: {}",
+                calls[i].key,
+                names.join(" -> ")
+            )));
+        }
         path.push(i);
         for &d in &calls[i].deps {
-            visit(d, calls, state, path)?;
+            visit(d, calls, done, path)?;
         }
         path.pop();
-        state[i] = 2;
+        done[i] = true;
         Ok(())
     }
-    let mut state = vec![0u8; calls.len()];
+    let mut done = vec![false; calls.len()];
     for i in 0..calls.len() {
-        visit(i, calls, &mut state, &mut Vec::new())?;
+        visit(i, calls, &mut done, &mut Vec::new())?;
     }
     Ok(())
 }
