@@ -24,6 +24,7 @@ pub(crate) use self::path::ConfigPath;
 pub use crate::admin::AdminConfig;
 pub use crate::identity::{ClientConfig, IdentifyRule, IdentityConfig};
 pub use crate::listener::ServerConfig;
+pub use crate::listener::tls::{ClientCertMode, TlsConfig, TlsVersion};
 pub use crate::observe::access_log::{AccessLogConfig, AccessLogFormat};
 pub use crate::pipeline::HeadersConfig;
 pub use crate::plugins::{PluginLimits, PluginLimitsOverride, PluginsConfig};
@@ -43,6 +44,8 @@ pub struct Config {
     pub admin: AdminConfig,
     /// Server limits, timeouts and lifecycle.
     pub server: ServerConfig,
+    /// TLS termination on the data-plane port (cleartext when absent).
+    pub tls: Option<TlsConfig>,
     /// Headers the proxy adds to or strips from upstream requests.
     pub headers: HeadersConfig,
     /// What to do with requests no client rule matches.
@@ -71,6 +74,7 @@ impl Default for Config {
                 .expect("DEFAULT_LISTEN is a valid socket address"),
             admin: AdminConfig::default(),
             server: ServerConfig::default(),
+            tls: None,
             headers: HeadersConfig::default(),
             identity: IdentityConfig::default(),
             services: BTreeMap::new(),
@@ -91,21 +95,26 @@ impl Config {
             path: path.display().to_string(),
             source,
         })?;
-        let mut config = Self::from_toml(&text, &path.display().to_string())?;
         // Paths in the file are relative to the file, not to wherever the proxy was started.
-        if let Some(parent) = path.parent() {
-            if config.plugins.dir.is_relative() {
-                config.plugins.dir = parent.join(&config.plugins.dir);
-            }
-            if let Some(dir) = &mut config.plugins.cache_dir
-                && dir.is_relative()
-            {
-                *dir = parent.join(&*dir);
-            }
-            config.access_log.resolve(parent);
-        }
+        let mut config = load::load(&text, &path.display().to_string(), path.parent())?;
         config.source = Some(path.to_path_buf());
         Ok(config)
+    }
+
+    /// Makes the relative paths in the config relative to `base`.
+    fn resolve_paths(&mut self, base: &Path) {
+        if self.plugins.dir.is_relative() {
+            self.plugins.dir = base.join(&self.plugins.dir);
+        }
+        if let Some(dir) = &mut self.plugins.cache_dir
+            && dir.is_relative()
+        {
+            *dir = base.join(&*dir);
+        }
+        self.access_log.resolve(base);
+        if let Some(tls) = &mut self.tls {
+            tls.resolve(base);
+        }
     }
 
     /// True if some route runs plugins (the plugin runtime is only started then).
@@ -115,7 +124,7 @@ impl Config {
 
     /// Parses and validates config text; `origin` names it in error messages (usually the file path).
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        load::load(text, origin)
+        load::load(text, origin, None)
     }
 
     /// Semantic checks across sections (references, duplicates, ranges). Structural problems
@@ -137,7 +146,13 @@ impl Config {
         for (name, service) in &self.services {
             service.validate(name, &root.key("services").key(name), problems);
         }
-        crate::identity::validate(&self.identity, &self.clients, &root, problems);
+        crate::identity::validate(
+            &self.identity,
+            &self.clients,
+            self.tls.as_ref(),
+            &root,
+            problems,
+        );
         self.plugins.validate(&root.key("plugins"), problems);
         self.reload.validate(&root.key("reload"), problems);
         self.access_log.validate(&root.key("access_log"), problems);

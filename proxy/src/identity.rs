@@ -16,6 +16,7 @@ use subtle::ConstantTimeEq;
 
 use crate::config::ConfigPath;
 use crate::config::Problems;
+use crate::listener::tls::{ClientCert, TlsConfig};
 
 /// `[identity]`: what happens to requests no client rule matches.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -41,15 +42,19 @@ pub struct ClientConfig {
 }
 
 /// One identification rule. Exactly one form per rule:
-/// `{ header, equals }`, `{ header, regex }`, `{ user_agent }` or `{ api_key_header, sha256 }`.
+/// `{ header, equals }`, `{ header, regex }`, `{ client_cert, equals }`,
+/// `{ client_cert, regex }`, `{ user_agent }` or `{ api_key_header, sha256 }`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentifyRule {
     /// Header to look at (with `equals` or `regex`).
     pub header: Option<String>,
-    /// The header's value must be exactly this.
+    /// Name on the verified TLS client certificate to look at (with `equals` or `regex`);
+    /// needs `[tls] client_ca`.
+    pub client_cert: Option<CertField>,
+    /// The header's (or certificate name's) value must be exactly this.
     pub equals: Option<String>,
-    /// The header's value must match this regex.
+    /// The header's (or certificate name's) value must match this regex.
     pub regex: Option<String>,
     /// The `user-agent` header must match this regex.
     pub user_agent: Option<String>,
@@ -58,6 +63,35 @@ pub struct IdentifyRule {
     /// Hex SHA-256 digests of the accepted keys (`printf %s KEY | sha256sum`).
     #[serde(default)]
     pub sha256: Vec<String>,
+}
+
+/// Which name on a client certificate a `client_cert` rule matches. A certificate can carry
+/// several names of a kind; the rule matches if any of them does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CertField {
+    /// The subject's common name (CN).
+    SubjectCn,
+    /// A DNS name among the subject alternative names.
+    SanDns,
+    /// A URI among them (a SPIFFE ID, for instance).
+    SanUri,
+    /// An e-mail address among them.
+    SanEmail,
+    /// The SHA-256 fingerprint of the certificate (lowercase hex), to pin one device.
+    Fingerprint,
+}
+
+impl CertField {
+    fn values(self, cert: &ClientCert) -> &[String] {
+        match self {
+            Self::SubjectCn => &cert.subject_cn,
+            Self::SanDns => &cert.san_dns,
+            Self::SanUri => &cert.san_uri,
+            Self::SanEmail => &cert.san_email,
+            Self::Fingerprint => std::slice::from_ref(&cert.fingerprint),
+        }
+    }
 }
 
 /// Who a request comes from, resolved once per request.
@@ -97,9 +131,19 @@ pub(crate) struct Identifier {
 enum Rule {
     HeaderEquals(HeaderName, Vec<u8>),
     HeaderRegex(HeaderName, Regex),
+    CertEquals(CertField, String),
+    CertRegex(CertField, Regex),
     UserAgent(Regex),
     /// Index into `Identifier::api_keys` (the header) and this client's accepted hashes.
     ApiKey(usize, Vec<[u8; 32]>),
+}
+
+/// What a request presents to identify itself.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Presenting<'a> {
+    pub(crate) headers: &'a HeaderMap,
+    /// The connection's verified TLS client certificate.
+    pub(crate) cert: Option<&'a ClientCert>,
 }
 
 /// SHA-256 of each API-key header the request presented, by `Identifier::api_keys` index.
@@ -115,7 +159,8 @@ fn any_hash_matches(hashes: &[[u8; 32]], digest: &[u8; 32]) -> bool {
 }
 
 impl Rule {
-    fn matches(&self, headers: &HeaderMap, presented: &Presented) -> bool {
+    fn matches(&self, req: &Presenting<'_>, presented: &Presented) -> bool {
+        let headers = req.headers;
         match self {
             Rule::HeaderEquals(name, value) => headers
                 .get_all(name)
@@ -125,6 +170,12 @@ impl Rule {
                 .get_all(name)
                 .iter()
                 .any(|v| v.to_str().is_ok_and(|s| re.is_match(s))),
+            Rule::CertEquals(field, value) => req
+                .cert
+                .is_some_and(|c| field.values(c).iter().any(|v| v == value)),
+            Rule::CertRegex(field, re) => req
+                .cert
+                .is_some_and(|c| field.values(c).iter().any(|v| re.is_match(v))),
             Rule::UserAgent(re) => headers
                 .get(http::header::USER_AGENT)
                 .and_then(|v| v.to_str().ok())
@@ -194,8 +245,9 @@ impl Identifier {
     /// Resolves the client of a request: its index (for the router) and profile.
     pub(crate) fn identify(
         &self,
-        headers: &HeaderMap,
+        req: Presenting<'_>,
     ) -> Result<(usize, &Arc<ClientProfile>), IdentityError> {
+        let headers = req.headers;
         // A presented key must be valid whatever else the request matches: falling back to
         // another client or the default would turn a typo or a revoked key into silently
         // different traffic.
@@ -210,7 +262,7 @@ impl Identifier {
             }
         }
         for (i, (profile, rules)) in self.clients.iter().enumerate() {
-            if rules.iter().any(|r| r.matches(headers, &presented)) {
+            if rules.iter().any(|r| r.matches(&req, &presented)) {
                 return Ok((i, profile));
             }
         }
@@ -267,16 +319,26 @@ fn compile_rule(r: &IdentifyRule) -> Result<Compiled, String> {
     .count();
     if forms != 1 {
         return Err(
-            "a rule needs exactly one of `equals` (with `header`), `regex` (with `header`), \
-                    `user_agent` or `api_key_header` (with `sha256`)"
+            "a rule needs exactly one of `equals` (with `header` or `client_cert`), `regex` \
+             (with `header` or `client_cert`), `user_agent` or `api_key_header` (with `sha256`)"
                 .into(),
         );
     }
-    if r.header.is_some() && r.equals.is_none() && r.regex.is_none() {
-        return Err("`header` goes with `equals` or `regex`".into());
+    if r.header.is_some() && r.client_cert.is_some() {
+        return Err("a rule looks at `header` or at `client_cert`, not both".into());
+    }
+    if (r.header.is_some() || r.client_cert.is_some()) && r.equals.is_none() && r.regex.is_none() {
+        return Err("`header` and `client_cert` go with `equals` or `regex`".into());
     }
     if !r.sha256.is_empty() && r.api_key_header.is_none() {
         return Err("`sha256` goes with `api_key_header`".into());
+    }
+    if let Some(field) = r.client_cert {
+        return Ok(Compiled::Rule(match (&r.equals, &r.regex) {
+            (Some(v), _) => Rule::CertEquals(field, v.clone()),
+            (_, Some(re)) => Rule::CertRegex(field, regex(re)?),
+            (None, None) => unreachable!("checked above"),
+        }));
     }
     match (r, &r.header) {
         (
@@ -300,7 +362,7 @@ fn compile_rule(r: &IdentifyRule) -> Result<Compiled, String> {
             }
             | IdentifyRule { regex: Some(_), .. },
             None,
-        ) => Err("`equals` and `regex` need `header`".into()),
+        ) => Err("`equals` and `regex` need `header` or `client_cert`".into()),
         (
             IdentifyRule {
                 user_agent: Some(re),
@@ -340,9 +402,11 @@ fn compile_rule(r: &IdentifyRule) -> Result<Compiled, String> {
 pub(crate) fn validate(
     identity: &IdentityConfig,
     clients: &[ClientConfig],
+    tls: Option<&TlsConfig>,
     root: &ConfigPath,
     problems: &mut Problems,
 ) {
+    let asks_for_certs = tls.is_some_and(|t| t.client_ca.is_some());
     let mut seen = HashSet::new();
     for (i, c) in clients.iter().enumerate() {
         let at = root.key("clients").index(i);
@@ -362,6 +426,11 @@ pub(crate) fn validate(
         for (j, rule) in c.identify.iter().enumerate() {
             if let Err(e) = compile_rule(rule) {
                 problems.push(at.key("identify").index(j), e);
+            } else if rule.client_cert.is_some() && !asks_for_certs {
+                problems.push(
+                    at.key("identify").index(j).key("client_cert"),
+                    "needs `[tls]` with `client_ca`: without it no client presents a certificate",
+                );
             }
         }
     }

@@ -1,11 +1,14 @@
 //! Accept: the first phase. Owns the TCP listeners, connection limits and per-connection
 //! timeouts, and hands each request to the pipeline (data plane) or the admin service.
 //!
-//! One port serves HTTP/1.1 and HTTP/2 (h2c prior knowledge) via hyper-util's auto builder.
+//! One port serves HTTP/1.1 and HTTP/2 (h2c prior knowledge, or ALPN `h2` over TLS) via
+//! hyper-util's auto builder; with `[tls]` the port is HTTPS ([`tls`]: the handshake comes
+//! first, bounded by the header-read timeout).
 //! Every connection is bounded: a header-read timeout, an idle timeout (no bytes either way),
 //! and a graceful close on shutdown that lets the request in flight finish.
 
 mod idle;
+pub(crate) mod tls;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -24,6 +27,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::body::BoxError;
 use crate::config::{ConfigPath, Problems, check_duration, check_range};
+
+pub(crate) use self::tls::TlsInfo;
 
 /// `[server]`: limits, timeouts and lifecycle of the data-plane listener.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -169,12 +174,41 @@ pub(crate) struct ConnSettings {
     pub(crate) force_close: CancellationToken,
     /// Connection metrics (the data plane's; the admin listener has none).
     pub(crate) metrics: Option<crate::metrics::ConnectionFamilies>,
+    /// TLS termination, if this listener serves HTTPS.
+    pub(crate) tls: Option<TlsSettings>,
+}
+
+/// How a listener terminates TLS.
+#[derive(Clone)]
+pub(crate) struct TlsSettings {
+    /// The acceptor config for a new connection: the live snapshot's, so a reload that
+    /// rotates the certificate applies to the next handshake.
+    pub(crate) current: Arc<dyn Fn() -> Option<Arc<rustls::ServerConfig>> + Send + Sync>,
+    /// Time a client has to complete the handshake (`server.header_read_timeout`).
+    pub(crate) handshake_timeout: Duration,
+}
+
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("handshake_timeout", &self.handshake_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone)]
+pub(crate) struct Peer {
+    pub(crate) addr: SocketAddr,
+    /// Set on a TLS connection once its handshake completed.
+    pub(crate) tls: Option<TlsInfo>,
 }
 
 /// Runs the accept loop until `shutdown`, spawning one task per connection on `tracker`.
 ///
-/// `make_service(peer, over_limit)` builds the per-connection service; connections beyond
-/// `max_connections` get `over_limit = true`: a service that answers one 503 with `connection: close`.
+/// `make_service(peer, over_limit)` builds the per-connection service once the connection is
+/// ready for HTTP (after its TLS handshake); connections beyond `max_connections` get
+/// `over_limit = true`: a service that answers one 503 with `connection: close`.
 pub(crate) async fn accept_loop<F, S, B>(
     listener: TcpListener,
     settings: ConnSettings,
@@ -183,7 +217,7 @@ pub(crate) async fn accept_loop<F, S, B>(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) where
-    F: Fn(SocketAddr, bool) -> S,
+    F: Fn(Peer, bool) -> S + Send + Sync + 'static,
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Send
         + 'static,
@@ -191,6 +225,7 @@ pub(crate) async fn accept_loop<F, S, B>(
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
 {
+    let make_service = Arc::new(make_service);
     let permits = Arc::new(Semaphore::new(max_connections));
     // Over-limit connections are answered with a 503, but that costs a task each: cap them too.
     let overflow = Arc::new(Semaphore::new(max_connections / 8 + 16));
@@ -228,14 +263,75 @@ pub(crate) async fn accept_loop<F, S, B>(
             m.accepted.inc();
             OpenConnection::new(m.open.clone())
         });
-        let service = make_service(peer, over_limit);
+        let make_service = make_service.clone();
         let settings = settings.clone();
         let shutdown = shutdown.clone();
         tracker.spawn(async move {
-            serve_connection(stream, service, settings, shutdown).await;
+            let peer = Peer {
+                addr: peer,
+                tls: None,
+            };
+            match settings.tls.clone() {
+                None => {
+                    let service = make_service(peer, over_limit);
+                    serve_connection(stream, service, settings, shutdown).await;
+                }
+                Some(tls) => {
+                    if let Some((stream, info)) =
+                        handshake(stream, &tls, &settings, &shutdown).await
+                    {
+                        let peer = Peer {
+                            tls: Some(info),
+                            ..peer
+                        };
+                        let service = make_service(peer, over_limit);
+                        serve_connection(stream, service, settings, shutdown).await;
+                    }
+                }
+            }
             drop(open);
             drop(permit);
         });
+    }
+}
+
+/// The server side of a TLS handshake, bounded by the handshake timeout and cut short by
+/// shutdown. `None` when it did not complete (counted and logged at debug: a port scanner or
+/// a client that distrusts the certificate is not the proxy's problem).
+async fn handshake(
+    stream: TcpStream,
+    tls: &TlsSettings,
+    settings: &ConnSettings,
+    shutdown: &CancellationToken,
+) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, TlsInfo)> {
+    let config = (tls.current)()?;
+    let count = |result: &str| {
+        if let Some(m) = &settings.metrics {
+            m.tls_handshakes.with_label_values(&[result]).inc();
+        }
+    };
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
+    let done = tokio::select! {
+        r = tokio::time::timeout(tls.handshake_timeout, accept) => r,
+        () = shutdown.cancelled() => return None,
+    };
+    match done {
+        Ok(Ok(stream)) => {
+            count("ok");
+            let info = TlsInfo::of(stream.get_ref().1);
+            Some((stream, info))
+        }
+        Ok(Err(e)) => {
+            let reason = tls::failure_reason(&e);
+            count(reason);
+            tracing::debug!(reason, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            count("timeout");
+            tracing::debug!("TLS handshake timed out");
+            None
+        }
     }
 }
 
@@ -255,8 +351,8 @@ impl Drop for OpenConnection {
     }
 }
 
-async fn serve_connection<S, B>(
-    stream: TcpStream,
+async fn serve_connection<I, S, B>(
+    stream: I,
     service: S,
     settings: ConnSettings,
     shutdown: CancellationToken,
@@ -267,6 +363,7 @@ async fn serve_connection<S, B>(
     S::Future: Send + 'static,
     B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
     B::Error: Into<BoxError>,
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (io, activity) = idle::IdleIo::new(stream);
     let conn = settings.builder.serve_connection(TokioIo::new(io), service);

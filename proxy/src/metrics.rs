@@ -684,11 +684,28 @@ pub(crate) struct ConnectionFamilies {
     pub(crate) accepted: IntCounter,
     /// `bff_connections_rejected_total`: over `server.max_connections`.
     pub(crate) rejected: IntCounter,
+    /// `bff_tls_handshakes_total{result}`: `ok` or why it failed (a bounded set, see
+    /// `listener::tls::failure_reason`).
+    pub(crate) tls_handshakes: IntCounterVec,
+    /// `bff_tls_certificate_expiry_timestamp_seconds`: the serving certificate's `notAfter`.
+    pub(crate) tls_cert_expiry: IntGauge,
 }
 
 impl ConnectionFamilies {
+    /// Every `result` of `bff_tls_handshakes_total`, exported from the start (at 0) so a rate
+    /// over them works before the first failure of a kind.
+    pub(crate) const TLS_RESULTS: [&'static str; 7] = [
+        "ok",
+        "timeout",
+        "no_client_cert",
+        "bad_client_cert",
+        "incompatible",
+        "protocol",
+        "io",
+    ];
+
     fn register(r: &Registry) -> Self {
-        Self {
+        let families = Self {
             open: gauge(
                 r,
                 "bff_connections_open",
@@ -704,7 +721,23 @@ impl ConnectionFamilies {
                 "bff_connections_rejected_total",
                 "Data-plane connections over `server.max_connections` (answered 503 or closed).",
             ),
+            tls_handshakes: counter_vec(
+                r,
+                "bff_tls_handshakes_total",
+                "TLS handshakes on the data plane, by result: ok, timeout, no_client_cert, \
+                 bad_client_cert, incompatible, protocol, io.",
+                &["result"],
+            ),
+            tls_cert_expiry: gauge(
+                r,
+                "bff_tls_certificate_expiry_timestamp_seconds",
+                "When the data plane's serving certificate expires (Unix time); 0 without TLS.",
+            ),
+        };
+        for result in Self::TLS_RESULTS {
+            families.tls_handshakes.with_label_values(&[result]);
         }
+        families
     }
 }
 

@@ -24,7 +24,9 @@ use tracing::Instrument;
 use crate::body::{self, Body};
 use crate::config::{ConfigPath, Problems};
 use crate::error::{ErrorChain, Fault, ProxyError};
-use crate::listener::ServerConfig;
+use crate::identity::Presenting;
+use crate::listener::tls::ClientCert;
+use crate::listener::{Peer, ServerConfig, TlsInfo};
 use crate::metrics::Caller;
 use crate::observe::trace::TraceContext;
 use crate::observe::{Counted, Direction, Finish, Logged};
@@ -100,23 +102,35 @@ pub(crate) struct ConnInfo {
     xff_element: HeaderValue,
     /// The peer as a `forwarded` element (RFC 7239): `for=192.0.2.1;proto=http`, IPv6 quoted.
     forwarded_element: String,
+    /// `x-forwarded-proto`: `https` on a TLS connection.
+    proto: HeaderValue,
+    /// What the TLS handshake established, on a TLS connection.
+    pub(crate) tls: Option<TlsInfo>,
 }
 
 impl ConnInfo {
-    pub(crate) fn new(peer: SocketAddr) -> Self {
-        let ip = peer.ip();
+    pub(crate) fn new(peer: Peer) -> Self {
+        let ip = peer.addr.ip();
         let xff = ip.to_string();
+        let proto = if peer.tls.is_some() { "https" } else { "http" };
         let forwarded_element = if ip.is_ipv6() {
-            format!("for=\"[{ip}]\";proto=http")
+            format!("for=\"[{ip}]\";proto={proto}")
         } else {
-            format!("for={ip};proto=http")
+            format!("for={ip};proto={proto}")
         };
         Self {
-            peer,
+            peer: peer.addr,
             xff_element: HeaderValue::from_str(&xff)
                 .expect("an IP address is a valid header value"),
             forwarded_element,
+            proto: HeaderValue::from_static(proto),
+            tls: peer.tls,
         }
+    }
+
+    /// The verified TLS client certificate of the connection, if any.
+    pub(crate) fn client_cert(&self) -> Option<&ClientCert> {
+        self.tls.as_ref()?.client_cert.as_deref()
     }
 }
 
@@ -241,7 +255,10 @@ async fn proxy(
     }
 
     // Identify: once per request.
-    let (client_idx, client) = snap.identifier.identify(req.headers())?;
+    let (client_idx, client) = snap.identifier.identify(Presenting {
+        headers: req.headers(),
+        cert: conn.client_cert(),
+    })?;
     tracing::Span::current().record("client", &*client.name);
     ctx.client = Some((client_idx, client.name.clone()));
 
@@ -484,7 +501,7 @@ fn prepare_upstream_headers(
     if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR, v);
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    headers.insert(X_FORWARDED_PROTO, conn.proto.clone());
 
     let host_param = host.as_ref().map(|h| h.as_bytes());
     let forwarded = match headers.get(header::FORWARDED) {
@@ -573,12 +590,19 @@ mod tests {
 
     #[test]
     fn forwarded_elements_per_address_family() {
-        let v4 = ConnInfo::new("192.0.2.1:5000".parse().expect("addr"));
+        let peer = |addr: &str, tls| Peer {
+            addr: addr.parse().expect("addr"),
+            tls,
+        };
+        let v4 = ConnInfo::new(peer("192.0.2.1:5000", None));
         assert_eq!(v4.xff_element, "192.0.2.1");
         assert_eq!(v4.forwarded_element, "for=192.0.2.1;proto=http");
-        let v6 = ConnInfo::new("[2001:db8::1]:5000".parse().expect("addr"));
+        let v6 = ConnInfo::new(peer("[2001:db8::1]:5000", None));
         assert_eq!(v6.xff_element, "2001:db8::1");
         assert_eq!(v6.forwarded_element, "for=\"[2001:db8::1]\";proto=http");
+        let tls = ConnInfo::new(peer("192.0.2.1:5000", Some(TlsInfo::default())));
+        assert_eq!(tls.forwarded_element, "for=192.0.2.1;proto=https");
+        assert_eq!(tls.proto, "https");
 
         let prev = HeaderValue::from_static("for=198.51.100.2");
         let v = element_value(

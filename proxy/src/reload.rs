@@ -159,7 +159,7 @@ struct Built {
 /// `services` did not change.
 async fn build(
     state: &mut State,
-    config: Config,
+    mut config: Config,
     current: Option<&Snapshot>,
     metrics: &Metrics,
 ) -> Result<Built, LoadError> {
@@ -178,6 +178,16 @@ async fn build(
             if changed {
                 warnings.push(format!("`{what}` changed: it takes effect after a restart"));
             }
+        }
+        // The listener speaks TLS or cleartext from startup on; a reload that adds or removes
+        // `[tls]` keeps what serves (a certificate change within `[tls]` applies).
+        if old.tls.is_some() != config.tls.is_some() {
+            warnings.push(
+                "`tls` added or removed: it takes effect after a restart (the listener keeps \
+                 serving as it started)"
+                    .into(),
+            );
+            config.tls.clone_from(&old.tls);
         }
     }
     let empty = Catalog::default();

@@ -17,7 +17,7 @@ use crate::admin::Admin;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::listener::ServerConfig;
-use crate::listener::{ConnSettings, accept_loop};
+use crate::listener::{ConnSettings, Peer, TlsSettings, accept_loop};
 use crate::metrics::Metrics;
 use crate::observe::access_log::AccessLog;
 use crate::pipeline::{self, ConnInfo};
@@ -94,9 +94,10 @@ impl AdminServer {
             idle_timeout: server.idle_timeout,
             force_close: stop.clone(),
             metrics: None,
+            tls: None,
         };
         let service_state = state.clone();
-        let make_admin = move |_peer: SocketAddr, _over_limit: bool| {
+        let make_admin = move |_peer: Peer, _over_limit: bool| {
             let state = service_state.clone();
             hyper::service::service_fn(move |req| {
                 let state = state.clone();
@@ -252,18 +253,32 @@ impl Proxy {
         let force_close = CancellationToken::new();
         let tracker = TaskTracker::new();
         let server = shared.server.clone();
+        // TLS or not is decided at startup (a reload that adds or removes `[tls]` is refused
+        // that part); the certificate comes from the live snapshot, so a reload rotates it.
+        let tls = shared.live.load().config.tls.is_some().then(|| {
+            let shared = shared.clone();
+            TlsSettings {
+                current: Arc::new(move || {
+                    let live = shared.live.load();
+                    let loaded = live.config.tls.as_ref()?.loaded.as_ref()?;
+                    Some(loaded.server.clone())
+                }),
+                handshake_timeout: server.header_read_timeout,
+            }
+        });
         let data_settings = ConnSettings {
             builder: Arc::new(server.builder()),
             idle_timeout: server.idle_timeout,
             force_close: force_close.clone(),
             metrics: Some(shared.metrics.connections.clone()),
+            tls,
         };
 
         let listen = data
             .local_addr()
             .expect("a bound TCP listener has an address");
         let data_shared = shared.clone();
-        let make_data = move |peer: SocketAddr, over_limit: bool| {
+        let make_data = move |peer: Peer, over_limit: bool| {
             let shared = data_shared.clone();
             let conn = Arc::new(ConnInfo::new(peer));
             hyper::service::service_fn(move |req| {

@@ -61,6 +61,13 @@ impl Snapshot {
             .map(|r| (r.id.as_str(), r.clients.as_slice()))
             .collect();
         let request_metrics = RequestTable::build(&metrics.requests, &clients, &routes);
+        metrics.connections.tls_cert_expiry.set(
+            config
+                .tls
+                .as_ref()
+                .and_then(|t| t.loaded.as_ref())
+                .map_or(0, |l| l.not_after),
+        );
         Self {
             identifier: Identifier::build(&config.identity, &config.clients),
             router: Router::build(&config, chains),

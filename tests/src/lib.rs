@@ -16,6 +16,7 @@
 //! hanging it. Set `BFF_TEST_LOG=debug` to see the proxy's logs.
 
 pub mod plugins;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -74,7 +75,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Runs `fut` with the harness timeout; panics with `what` if it takes longer.
-async fn bounded<F: Future>(what: &str, fut: F) -> F::Output {
+pub(crate) async fn bounded<F: Future>(what: &str, fut: F) -> F::Output {
     match tokio::time::timeout(IO_TIMEOUT, fut).await {
         Ok(v) => v,
         Err(_) => panic!("{what}: no answer within {IO_TIMEOUT:?}"),
@@ -930,7 +931,7 @@ impl TestResponse {
     }
 }
 
-fn build_request(
+pub(crate) fn build_request(
     addr: SocketAddr,
     method: &str,
     path: &str,

@@ -1,5 +1,7 @@
 //! `GET /admin/config`: the effective config as JSON, with secrets redacted.
 //!
+//! TLS files are shown by path; their content (the private key) never is.
+//!
 //! Redacted: API key hashes and the admin token hash (hashes of secrets still let an attacker
 //! test guesses offline), `equals` values of identification rules on headers that carry
 //! credentials, and any key of a plugin's own config whose name says it holds a secret.
@@ -17,6 +19,7 @@ pub(super) fn effective_config(c: &Config) -> Value {
         "listen": c.listen,
         "admin": c.admin,
         "server": c.server,
+        "tls": c.tls,
         "headers": c.headers,
         "identity": c.identity,
         "services": c.services,

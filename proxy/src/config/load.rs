@@ -18,6 +18,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "listen",
     "admin",
     "server",
+    "tls",
     "headers",
     "identity",
     "services",
@@ -109,7 +110,14 @@ impl Problems {
     }
 }
 
-pub(super) fn load(text: &str, origin: &str) -> Result<Config, ConfigError> {
+/// Parses, decodes and validates config text. Relative paths in it are taken relative to
+/// `base` (the file's directory) when given, else to the working directory; files the config
+/// names (TLS certificates) are read and checked here, with everything else.
+pub(super) fn load(
+    text: &str,
+    origin: &str,
+    base: Option<&std::path::Path>,
+) -> Result<Config, ConfigError> {
     let invalid = |problems| ConfigError::Invalid {
         origin: origin.to_owned(),
         problems,
@@ -161,6 +169,9 @@ pub(super) fn load(text: &str, origin: &str) -> Result<Config, ConfigError> {
     section!("plugins", plugins);
     section!("reload", reload);
     section!("access_log", access_log);
+    if let Some(v) = table.remove("tls") {
+        config.tls = decode(v, &root.key("tls"), &mut problems);
+    }
     if let Some(v) = table.remove("services") {
         config.services = decode_map(v, &root.key("services"), &mut problems);
     }
@@ -186,6 +197,12 @@ pub(super) fn load(text: &str, origin: &str) -> Result<Config, ConfigError> {
         problems.push(root.key(key.clone()), message);
     }
 
+    if let Some(base) = base {
+        config.resolve_paths(base);
+    }
+    if let Some(tls) = &mut config.tls {
+        tls.load(&root.key("tls"), &mut problems);
+    }
     config.validate(&mut problems);
     if problems.0.is_empty() {
         return Ok(config);

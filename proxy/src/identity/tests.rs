@@ -40,7 +40,92 @@ fn who(id: &Identifier, headers: &[(&'static str, &'static str)]) -> Result<Stri
     for (k, v) in headers {
         h.append(*k, HeaderValue::from_static(v));
     }
-    id.identify(&h).map(|(_, p)| p.name.to_string())
+    id.identify(Presenting {
+        headers: &h,
+        cert: None,
+    })
+    .map(|(_, p)| p.name.to_string())
+}
+
+/// Clients `kiosk` (by SPIFFE ID), `pinned` (by fingerprint) and `staff` (by CN pattern),
+/// then `web` by header; built without config validation (which wants real CA files).
+fn cert_identifier() -> Identifier {
+    let rule = |field, equals: Option<&str>, regex: Option<&str>| IdentifyRule {
+        client_cert: Some(field),
+        equals: equals.map(str::to_owned),
+        regex: regex.map(str::to_owned),
+        ..IdentifyRule::default()
+    };
+    let client = |name: &str, identify| ClientConfig {
+        name: name.into(),
+        attributes: BTreeMap::new(),
+        identify,
+    };
+    Identifier::build(
+        &IdentityConfig::default(),
+        &[
+            client(
+                "kiosk",
+                vec![rule(CertField::SanUri, Some("spiffe://shop/kiosk"), None)],
+            ),
+            client(
+                "pinned",
+                vec![rule(CertField::Fingerprint, Some("ab12"), None)],
+            ),
+            client(
+                "staff",
+                vec![rule(CertField::SubjectCn, None, Some(r"^staff-\d+$"))],
+            ),
+            client(
+                "web",
+                vec![IdentifyRule {
+                    header: Some("x-client".into()),
+                    equals: Some("web".into()),
+                    ..IdentifyRule::default()
+                }],
+            ),
+        ],
+    )
+}
+
+#[test]
+fn client_certificate_rules() {
+    let id = cert_identifier();
+    let who = |cert: Option<&ClientCert>, header: Option<&'static str>| {
+        let mut h = HeaderMap::new();
+        if let Some(v) = header {
+            h.insert("x-client", HeaderValue::from_static(v));
+        }
+        id.identify(Presenting { headers: &h, cert })
+            .map(|(_, p)| p.name.to_string())
+    };
+    let kiosk = ClientCert {
+        subject_cn: vec!["device-7".into()],
+        san_uri: vec!["spiffe://shop/other".into(), "spiffe://shop/kiosk".into()],
+        fingerprint: "ff00".into(),
+        ..ClientCert::default()
+    };
+    // Any of several names of a kind matches; the certificate wins over a later header rule.
+    assert_eq!(who(Some(&kiosk), Some("web")), Ok("kiosk".into()));
+    let pinned = ClientCert {
+        fingerprint: "ab12".into(),
+        ..ClientCert::default()
+    };
+    assert_eq!(who(Some(&pinned), None), Ok("pinned".into()));
+    let staff = ClientCert {
+        subject_cn: vec!["staff-42".into()],
+        ..ClientCert::default()
+    };
+    assert_eq!(who(Some(&staff), None), Ok("staff".into()));
+    // Equality is exact, a regex must match; no certificate matches no certificate rule.
+    let near = ClientCert {
+        subject_cn: vec!["staff-42x".into()],
+        san_uri: vec!["spiffe://shop/kiosk/2".into()],
+        ..ClientCert::default()
+    };
+    assert_eq!(who(Some(&near), Some("web")), Ok("web".into()));
+    assert_eq!(who(None, Some("web")), Ok("web".into()));
+    assert_eq!(who(None, None), Err(IdentityError::Unidentified));
 }
 
 #[test]

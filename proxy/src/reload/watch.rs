@@ -1,9 +1,12 @@
 //! Reload triggers that come from outside the admin API: file changes (`notify`) and `SIGHUP`.
 //!
-//! The watcher observes, non-recursively, the config file's directory and (when some route
-//! runs plugins) the plugin directory of the live config, re-targeted after every reload, so a
-//! config that adds plugins or moves `plugins.dir` is followed. Events that matter: the config file itself, `*.wasm` files in the plugin directory,
-//! and Kubernetes volume updates, which swap a `..data` symlink (any name starting with `..`).
+//! The watcher observes, non-recursively, the config file's directory, (when some route runs
+//! plugins) the plugin directory, and the directories of the TLS files of the live config,
+//! re-targeted after every reload, so a config that adds plugins or moves `plugins.dir` is
+//! followed. Events that matter: the config file itself, `*.wasm` files in the plugin
+//! directory, the TLS certificate, key and client CA files (a rotated certificate is picked up
+//! without a signal), and Kubernetes volume updates, which swap a `..data` symlink (any name
+//! starting with `..`).
 //! Editor leftovers (`.#x`, `#x#`, `x~`, `.x.swp`, `4913`) and reads are ignored.
 //!
 //! Events are debounced: a reload starts once no relevant event came for `reload.debounce`
@@ -37,6 +40,8 @@ struct Targets {
     config_dir: Option<PathBuf>,
     config_name: Option<std::ffi::OsString>,
     plugin_dir: Option<PathBuf>,
+    /// The TLS certificate, key and client CA files (certificate rotation).
+    tls_files: Vec<PathBuf>,
 }
 
 impl Targets {
@@ -55,6 +60,13 @@ impl Targets {
                 .map(ToOwned::to_owned),
             // Only when some route runs plugins; a config reload that adds one re-targets.
             plugin_dir: config.uses_plugins().then(|| absolute(&config.plugins.dir)),
+            tls_files: config.tls.as_ref().map_or_else(Vec::new, |t| {
+                [Some(&t.cert), Some(&t.key), t.client_ca.as_ref()]
+                    .into_iter()
+                    .flatten()
+                    .map(|p| absolute(p))
+                    .collect()
+            }),
         }
     }
 
@@ -63,6 +75,11 @@ impl Targets {
             .iter()
             .chain(self.plugin_dir.iter())
             .cloned()
+            .chain(
+                self.tls_files
+                    .iter()
+                    .filter_map(|f| f.parent().map(Path::to_path_buf)),
+            )
             .collect()
     }
 
@@ -79,7 +96,11 @@ impl Targets {
             && (kube || self.config_name.as_deref() == Some(name));
         let plugin =
             self.plugin_dir.as_deref() == Some(dir) && (kube || name_str.ends_with(".wasm"));
-        config || plugin
+        let tls = self
+            .tls_files
+            .iter()
+            .any(|f| f == path || (kube && f.parent() == Some(dir)));
+        config || plugin || tls
     }
 }
 

@@ -1,0 +1,379 @@
+//! TLS termination: the accept phase's handshake, between the TCP accept and HTTP.
+//!
+//! `[tls]` turns the data-plane port into an HTTPS port (rustls with the *ring* provider;
+//! ALPN offers `h2` and `http/1.1`, so HTTP/2 and HTTP/1.1 share the port as they do in
+//! cleartext). With `client_ca` set, clients are asked for a certificate signed by one of
+//! those CAs (mutual TLS): required, or optional so certificate-less clients are identified
+//! by other rules. The names on a verified client certificate ([`ClientCert`]) feed the
+//! `client_cert` identification rules.
+//!
+//! The files are read, parsed and checked when the config loads (a missing file, a key that
+//! does not match its certificate or an unusable CA bundle is a config problem like any
+//! other), and their content is part of the config: a reload after a certificate rotation
+//! builds a new acceptor, and connections accepted from then on use it. Connections already
+//! open keep the session they negotiated.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::config::{ConfigPath, Problems};
+
+/// `[tls]`: serve HTTPS on the data-plane port.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the server certificate first, then its intermediates.
+    pub cert: PathBuf,
+    /// PEM file with the certificate's private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM bundle of the CAs that sign client certificates; set, clients are asked for one.
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: `optional` (default; a client without a certificate is identified
+    /// by other rules) or `required` (the handshake fails without a valid certificate).
+    #[serde(default)]
+    pub client_cert: ClientCertMode,
+    /// Oldest protocol version accepted: `"1.2"` (default) or `"1.3"`.
+    #[serde(default)]
+    pub min_version: TlsVersion,
+    /// What the files held when the config was loaded.
+    #[serde(skip)]
+    pub(crate) loaded: Option<Loaded>,
+}
+
+/// `tls.client_cert`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientCertMode {
+    /// Verified when presented; a connection without one is still served.
+    #[default]
+    Optional,
+    /// No valid client certificate, no connection.
+    Required,
+}
+
+/// `tls.min_version`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub enum TlsVersion {
+    /// TLS 1.2 and 1.3.
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    /// TLS 1.3 only.
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+/// The acceptor built from the files, and a digest of their content: two configs are equal
+/// only if their files held the same bytes, so a rotated certificate makes a reload apply.
+#[derive(Clone)]
+pub(crate) struct Loaded {
+    pub(crate) server: Arc<rustls::ServerConfig>,
+    digest: [u8; 32],
+    /// The server certificate's `notAfter`, in seconds since the Unix epoch.
+    pub(crate) not_after: i64,
+}
+
+impl PartialEq for Loaded {
+    fn eq(&self, other: &Self) -> bool {
+        self.digest == other.digest
+    }
+}
+
+impl Eq for Loaded {}
+
+impl std::fmt::Debug for Loaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key material; the digest tells versions apart in logs.
+        f.debug_struct("Loaded")
+            .field("digest", &hex::encode(&self.digest[..8]))
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TlsConfig {
+    /// Makes relative paths relative to `base` (the config file's directory).
+    pub(crate) fn resolve(&mut self, base: &Path) {
+        for p in [
+            Some(&mut self.cert),
+            Some(&mut self.key),
+            self.client_ca.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+    }
+
+    /// Reads the files and builds the acceptor, recording every problem under `at`.
+    pub(crate) fn load(&mut self, at: &ConfigPath, problems: &mut Problems) {
+        self.loaded = None;
+        let mut digest = Sha256::new();
+        let mut read = |path: &Path, key: &str, problems: &mut Problems| match std::fs::read(path) {
+            Ok(bytes) => {
+                digest.update((bytes.len() as u64).to_le_bytes());
+                digest.update(&bytes);
+                Some(bytes)
+            }
+            Err(e) => {
+                problems.push(
+                    at.key(key),
+                    format!("cannot read `{}`: {e}", path.display()),
+                );
+                None
+            }
+        };
+        let cert = read(&self.cert, "cert", problems).and_then(|pem| {
+            certificates(&pem)
+                .map_err(|e| problems.push(at.key("cert"), e))
+                .ok()
+        });
+        let key = read(&self.key, "key", problems).and_then(|pem| {
+            PrivateKeyDer::from_pem_slice(&pem)
+                .map_err(|e| {
+                    problems.push(
+                        at.key("key"),
+                        format!(
+                            "no usable private key in `{}` ({e}); expected a PEM `PRIVATE KEY`, \
+                             `RSA PRIVATE KEY` or `EC PRIVATE KEY` block",
+                            self.key.display()
+                        ),
+                    );
+                })
+                .ok()
+        });
+        let roots = match &self.client_ca {
+            Some(path) => match read(path, "client_ca", problems) {
+                Some(pem) => match client_roots(&pem) {
+                    Ok(r) => Some(Some(r)),
+                    Err(e) => {
+                        problems.push(at.key("client_ca"), e);
+                        None
+                    }
+                },
+                None => None,
+            },
+            None => {
+                if self.client_cert == ClientCertMode::Required {
+                    problems.push(
+                        at.key("client_cert"),
+                        "`required` needs `tls.client_ca`: the CAs client certificates must chain to",
+                    );
+                }
+                Some(None)
+            }
+        };
+        let (Some(cert), Some(key), Some(roots)) = (cert, key, roots) else {
+            return;
+        };
+        let not_after = match x509_parser::parse_x509_certificate(&cert[0]) {
+            Ok((_, parsed)) => parsed.validity().not_after.timestamp(),
+            Err(e) => {
+                problems.push(
+                    at.key("cert"),
+                    format!("the first certificate cannot be parsed: {e}"),
+                );
+                return;
+            }
+        };
+        match self.server_config(cert, key, roots) {
+            Ok(server) => {
+                self.loaded = Some(Loaded {
+                    server: Arc::new(server),
+                    digest: digest.finalize().into(),
+                    not_after,
+                });
+            }
+            Err((field, message)) => problems.push(at.key(field), message),
+        }
+    }
+
+    fn server_config(
+        &self,
+        cert: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+        roots: Option<rustls::RootCertStore>,
+    ) -> Result<rustls::ServerConfig, (&'static str, String)> {
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let versions: &[&rustls::SupportedProtocolVersion] = match self.min_version {
+            TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+            TlsVersion::Tls13 => &[&rustls::version::TLS13],
+        };
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(versions)
+            .map_err(|e| ("min_version", e.to_string()))?;
+        let builder = match roots {
+            Some(roots) => {
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+                let verifier = match self.client_cert {
+                    ClientCertMode::Optional => verifier.allow_unauthenticated(),
+                    ClientCertMode::Required => verifier,
+                }
+                .build()
+                .map_err(|e| ("client_ca", format!("unusable CA bundle: {e}")))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut server = builder.with_single_cert(cert, key).map_err(|e| {
+            let message = match e {
+                rustls::Error::InconsistentKeys(_) => format!(
+                    "the key in `{}` does not belong to the certificate in `{}`",
+                    self.key.display(),
+                    self.cert.display()
+                ),
+                other => format!("cannot use this key with the certificate: {other}"),
+            };
+            ("key", message)
+        })?;
+        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // Stateless resumption: a returning client skips the full handshake.
+        if let Ok(ticketer) = rustls::crypto::aws_lc_rs::Ticketer::new() {
+            server.ticketer = ticketer;
+        }
+        Ok(server)
+    }
+}
+
+/// Every certificate in a PEM file, in order; an error if there is none.
+fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not a PEM certificate file: {e}"))?;
+    if certs.is_empty() {
+        return Err("no `CERTIFICATE` block in the file".into());
+    }
+    Ok(certs)
+}
+
+fn client_roots(pem: &[u8]) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    for (i, cert) in certificates(pem)?.into_iter().enumerate() {
+        roots
+            .add(cert)
+            .map_err(|e| format!("certificate {} is not a usable CA: {e}", i + 1))?;
+    }
+    Ok(roots)
+}
+
+/// What a verified client certificate says about its holder: the names identification rules
+/// match on.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct ClientCert {
+    /// Subject common names (usually one).
+    pub(crate) subject_cn: Vec<String>,
+    /// DNS names in the subject alternative name extension.
+    pub(crate) san_dns: Vec<String>,
+    /// URIs in it (SPIFFE IDs such as `spiffe://shop/ns/prod/sa/kiosk`).
+    pub(crate) san_uri: Vec<String>,
+    /// E-mail addresses in it.
+    pub(crate) san_email: Vec<String>,
+    /// SHA-256 of the certificate's DER encoding, lowercase hex.
+    pub(crate) fingerprint: String,
+}
+
+impl ClientCert {
+    /// Reads the leaf of a chain rustls verified. `None` if it does not parse (it cannot
+    /// happen for a certificate webpki accepted, but a connection is no place to panic).
+    pub(crate) fn from_der(der: &[u8]) -> Option<Self> {
+        use x509_parser::extensions::GeneralName;
+        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+        let mut out = Self {
+            subject_cn: cert
+                .subject()
+                .iter_common_name()
+                .filter_map(|cn| cn.as_str().ok().map(str::to_owned))
+                .collect(),
+            fingerprint: hex::encode(Sha256::digest(der)),
+            ..Self::default()
+        };
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::DNSName(n) => out.san_dns.push((*n).to_owned()),
+                    GeneralName::URI(u) => out.san_uri.push((*u).to_owned()),
+                    GeneralName::RFC822Name(m) => out.san_email.push((*m).to_owned()),
+                    _ => {}
+                }
+            }
+        }
+        Some(out)
+    }
+}
+
+/// What the handshake established, kept for the connection's requests.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TlsInfo {
+    /// The client's verified certificate, if it sent one.
+    pub(crate) client_cert: Option<Arc<ClientCert>>,
+}
+
+impl TlsInfo {
+    pub(crate) fn of(conn: &rustls::ServerConnection) -> Self {
+        Self {
+            client_cert: conn
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|leaf| ClientCert::from_der(leaf))
+                .map(Arc::new),
+        }
+    }
+}
+
+/// Why a handshake failed, as the bounded `reason` label of `bff_tls_handshake_errors_total`.
+pub(crate) fn failure_reason(e: &std::io::Error) -> &'static str {
+    let Some(tls) = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        return "io";
+    };
+    match tls {
+        rustls::Error::NoCertificatesPresented => "no_client_cert",
+        rustls::Error::InvalidCertificate(_) => "bad_client_cert",
+        rustls::Error::NoApplicationProtocol | rustls::Error::PeerIncompatible(_) => "incompatible",
+        _ => "protocol",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::ConnectionFamilies;
+
+    #[test]
+    fn failure_reasons_are_the_exported_label_values() {
+        let tls = |e: rustls::Error| std::io::Error::new(std::io::ErrorKind::InvalidData, e);
+        let cases = [
+            (
+                tls(rustls::Error::NoCertificatesPresented),
+                "no_client_cert",
+            ),
+            (
+                tls(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::UnknownIssuer,
+                )),
+                "bad_client_cert",
+            ),
+            (tls(rustls::Error::NoApplicationProtocol), "incompatible"),
+            (tls(rustls::Error::DecryptError), "protocol"),
+            (std::io::ErrorKind::ConnectionReset.into(), "io"),
+        ];
+        for (error, want) in cases {
+            let got = failure_reason(&error);
+            assert_eq!(got, want, "{error}");
+            assert!(ConnectionFamilies::TLS_RESULTS.contains(&got), "{got}");
+        }
+    }
+}

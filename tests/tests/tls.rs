@@ -1,0 +1,442 @@
+//! HTTPS on the data plane: TLS termination with ALPN, mutual TLS and identification by client
+//! certificate, certificate rotation by reload, failed handshakes, and config problems with
+//! the certificate files.
+
+use std::path::Path;
+use std::time::Duration;
+
+use bff_proxy_tests::tls::{Ca, TlsClient};
+use bff_proxy_tests::{RawConn, TestProxy, Upstream, fill};
+
+/// Client certificates are optional unless `{client_cert}` says `client_cert = "required"`.
+const CONFIG: &str = r#"
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[server]
+header_read_timeout = "1s"
+
+[tls]
+cert = "server.crt"
+key = "server.key"
+client_ca = "ca.pem"
+{client_cert}
+
+[access_log]
+enabled = false
+
+# Reloads are explicit (`POST /admin/reload`) unless a test turns watching on.
+[reload]
+watch = false
+
+[identity]
+default_client = "web"
+
+[services.echo]
+urls = ["{echo}"]
+
+[[clients]]
+name = "kiosk"
+identify = [{ client_cert = "san_uri", equals = "spiffe://shop/kiosk" }]
+
+[[clients]]
+name = "staff"
+identify = [{ client_cert = "subject_cn", regex = "^staff-[0-9]+$" }]
+
+[[clients]]
+name = "web"
+identify = [{ header = "x-client", equals = "web" }]
+
+[[routes]]
+id = "all"
+path = "/{*rest}"
+service = "echo"
+"#;
+
+/// Writes the server certificate and the config into `dir` and starts the proxy from the file
+/// (so reloads read it again).
+async fn start(dir: &Path, ca: &Ca, echo: &Upstream, client_cert: &str) -> TestProxy {
+    ca.server("proxy v1").write(dir, "server");
+    std::fs::write(dir.join("ca.pem"), ca.pem()).expect("write CA");
+    let config = fill(
+        CONFIG,
+        &[("echo", &echo.url()), ("client_cert", client_cert)],
+    );
+    std::fs::write(dir.join("bff.toml"), config).expect("write config");
+    TestProxy::start_file(&dir.join("bff.toml")).await
+}
+
+/// The client name the upstream was told about for the last request.
+fn told_client(echo: &Upstream) -> String {
+    let last = echo.received().pop().expect("the upstream got a request");
+    last.headers
+        .get("x-bff-client")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+fn common_name(der: &[u8]) -> String {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).expect("a certificate");
+    cert.subject()
+        .iter_common_name()
+        .next()
+        .and_then(|cn| cn.as_str().ok())
+        .expect("a CN")
+        .to_owned()
+}
+
+#[tokio::test]
+async fn https_serves_http1_and_http2_and_tells_the_upstream_it_was_https() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("test CA");
+    let echo = Upstream::echo("echo").await;
+    let proxy = start(dir.path(), &ca, &echo, "").await;
+
+    for (alpn, version) in [
+        (&[&b"h2"[..]][..], http::Version::HTTP_2),
+        (&[&b"http/1.1"[..]][..], http::Version::HTTP_11),
+    ] {
+        let client = TlsClient::with_alpn(&ca, None, alpn);
+        let (resp, cert) = client
+            .get(proxy.addr(), "/hello", &[("x-client", "web")])
+            .await
+            .expect("an HTTPS answer");
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        assert_eq!(resp.version, version);
+        assert_eq!(common_name(&cert), "proxy v1");
+        let seen = echo.received().pop().expect("forwarded");
+        assert_eq!(seen.headers["x-forwarded-proto"], "https");
+        let forwarded = seen.headers["forwarded"].to_str().expect("ascii");
+        assert!(forwarded.contains("proto=https"), "{forwarded}");
+    }
+    assert_eq!(
+        proxy
+            .metric("bff_tls_handshakes_total{result=\"ok\"}")
+            .await,
+        2.0
+    );
+    let expiry = proxy
+        .metric("bff_tls_certificate_expiry_timestamp_seconds")
+        .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs_f64();
+    assert!(expiry > now, "expiry {expiry} is not in the future");
+}
+
+#[tokio::test]
+async fn client_certificates_identify_clients_and_untrusted_ones_are_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("test CA");
+    let echo = Upstream::echo("echo").await;
+    let proxy = start(dir.path(), &ca, &echo, "").await;
+
+    let kiosk = ca.client("device-17", &["spiffe://shop/kiosk"]);
+    let (resp, _) = TlsClient::new(&ca, Some(&kiosk))
+        .get(proxy.addr(), "/home", &[("x-client", "web")])
+        .await
+        .expect("served");
+    assert_eq!(resp.status, 200);
+    // The certificate rule comes first: a header cannot talk the kiosk into another client.
+    assert_eq!(told_client(&echo), "kiosk");
+
+    let staff = ca.client("staff-42", &[]);
+    let (resp, _) = TlsClient::new(&ca, Some(&staff))
+        .get(proxy.addr(), "/home", &[])
+        .await
+        .expect("served");
+    assert_eq!(resp.status, 200);
+    assert_eq!(told_client(&echo), "staff");
+
+    // A certificate is optional by default: without one, the other rules decide.
+    let (resp, _) = TlsClient::new(&ca, None)
+        .get(proxy.addr(), "/home", &[])
+        .await
+        .expect("served");
+    assert_eq!(resp.status, 200);
+    assert_eq!(told_client(&echo), "web");
+
+    // A certificate from another CA ends the connection before any request is read.
+    let other_ca = Ca::new("someone else");
+    let forged = other_ca.client("staff-1", &["spiffe://shop/kiosk"]);
+    let before = echo.received().len();
+    let refused = TlsClient::new(&ca, Some(&forged))
+        .get(proxy.addr(), "/home", &[])
+        .await;
+    assert!(
+        refused.is_err(),
+        "an untrusted client certificate was served"
+    );
+    assert_eq!(echo.received().len(), before);
+    assert_eq!(
+        proxy
+            .metric("bff_tls_handshakes_total{result=\"bad_client_cert\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn required_client_certificates_refuse_connections_without_one() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("test CA");
+    let echo = Upstream::echo("echo").await;
+    let proxy = start(dir.path(), &ca, &echo, "client_cert = \"required\"").await;
+
+    let refused = TlsClient::new(&ca, None).get(proxy.addr(), "/", &[]).await;
+    assert!(refused.is_err(), "served without a client certificate");
+    assert_eq!(
+        proxy
+            .metric("bff_tls_handshakes_total{result=\"no_client_cert\"}")
+            .await,
+        1.0
+    );
+    let staff = ca.client("staff-7", &[]);
+    let (resp, _) = TlsClient::new(&ca, Some(&staff))
+        .get(proxy.addr(), "/", &[])
+        .await
+        .expect("served with a certificate");
+    assert_eq!(resp.status, 200);
+    assert_eq!(echo.received().len(), 1);
+}
+
+#[tokio::test]
+async fn a_reload_rotates_the_certificate_for_new_connections_only() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("test CA");
+    let echo = Upstream::echo("echo").await;
+    let proxy = start(dir.path(), &ca, &echo, "").await;
+    let client = TlsClient::with_alpn(&ca, None, &[b"h2"]);
+
+    // An HTTP/2 connection opened before the rotation.
+    let before = client.connect(proxy.addr()).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake::<_, _, bff_proxy_tests::ClientBody>(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(before),
+        )
+        .await
+        .expect("h2 handshake");
+    tokio::spawn(conn);
+
+    ca.server("proxy v2").write(dir.path(), "server");
+    let (status, record) = proxy.reload().await;
+    assert_eq!(status, 200, "{record}");
+    assert_eq!(record["outcome"], "applied", "{record}");
+    assert_eq!(record["config_changed"], true, "{record}");
+
+    let (resp, cert) = client.get(proxy.addr(), "/", &[]).await.expect("served");
+    assert_eq!(resp.status, 200);
+    assert_eq!(common_name(&cert), "proxy v2");
+
+    // The connection from before keeps its session and keeps being served.
+    let req = http::Request::get(format!("https://localhost:{}/old", proxy.addr().port()))
+        .body(bff_proxy_tests::empty())
+        .expect("request");
+    let resp = sender.send_request(req).await.expect("still served");
+    assert_eq!(resp.status(), 200);
+
+    // A broken certificate file is refused as a whole; the serving certificate stays.
+    std::fs::write(dir.path().join("server.crt"), "not a certificate").expect("write");
+    let (status, record) = proxy.reload().await;
+    assert_eq!(status, 422, "{record}");
+    assert_eq!(record["outcome"], "rejected", "{record}");
+    let errors = record["errors"].to_string();
+    assert!(errors.contains("tls.cert"), "{errors}");
+    let (_, cert) = client.get(proxy.addr(), "/", &[]).await.expect("served");
+    assert_eq!(common_name(&cert), "proxy v2");
+
+    // HTTPS or cleartext is fixed at startup: a config without `[tls]` does not turn the
+    // port into a cleartext one; the reload says it needs a restart.
+    ca.server("proxy v3").write(dir.path(), "server");
+    let text = std::fs::read_to_string(dir.path().join("bff.toml")).expect("read config");
+    let start = text.find("[tls]").expect("a [tls] section");
+    let end = text.find("[access_log]").expect("the next section");
+    let plain = format!("{}{}", &text[..start], &text[end..])
+        .replace(
+            "{ client_cert = \"san_uri\", equals = \"spiffe://shop/kiosk\" }",
+            "",
+        )
+        .replace(
+            "{ client_cert = \"subject_cn\", regex = \"^staff-[0-9]+$\" }",
+            "",
+        );
+    std::fs::write(dir.path().join("bff.toml"), plain).expect("write config");
+    let (status, record) = proxy.reload().await;
+    assert_eq!(status, 200, "{record}");
+    let warnings = record["warnings"].to_string();
+    assert!(warnings.contains("`tls` added or removed"), "{warnings}");
+    let (resp, cert) = client
+        .get(proxy.addr(), "/", &[])
+        .await
+        .expect("still HTTPS");
+    assert_eq!(resp.status, 200);
+    assert_eq!(common_name(&cert), "proxy v2");
+    let config = proxy.admin_json("/admin/config").await;
+    let cert_path = config["tls"]["cert"].as_str().unwrap_or_default();
+    assert!(cert_path.ends_with("server.crt"), "{config}");
+}
+
+#[tokio::test]
+async fn a_certificate_rotated_on_disk_is_picked_up_without_a_signal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let certs = dir.path().join("certs");
+    std::fs::create_dir(&certs).expect("mkdir");
+    let ca = Ca::new("test CA");
+    let echo = Upstream::echo("echo").await;
+    ca.server("proxy v1").write(&certs, "server");
+    std::fs::write(dir.path().join("ca.pem"), ca.pem()).expect("write CA");
+    // The certificate lives in another directory than the config, as with a mounted secret.
+    let config = fill(CONFIG, &[("echo", &echo.url()), ("client_cert", "")])
+        .replace("watch = false", "watch = true")
+        .replace("\"server.", "\"certs/server.");
+    std::fs::write(dir.path().join("bff.toml"), config).expect("write config");
+    // Files younger than the first load make the watcher reload once to catch up; dated
+    // back, only the rotation below can make it reload.
+    let past = std::time::SystemTime::now() - Duration::from_secs(60);
+    for file in ["bff.toml", "ca.pem", "certs/server.crt", "certs/server.key"] {
+        std::fs::File::options()
+            .write(true)
+            .open(dir.path().join(file))
+            .and_then(|f| f.set_modified(past))
+            .expect("date the file back");
+    }
+    let proxy = TestProxy::start_file(&dir.path().join("bff.toml")).await;
+    let client = TlsClient::new(&ca, None);
+    let (_, cert) = client.get(proxy.addr(), "/", &[]).await.expect("served");
+    assert_eq!(common_name(&cert), "proxy v1");
+
+    ca.server("proxy v2").write(&certs, "server");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (resp, cert) = client.get(proxy.addr(), "/", &[]).await.expect("served");
+        assert_eq!(resp.status, 200);
+        if common_name(&cert) == "proxy v2" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rotated certificate was not served within 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn failed_handshakes_are_counted_and_hurt_nobody_else() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("test CA");
+    let echo = Upstream::echo("echo").await;
+    let proxy = start(dir.path(), &ca, &echo, "").await;
+
+    // Cleartext HTTP on the HTTPS port: the connection is closed.
+    let mut plain = RawConn::connect(proxy.addr()).await;
+    plain.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert!(
+        plain.closed_within(Duration::from_secs(5)).await.is_some(),
+        "a cleartext request was not refused"
+    );
+    // A client that never says hello is closed at the handshake timeout (1 s here).
+    let mut silent = RawConn::connect(proxy.addr()).await;
+    assert!(
+        silent.closed_within(Duration::from_secs(5)).await.is_some(),
+        "a silent connection stayed open"
+    );
+    // A client that does not trust the proxy's certificate gives up itself.
+    let stranger = TlsClient::new(&Ca::new("another CA"), None);
+    assert!(stranger.get(proxy.addr(), "/", &[]).await.is_err());
+
+    let (resp, _) = TlsClient::new(&ca, None)
+        .get(proxy.addr(), "/", &[])
+        .await
+        .expect("served");
+    assert_eq!(resp.status, 200);
+    let metric = |r: &str| format!("bff_tls_handshakes_total{{result=\"{r}\"}}");
+    assert_eq!(proxy.metric(&metric("protocol")).await, 2.0);
+    assert_eq!(proxy.metric(&metric("timeout")).await, 1.0);
+    assert_eq!(proxy.metric(&metric("ok")).await, 1.0);
+}
+
+#[test]
+fn certificate_problems_are_config_problems_reported_together() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("test CA");
+    let a = ca.server("a");
+    let b = ca.server("b");
+    // The key of another certificate.
+    std::fs::write(dir.path().join("server.crt"), &a.cert_pem).expect("write");
+    std::fs::write(dir.path().join("server.key"), &b.key_pem).expect("write");
+    let config = r#"
+[tls]
+cert = "server.crt"
+key = "server.key"
+client_ca = "missing-ca.pem"
+min_version = "1.1"
+
+[services.echo]
+urls = ["http://127.0.0.1:1"]
+
+[[clients]]
+name = "kiosk"
+identify = [{ client_cert = "san_uri", equals = "spiffe://shop/kiosk" }]
+
+[[routes]]
+id = "all"
+path = "/"
+service = "echo"
+"#;
+    let path = dir.path().join("bff.toml");
+    std::fs::write(&path, config).expect("write config");
+    let err = bff_proxy::Config::load(&path).expect_err("invalid");
+    let text = err.to_string();
+    for expected in [
+        "tls.min_version: unknown variant `1.1`, expected `1.2` or `1.3`",
+        "tls.client_ca: cannot read",
+        "missing-ca.pem",
+    ] {
+        assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
+    }
+
+    // Fixed CA path and version: now the key mismatch shows (it needs all files readable).
+    std::fs::write(dir.path().join("ca.pem"), ca.pem()).expect("write");
+    std::fs::write(
+        &path,
+        config
+            .replace("missing-ca.pem", "ca.pem")
+            .replace("\"1.1\"", "\"1.3\""),
+    )
+    .expect("write config");
+    let text = bff_proxy::Config::load(&path)
+        .expect_err("invalid")
+        .to_string();
+    assert!(
+        text.contains("tls.key: the key in") && text.contains("does not belong to the certificate"),
+        "{text}"
+    );
+
+    // Without `client_ca`, a certificate rule can never match, and `required` means nothing.
+    std::fs::write(dir.path().join("server.key"), &a.key_pem).expect("write");
+    std::fs::write(
+        &path,
+        config
+            .replace(
+                "client_ca = \"missing-ca.pem\"",
+                "client_cert = \"required\"",
+            )
+            .replace("\"1.1\"", "\"1.2\""),
+    )
+    .expect("write config");
+    let text = bff_proxy::Config::load(&path)
+        .expect_err("invalid")
+        .to_string();
+    for expected in [
+        "tls.client_cert: `required` needs `tls.client_ca`",
+        "clients[0].identify[0].client_cert: needs `[tls]` with `client_ca`",
+    ] {
+        assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
+    }
+}
