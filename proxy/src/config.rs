@@ -22,7 +22,7 @@ pub use self::load::{ConfigError, Problem};
 pub(crate) use self::path::ConfigPath;
 
 pub use crate::admin::AdminConfig;
-pub use crate::identity::{ClientConfig, IdentifyRule, IdentityConfig};
+pub use crate::identity::{ClientConfig, IdentifyRule, IdentityConfig, JwtConfig};
 pub use crate::listener::ServerConfig;
 pub use crate::listener::tls::{ClientCertMode, TlsConfig, TlsVersion};
 pub use crate::observe::access_log::{AccessLogConfig, AccessLogFormat};
@@ -114,6 +114,9 @@ impl Config {
         self.access_log.resolve(base);
         if let Some(tls) = &mut self.tls {
             tls.resolve(base);
+        }
+        if let Some(jwt) = &mut self.identity.jwt {
+            jwt.resolve(base);
         }
     }
 

@@ -147,6 +147,11 @@ impl ProxyError {
                 "invalid_api_key",
                 "the API key is not valid",
             ),
+            Identity(IdentityError::InvalidToken) => (
+                StatusCode::UNAUTHORIZED,
+                "invalid_token",
+                "the bearer token is not valid (signature, issuer, audience or expiry)",
+            ),
             Path(_) => (
                 StatusCode::BAD_REQUEST,
                 "invalid_path",
@@ -267,6 +272,13 @@ impl ProxyError {
                 if matches!(self, Self::ConnectionLimit) {
                     h.insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
+            }
+            // RFC 6750, 3.1.
+            Self::Identity(IdentityError::InvalidToken) => {
+                h.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer error=\"invalid_token\""),
+                );
             }
             Self::Identity(_) => {
                 h.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("ApiKey"));

@@ -18,6 +18,11 @@ use crate::config::ConfigPath;
 use crate::config::Problems;
 use crate::listener::tls::{ClientCert, TlsConfig};
 
+mod jwt;
+
+pub use self::jwt::JwtConfig;
+use self::jwt::{Claims, Verifier, claim_values};
+
 /// `[identity]`: what happens to requests no client rule matches.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
@@ -25,6 +30,8 @@ pub struct IdentityConfig {
     /// Client that unidentified requests are served as. When unset they get
     /// `401 unauthenticated`.
     pub default_client: Option<String>,
+    /// Bearer token verification, for `jwt_claim` rules.
+    pub jwt: Option<JwtConfig>,
 }
 
 /// `[[clients]]`: one kind of frontend (web, mobile app, voice assistant, partner...).
@@ -41,9 +48,9 @@ pub struct ClientConfig {
     pub identify: Vec<IdentifyRule>,
 }
 
-/// One identification rule. Exactly one form per rule:
-/// `{ header, equals }`, `{ header, regex }`, `{ client_cert, equals }`,
-/// `{ client_cert, regex }`, `{ user_agent }` or `{ api_key_header, sha256 }`.
+/// One identification rule. Exactly one form per rule: `{ SOURCE, equals }` or
+/// `{ SOURCE, regex }` where SOURCE is `header`, `client_cert` or `jwt_claim`, `{ user_agent }`
+/// or `{ api_key_header, sha256 }`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentifyRule {
@@ -52,6 +59,9 @@ pub struct IdentifyRule {
     /// Name on the verified TLS client certificate to look at (with `equals` or `regex`);
     /// needs `[tls] client_ca`.
     pub client_cert: Option<CertField>,
+    /// Claim of the verified bearer token to look at, as a dotted path (with `equals` or
+    /// `regex`; an array claim matches if any element does); needs `[identity.jwt]`.
+    pub jwt_claim: Option<String>,
     /// The header's (or certificate name's) value must be exactly this.
     pub equals: Option<String>,
     /// The header's (or certificate name's) value must match this regex.
@@ -112,6 +122,9 @@ pub(crate) enum IdentityError {
     /// The request carried an API key that no client accepts.
     #[error("the API key presented is not valid")]
     InvalidApiKey,
+    /// The request carried a bearer token that does not verify.
+    #[error("the bearer token presented is not valid")]
+    InvalidToken,
 }
 
 /// The compiled identification rules of one snapshot.
@@ -124,7 +137,11 @@ pub(crate) struct Identifier {
     /// Every header that carries an API key, with every hash any client accepts on it.
     /// These headers are stripped before the request goes upstream.
     api_keys: Vec<(HeaderName, Vec<[u8; 32]>)>,
-    api_key_headers: Vec<HeaderName>,
+    /// Credentials not forwarded upstream: the API-key headers, and the token header when
+    /// `[identity.jwt] forward = false`.
+    strip_headers: Vec<HeaderName>,
+    /// Bearer token verification (`[identity.jwt]`).
+    jwt: Option<Verifier>,
 }
 
 #[derive(Debug)]
@@ -133,6 +150,8 @@ enum Rule {
     HeaderRegex(HeaderName, Regex),
     CertEquals(CertField, String),
     CertRegex(CertField, Regex),
+    ClaimEquals(String, String),
+    ClaimRegex(String, Regex),
     UserAgent(Regex),
     /// Index into `Identifier::api_keys` (the header) and this client's accepted hashes.
     ApiKey(usize, Vec<[u8; 32]>),
@@ -159,7 +178,12 @@ fn any_hash_matches(hashes: &[[u8; 32]], digest: &[u8; 32]) -> bool {
 }
 
 impl Rule {
-    fn matches(&self, req: &Presenting<'_>, presented: &Presented) -> bool {
+    fn matches(
+        &self,
+        req: &Presenting<'_>,
+        presented: &Presented,
+        claims: Option<&Claims>,
+    ) -> bool {
         let headers = req.headers;
         match self {
             Rule::HeaderEquals(name, value) => headers
@@ -176,6 +200,12 @@ impl Rule {
             Rule::CertRegex(field, re) => req
                 .cert
                 .is_some_and(|c| field.values(c).iter().any(|v| re.is_match(v))),
+            Rule::ClaimEquals(path, value) => {
+                claims.is_some_and(|c| claim_values(c, path).iter().any(|v| v == value))
+            }
+            Rule::ClaimRegex(path, re) => {
+                claims.is_some_and(|c| claim_values(c, path).iter().any(|v| re.is_match(v)))
+            }
             Rule::UserAgent(re) => headers
                 .get(http::header::USER_AGENT)
                 .and_then(|v| v.to_str().ok())
@@ -233,12 +263,19 @@ impl Identifier {
             .default_client
             .as_ref()
             .and_then(|d| clients.iter().position(|c| &c.name == d));
+        let jwt = identity.jwt.as_ref().and_then(Verifier::build);
+        let strip_headers = api_keys
+            .iter()
+            .map(|(h, _)| h.clone())
+            .chain(jwt.iter().filter(|v| v.strip).map(|v| v.header().clone()))
+            .collect();
         Self {
             clients: compiled,
             name_values,
             default,
-            api_key_headers: api_keys.iter().map(|(h, _)| h.clone()).collect(),
+            strip_headers,
             api_keys,
+            jwt,
         }
     }
 
@@ -261,8 +298,19 @@ impl Identifier {
                 presented.push((idx, digest));
             }
         }
+        // Likewise a presented token must verify.
+        let claims = match &self.jwt {
+            Some(v) => v.verify(headers).map_err(|e| {
+                tracing::debug!(reason = ?e, "bearer token refused");
+                IdentityError::InvalidToken
+            })?,
+            None => None,
+        };
         for (i, (profile, rules)) in self.clients.iter().enumerate() {
-            if rules.iter().any(|r| r.matches(&req, &presented)) {
+            if rules
+                .iter()
+                .any(|r| r.matches(&req, &presented, claims.as_deref()))
+            {
                 return Ok((i, profile));
             }
         }
@@ -277,8 +325,9 @@ impl Identifier {
         &self.name_values[idx]
     }
 
-    pub(crate) fn api_key_headers(&self) -> &[HeaderName] {
-        &self.api_key_headers
+    /// Credential headers that are not forwarded upstream.
+    pub(crate) fn strip_headers(&self) -> &[HeaderName] {
+        &self.strip_headers
     }
 }
 
@@ -319,19 +368,41 @@ fn compile_rule(r: &IdentifyRule) -> Result<Compiled, String> {
     .count();
     if forms != 1 {
         return Err(
-            "a rule needs exactly one of `equals` (with `header` or `client_cert`), `regex` \
-             (with `header` or `client_cert`), `user_agent` or `api_key_header` (with `sha256`)"
+            "a rule needs exactly one of `equals` or `regex` (with `header`, `client_cert` or \
+             `jwt_claim`), `user_agent` or `api_key_header` (with `sha256`)"
                 .into(),
         );
     }
-    if r.header.is_some() && r.client_cert.is_some() {
-        return Err("a rule looks at `header` or at `client_cert`, not both".into());
+    let sources = [
+        r.header.is_some(),
+        r.client_cert.is_some(),
+        r.jwt_claim.is_some(),
+    ]
+    .iter()
+    .filter(|b| **b)
+    .count();
+    if sources > 1 {
+        return Err("a rule looks at one of `header`, `client_cert` or `jwt_claim`".into());
     }
-    if (r.header.is_some() || r.client_cert.is_some()) && r.equals.is_none() && r.regex.is_none() {
-        return Err("`header` and `client_cert` go with `equals` or `regex`".into());
+    // With exactly one form set, this also keeps `user_agent` or `api_key_header` from
+    // sharing a rule with a source.
+    if sources == 1 && r.equals.is_none() && r.regex.is_none() {
+        return Err("`header`, `client_cert` and `jwt_claim` go with `equals` or `regex`".into());
     }
     if !r.sha256.is_empty() && r.api_key_header.is_none() {
         return Err("`sha256` goes with `api_key_header`".into());
+    }
+    if let Some(path) = &r.jwt_claim {
+        if path.is_empty() || path.split('.').any(str::is_empty) {
+            return Err(format!(
+                "`{path}` is not a claim path (claim names joined by `.`)"
+            ));
+        }
+        return Ok(Compiled::Rule(match (&r.equals, &r.regex) {
+            (Some(v), _) => Rule::ClaimEquals(path.clone(), v.clone()),
+            (_, Some(re)) => Rule::ClaimRegex(path.clone(), regex(re)?),
+            (None, None) => unreachable!("checked above"),
+        }));
     }
     if let Some(field) = r.client_cert {
         return Ok(Compiled::Rule(match (&r.equals, &r.regex) {
@@ -362,7 +433,7 @@ fn compile_rule(r: &IdentifyRule) -> Result<Compiled, String> {
             }
             | IdentifyRule { regex: Some(_), .. },
             None,
-        ) => Err("`equals` and `regex` need `header` or `client_cert`".into()),
+        ) => Err("`equals` and `regex` need `header`, `client_cert` or `jwt_claim`".into()),
         (
             IdentifyRule {
                 user_agent: Some(re),
@@ -430,6 +501,11 @@ pub(crate) fn validate(
                 problems.push(
                     at.key("identify").index(j).key("client_cert"),
                     "needs `[tls]` with `client_ca`: without it no client presents a certificate",
+                );
+            } else if rule.jwt_claim.is_some() && identity.jwt.is_none() {
+                problems.push(
+                    at.key("identify").index(j).key("jwt_claim"),
+                    "needs `[identity.jwt]`: tokens are only read once their signature is checked",
                 );
             }
         }

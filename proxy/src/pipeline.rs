@@ -465,7 +465,7 @@ fn prepare_upstream_headers(
     // The upstream client sets `host` from the service URL (`:authority` on HTTP/2); the
     // original is kept for the forwarding headers.
     let host = headers.remove(header::HOST);
-    for h in snap.identifier.api_key_headers() {
+    for h in snap.identifier.strip_headers() {
         headers.remove(h);
     }
     let names = &snap.headers;

@@ -112,7 +112,7 @@ impl Problems {
 
 /// Parses, decodes and validates config text. Relative paths in it are taken relative to
 /// `base` (the file's directory) when given, else to the working directory; files the config
-/// names (TLS certificates) are read and checked here, with everything else.
+/// names (TLS certificates, the JWKS) are read and checked here, with everything else.
 pub(super) fn load(
     text: &str,
     origin: &str,
@@ -202,6 +202,9 @@ pub(super) fn load(
     }
     if let Some(tls) = &mut config.tls {
         tls.load(&root.key("tls"), &mut problems);
+    }
+    if let Some(jwt) = &mut config.identity.jwt {
+        jwt.load(&root.key("identity").key("jwt"), &mut problems);
     }
     config.validate(&mut problems);
     if problems.0.is_empty() {

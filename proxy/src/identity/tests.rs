@@ -174,5 +174,56 @@ fn wrong_api_key_is_rejected_even_with_a_default() {
         Err(IdentityError::InvalidApiKey),
         "a bad key is refused even when another rule matches"
     );
-    assert_eq!(id.api_key_headers(), [HeaderName::from_static("x-api-key")]);
+    assert_eq!(id.strip_headers(), [HeaderName::from_static("x-api-key")]);
+}
+
+#[test]
+fn a_rule_has_one_source_and_one_form() {
+    let rule = |toml: &str| -> IdentifyRule {
+        toml::from_str(toml).unwrap_or_else(|e| panic!("{toml}: {e}"))
+    };
+    for (text, want) in [
+        (
+            r#"header = "x-a"
+               client_cert = "san_uri"
+               equals = "b""#,
+            "a rule looks at one of",
+        ),
+        (
+            r#"jwt_claim = "sub"
+               header = "x-a"
+               regex = "b""#,
+            "a rule looks at one of",
+        ),
+        (
+            r#"jwt_claim = "sub"
+               user_agent = "b""#,
+            "go with `equals` or `regex`",
+        ),
+        (
+            r#"client_cert = "subject_cn"
+               api_key_header = "x-key"
+               sha256 = ["00"]"#,
+            "go with `equals` or `regex`",
+        ),
+        (r#"jwt_claim = ".sub""#, "exactly one of"),
+        (
+            r#"jwt_claim = "realm..roles"
+               equals = "b""#,
+            "is not a claim path",
+        ),
+    ] {
+        let err = compile_rule(&rule(text))
+            .err()
+            .unwrap_or_else(|| panic!("{text}: accepted"));
+        assert!(err.contains(want), "{text}: {err}");
+    }
+    for text in [
+        r#"jwt_claim = "realm.roles"
+           equals = "staff""#,
+        r#"client_cert = "fingerprint"
+           regex = "^ab""#,
+    ] {
+        assert!(compile_rule(&rule(text)).is_ok(), "{text}");
+    }
 }

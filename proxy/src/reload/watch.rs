@@ -1,12 +1,12 @@
 //! Reload triggers that come from outside the admin API: file changes (`notify`) and `SIGHUP`.
 //!
 //! The watcher observes, non-recursively, the config file's directory, (when some route runs
-//! plugins) the plugin directory, and the directories of the TLS files of the live config,
-//! re-targeted after every reload, so a config that adds plugins or moves `plugins.dir` is
-//! followed. Events that matter: the config file itself, `*.wasm` files in the plugin
-//! directory, the TLS certificate, key and client CA files (a rotated certificate is picked up
-//! without a signal), and Kubernetes volume updates, which swap a `..data` symlink (any name
-//! starting with `..`).
+//! plugins) the plugin directory, and the directories of the key files (TLS, JWKS) of the live
+//! config, re-targeted after every reload, so a config that adds plugins or moves `plugins.dir`
+//! is followed. Events that matter: the config file itself, `*.wasm` files in the plugin
+//! directory, the TLS certificate, key and client CA files and the JWKS (rotated keys are
+//! picked up without a signal), and Kubernetes volume updates, which swap a `..data` symlink
+//! (any name starting with `..`).
 //! Editor leftovers (`.#x`, `#x#`, `x~`, `.x.swp`, `4913`) and reads are ignored.
 //!
 //! Events are debounced: a reload starts once no relevant event came for `reload.debounce`
@@ -40,8 +40,9 @@ struct Targets {
     config_dir: Option<PathBuf>,
     config_name: Option<std::ffi::OsString>,
     plugin_dir: Option<PathBuf>,
-    /// The TLS certificate, key and client CA files (certificate rotation).
-    tls_files: Vec<PathBuf>,
+    /// Key material the config names: the TLS certificate, key and client CA, the JWKS
+    /// (rotation without a signal).
+    key_files: Vec<PathBuf>,
 }
 
 impl Targets {
@@ -60,13 +61,14 @@ impl Targets {
                 .map(ToOwned::to_owned),
             // Only when some route runs plugins; a config reload that adds one re-targets.
             plugin_dir: config.uses_plugins().then(|| absolute(&config.plugins.dir)),
-            tls_files: config.tls.as_ref().map_or_else(Vec::new, |t| {
-                [Some(&t.cert), Some(&t.key), t.client_ca.as_ref()]
-                    .into_iter()
-                    .flatten()
-                    .map(|p| absolute(p))
-                    .collect()
-            }),
+            key_files: config
+                .tls
+                .iter()
+                .flat_map(|t| [Some(&t.cert), Some(&t.key), t.client_ca.as_ref()])
+                .chain([config.identity.jwt.as_ref().map(|j| &j.jwks)])
+                .flatten()
+                .map(|p| absolute(p))
+                .collect(),
         }
     }
 
@@ -76,7 +78,7 @@ impl Targets {
             .chain(self.plugin_dir.iter())
             .cloned()
             .chain(
-                self.tls_files
+                self.key_files
                     .iter()
                     .filter_map(|f| f.parent().map(Path::to_path_buf)),
             )
@@ -96,11 +98,11 @@ impl Targets {
             && (kube || self.config_name.as_deref() == Some(name));
         let plugin =
             self.plugin_dir.as_deref() == Some(dir) && (kube || name_str.ends_with(".wasm"));
-        let tls = self
-            .tls_files
+        let key = self
+            .key_files
             .iter()
             .any(|f| f == path || (kube && f.parent() == Some(dir)));
-        config || plugin || tls
+        config || plugin || key
     }
 }
 
