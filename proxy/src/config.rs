@@ -8,6 +8,7 @@
 //! Each component owns its section's struct (`listener::ServerConfig`, `upstream::ServiceConfig`,
 //! `identity::ClientConfig`, `router::RouteConfig`, ...); this module only assembles them.
 
+pub(crate) mod files;
 mod load;
 mod path;
 #[cfg(test)]
@@ -30,7 +31,7 @@ pub use crate::pipeline::HeadersConfig;
 pub use crate::plugins::{PluginLimits, PluginLimitsOverride, PluginsConfig};
 pub use crate::reload::ReloadConfig;
 pub use crate::router::{ChainStep, OnError, RouteConfig};
-pub use crate::upstream::{Protocol, ServiceConfig};
+pub use crate::upstream::{Protocol, ServiceConfig, UpstreamTlsConfig};
 
 /// Default data-plane listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
@@ -117,6 +118,9 @@ impl Config {
         }
         if let Some(jwt) = &mut self.identity.jwt {
             jwt.resolve(base);
+        }
+        for tls in self.services.values_mut().filter_map(|s| s.tls.as_mut()) {
+            tls.resolve(base);
         }
     }
 

@@ -1,6 +1,8 @@
 //! Upstream services: the phase after routing. Each named service has one or more base URLs
 //! (round-robin), its own connections and its own timeouts: HTTP/1.1 services a keep-alive
-//! [`pool`] per URL, h2c services hyper-util's multiplexing client (docs/dev/0002).
+//! [`pool`] per URL, HTTP/2 services hyper-util's multiplexing client (docs/dev/0002).
+//! `https://` services connect with TLS ([`tls`]: rustls, the service's CAs or the system's,
+//! optionally the proxy's own certificate), in the pool's connect step or hyper-rustls's.
 //!
 //! Requests and responses stream through: nothing here buffers a body.
 
@@ -12,6 +14,7 @@ use std::time::Duration;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version, header};
 use hyper::body::Incoming;
+use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -20,7 +23,9 @@ use serde::Deserialize;
 use tracing::Instrument;
 
 mod pool;
+pub(crate) mod tls;
 use pool::Pool;
+pub use tls::UpstreamTlsConfig;
 
 use crate::body::Body;
 use crate::config::{ConfigPath, Problems, is_valid_name};
@@ -38,10 +43,15 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServiceConfig {
-    /// Base URLs (`http://host:port[/base/path]`); requests go round-robin among them.
+    /// Base URLs (`http://host:port[/base/path]`, or all `https://`); requests go round-robin
+    /// among them.
     pub urls: Vec<String>,
-    /// Wire protocol to the service: `http1`, or `http2` (cleartext, prior knowledge).
+    /// Wire protocol to the service: `http1`, or `http2` (prior knowledge in cleartext, ALPN
+    /// over TLS).
     pub protocol: Protocol,
+    /// How `https://` URLs are verified and which certificate the proxy presents to them
+    /// (set, with defaults, for every `https://` service when the config loads).
+    pub tls: Option<UpstreamTlsConfig>,
     /// Time to establish a TCP connection.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -57,6 +67,7 @@ impl Default for ServiceConfig {
         Self {
             urls: Vec::new(),
             protocol: Protocol::Http1,
+            tls: None,
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             max_idle_connections: DEFAULT_MAX_IDLE,
@@ -76,6 +87,21 @@ pub enum Protocol {
 }
 
 impl ServiceConfig {
+    /// True if the service's URLs are all `https://` (a mix is a config problem).
+    pub(crate) fn uses_tls(&self) -> bool {
+        !self.urls.is_empty() && self.urls.iter().all(|u| u.starts_with("https://"))
+    }
+
+    /// Gives an `https://` service its TLS settings (defaults when the file has none) and
+    /// loads them; problems go under `at`.
+    pub(crate) fn load_tls(&mut self, at: &ConfigPath, problems: &mut Problems) {
+        if self.uses_tls() {
+            self.tls
+                .get_or_insert_default()
+                .load(&at.key("tls"), problems);
+        }
+    }
+
     pub(crate) fn validate(&self, name: &str, at: &ConfigPath, problems: &mut Problems) {
         if !is_valid_name(name) {
             problems.push(at.clone(), crate::config::NAME_RULE);
@@ -83,10 +109,30 @@ impl ServiceConfig {
         if self.urls.is_empty() {
             problems.push(at.key("urls"), "a service needs at least one URL");
         }
+        let mut schemes = Vec::new();
         for (i, url) in self.urls.iter().enumerate() {
-            if let Err(e) = Endpoint::parse(url) {
-                problems.push(at.key("urls").index(i), e);
+            match Endpoint::parse(url) {
+                Ok(ep) => schemes.push(ep.scheme),
+                Err(e) => problems.push(at.key("urls").index(i), e),
             }
+        }
+        let tls = schemes.iter().filter(|s| **s == Scheme::HTTPS).count();
+        if tls > 0 && tls < schemes.len() {
+            problems.push(
+                at.key("urls"),
+                "mix of http:// and https:// URLs: a service's URLs are all one or the other",
+            );
+        }
+        if tls == 0
+            && self
+                .tls
+                .as_ref()
+                .is_some_and(|t| *t != UpstreamTlsConfig::default())
+        {
+            problems.push(
+                at.key("tls"),
+                "applies to https:// URLs; this service has none",
+            );
         }
         crate::config::check_duration(
             self.connect_timeout,
@@ -113,7 +159,8 @@ struct Endpoint {
     authority: Authority,
     /// Path prefix without a trailing slash (`""` for the root).
     base_path: String,
-    /// The HTTP/1 `host` field for this URL: the host, and the port unless it is 80. Built once
+    /// The HTTP/1 `host` field for this URL: the host, and the port unless it is the scheme's
+    /// default. Built once
     /// here; hyper-util's client would otherwise format it for every request.
     host: HeaderValue,
     /// `host:port` to connect to.
@@ -125,15 +172,15 @@ impl Endpoint {
         let uri: Uri = url
             .parse()
             .map_err(|e| format!("`{url}` is not a valid URL: {e}"))?;
-        match uri.scheme_str() {
-            Some("http") => {}
-            Some("https") => {
+        let (scheme, default_port) = match uri.scheme_str() {
+            Some("http") => (Scheme::HTTP, 80),
+            Some("https") => (Scheme::HTTPS, 443),
+            _ => {
                 return Err(format!(
-                    "`{url}`: TLS to upstream services is not supported yet; use http://"
+                    "`{url}`: the URL must start with http:// or https://"
                 ));
             }
-            _ => return Err(format!("`{url}`: the URL must start with http://")),
-        }
+        };
         let authority = uri
             .authority()
             .cloned()
@@ -148,7 +195,7 @@ impl Endpoint {
         }
         // Validation refused credentials, so the authority is `host[:port]`.
         let host = match authority.port_u16() {
-            Some(80) => authority.host(),
+            Some(p) if p == default_port => authority.host(),
             _ => authority.as_str(),
         };
         let host =
@@ -156,15 +203,34 @@ impl Endpoint {
         let target = format!(
             "{}:{}",
             authority.host(),
-            authority.port_u16().unwrap_or(80)
+            authority.port_u16().unwrap_or(default_port)
         );
         Ok(Self {
-            scheme: Scheme::HTTP,
+            scheme,
             host,
             target: target.into(),
             authority,
             base_path: uri.path().trim_end_matches('/').to_owned(),
         })
+    }
+}
+
+impl Endpoint {
+    /// The name a TLS connection to this URL verifies: `server_name` if set, else the host
+    /// (a DNS name or an IP address).
+    fn server_name(
+        &self,
+        tls: Option<&UpstreamTlsConfig>,
+    ) -> rustls::pki_types::ServerName<'static> {
+        let host = tls.and_then(|t| t.server_name.clone()).unwrap_or_else(|| {
+            let host = self.authority.host();
+            host.strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .unwrap_or(host)
+                .to_owned()
+        });
+        rustls::pki_types::ServerName::try_from(host)
+            .expect("a URL's host and a validated server_name are valid server names")
     }
 }
 
@@ -203,8 +269,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 enum Transport {
     /// One pool of keep-alive connections per URL, in `endpoints` order.
     Http1(Vec<Arc<Pool>>),
-    /// hyper-util's client: one multiplexed connection per URL.
-    Http2(Box<Client<HttpConnector, Body>>),
+    /// hyper-util's client: one multiplexed connection per URL (h2c, or h2 over TLS).
+    Http2(Box<Client<HttpsConnector<HttpConnector>, Body>>),
 }
 
 /// A failed exchange of either transport, before it is told apart by cause.
@@ -274,25 +340,52 @@ impl Upstreams {
                     .iter()
                     .map(|u| Endpoint::parse(u).expect("service URLs were validated"))
                     .collect();
+                let tls = cfg.tls.as_ref().and_then(|t| t.loaded.as_ref());
                 let transport = match cfg.protocol {
                     Protocol::Http1 => Transport::Http1(
                         endpoints
                             .iter()
                             .map(|ep| {
+                                let connector = tls.map(|t| {
+                                    tls::Connector::http1(t, ep.server_name(cfg.tls.as_ref()))
+                                });
                                 Pool::new(
                                     ep.target.clone(),
                                     cfg.max_idle_connections,
                                     POOL_IDLE_TIMEOUT,
                                     cfg.connect_timeout,
+                                    connector,
                                 )
                             })
                             .collect(),
                     ),
                     Protocol::Http2 => {
-                        let mut connector = HttpConnector::new();
-                        connector.set_connect_timeout(Some(cfg.connect_timeout));
-                        connector.set_nodelay(true);
-                        connector.enforce_http(true);
+                        let mut http = HttpConnector::new();
+                        http.set_connect_timeout(Some(cfg.connect_timeout));
+                        http.set_nodelay(true);
+                        http.enforce_http(false);
+                        // Cleartext services never use the TLS config; an empty one will do.
+                        let tls_config = tls.map_or_else(
+                            || {
+                                rustls::ClientConfig::builder()
+                                    .with_root_certificates(rustls::RootCertStore::empty())
+                                    .with_no_client_auth()
+                            },
+                            |t| (***t).clone(),
+                        );
+                        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+                            .with_tls_config(tls_config)
+                            .https_or_http();
+                        let builder = match cfg.tls.as_ref().and_then(|t| t.server_name.clone()) {
+                            Some(name) => builder.with_server_name_resolver(
+                                hyper_rustls::FixedServerNameResolver::new(
+                                    rustls::pki_types::ServerName::try_from(name)
+                                        .expect("server names were validated"),
+                                ),
+                            ),
+                            None => builder,
+                        };
+                        let connector = builder.enable_http2().wrap_connector(http);
                         let mut builder = Client::builder(TokioExecutor::new());
                         builder
                             .pool_timer(TokioTimer::new())

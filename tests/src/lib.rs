@@ -436,6 +436,8 @@ pub struct Received {
     pub version: Version,
     /// Headers.
     pub headers: HeaderMap,
+    /// The TLS client certificate the connection presented (HTTPS upstreams).
+    pub client_cert: Option<rustls::pki_types::CertificateDer<'static>>,
 }
 
 /// Builds an [`Upstream`].
@@ -444,6 +446,7 @@ pub struct UpstreamBuilder {
     name: String,
     routes: Vec<(String, Reply)>,
     http2_only: bool,
+    tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 impl UpstreamBuilder {
@@ -460,6 +463,13 @@ impl UpstreamBuilder {
         self
     }
 
+    /// Serve HTTPS with this config (see [`tls::Issued::server_config`]); [`Upstream::url`]
+    /// is then `https://localhost:PORT`.
+    pub fn tls(mut self, config: Arc<rustls::ServerConfig>) -> Self {
+        self.tls = Some(config);
+        self
+    }
+
     /// Binds `127.0.0.1:0` and starts serving.
     pub async fn start(self) -> Upstream {
         let listener = TcpListener::bind(LOOPBACK_0)
@@ -472,6 +482,7 @@ impl UpstreamBuilder {
             name: self.name.clone(),
             routes: self.routes,
             http2_only: self.http2_only,
+            tls: self.tls,
             received: Mutex::new(Vec::new()),
             connections: std::sync::atomic::AtomicUsize::new(0),
         });
@@ -490,6 +501,7 @@ struct UpstreamState {
     name: String,
     routes: Vec<(String, Reply)>,
     http2_only: bool,
+    tls: Option<Arc<rustls::ServerConfig>>,
     received: Mutex<Vec<Received>>,
     connections: std::sync::atomic::AtomicUsize,
 }
@@ -510,6 +522,7 @@ impl Upstream {
             name: name.to_owned(),
             routes: Vec::new(),
             http2_only: false,
+            tls: None,
         }
     }
 
@@ -528,9 +541,13 @@ impl Upstream {
         self.addr
     }
 
-    /// `http://127.0.0.1:PORT`, for a service's `urls`.
+    /// `http://127.0.0.1:PORT` (`https://localhost:PORT` when serving TLS), for a service's
+    /// `urls`.
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        match self.state.tls {
+            Some(_) => format!("https://localhost:{}", self.addr.port()),
+            None => format!("http://{}", self.addr),
+        }
     }
 
     /// Every request head received so far, in arrival order.
@@ -584,14 +601,37 @@ async fn upstream_accept_loop(listener: TcpListener, state: Arc<UpstreamState>) 
             if state.http2_only {
                 builder = builder.http2_only();
             }
-            let svc = hyper::service::service_fn(move |req| upstream_handle(state.clone(), req));
-            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+            match state.tls.clone() {
+                None => {
+                    let svc = hyper::service::service_fn(move |req| {
+                        upstream_handle(state.clone(), None, req)
+                    });
+                    let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                }
+                Some(config) => {
+                    let Ok(stream) = tokio_rustls::TlsAcceptor::from(config).accept(stream).await
+                    else {
+                        return;
+                    };
+                    let client_cert = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .cloned();
+                    let svc = hyper::service::service_fn(move |req| {
+                        upstream_handle(state.clone(), client_cert.clone(), req)
+                    });
+                    let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                }
+            }
         });
     }
 }
 
 async fn upstream_handle(
     state: Arc<UpstreamState>,
+    client_cert: Option<rustls::pki_types::CertificateDer<'static>>,
     req: Request<Incoming>,
 ) -> Result<Response<UpstreamBody>, BoxError> {
     let path = req.uri().path().to_owned();
@@ -604,6 +644,7 @@ async fn upstream_handle(
         uri: uri.clone(),
         version: req.version(),
         headers: req.headers().clone(),
+        client_cert,
     });
     let mut reply = state
         .routes

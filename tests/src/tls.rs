@@ -37,6 +37,29 @@ pub struct Issued {
 }
 
 impl Issued {
+    /// A server config presenting this certificate, offering `h2` and `http/1.1`, and asking
+    /// for a client certificate signed by `client_ca` when given (required then).
+    pub fn server_config(&self, client_ca: Option<&Ca>) -> Arc<rustls::ServerConfig> {
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).expect("a private key");
+        let builder = rustls::ServerConfig::builder();
+        let builder = match client_ca {
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add(ca.issuer.der().clone()).expect("a valid root");
+                let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+                    .build()
+                    .expect("a client verifier");
+                builder.with_client_cert_verifier(verifier)
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder
+            .with_single_cert(vec![self.der.clone()], key)
+            .expect("a server config");
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Arc::new(config)
+    }
+
     /// Writes `NAME.crt` and `NAME.key` into `dir`.
     pub fn write(&self, dir: &Path, name: &str) {
         std::fs::write(dir.join(format!("{name}.crt")), &self.cert_pem).expect("write cert");
@@ -69,6 +92,13 @@ impl Ca {
             .subject_alt_names
             .push(SanType::IpAddress(std::net::Ipv4Addr::LOCALHOST.into()));
         params.distinguished_name.push(DnType::CommonName, cn);
+        self.sign(params)
+    }
+
+    /// A server certificate for exactly the DNS name `dns` (no IP address).
+    pub fn server_named(&self, dns: &str) -> Issued {
+        let mut params = CertificateParams::new(vec![dns.to_owned()]).expect("params");
+        params.distinguished_name.push(DnType::CommonName, dns);
         self.sign(params)
     }
 

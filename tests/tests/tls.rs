@@ -440,3 +440,170 @@ service = "echo"
         assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// TLS to upstream services (`https://` URLs)
+// ---------------------------------------------------------------------------------------------
+
+/// One `https://` service `secure` at `url`, its `[services.secure.tls]` lines in `tls`.
+const UPSTREAM_CONFIG: &str = r#"
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[access_log]
+enabled = false
+
+[reload]
+watch = false
+
+[identity]
+default_client = "web"
+
+[services.secure]
+urls = ["{url}"]
+protocol = "{protocol}"
+
+[services.secure.tls]
+{tls}
+
+[[clients]]
+name = "web"
+
+[[routes]]
+id = "all"
+path = "/{*rest}"
+service = "secure"
+"#;
+
+async fn start_upstream_proxy(dir: &Path, url: &str, protocol: &str, tls: &str) -> TestProxy {
+    let config = fill(
+        UPSTREAM_CONFIG,
+        &[("url", url), ("protocol", protocol), ("tls", tls)],
+    );
+    std::fs::write(dir.join("bff.toml"), config).expect("write config");
+    TestProxy::start_file(&dir.join("bff.toml")).await
+}
+
+#[tokio::test]
+async fn https_upstreams_are_verified_over_http1_and_http2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("internal CA");
+    std::fs::write(dir.path().join("ca.pem"), ca.pem()).expect("write CA");
+    let config = ca.server("payments").server_config(None);
+    let upstream = Upstream::builder("payments").tls(config).start().await;
+
+    for (protocol, version) in [
+        ("http1", http::Version::HTTP_11),
+        ("http2", http::Version::HTTP_2),
+    ] {
+        let proxy =
+            start_upstream_proxy(dir.path(), &upstream.url(), protocol, r#"ca = "ca.pem""#).await;
+        let resp = bff_proxy_tests::get(proxy.addr(), "/pay", &[]).await;
+        assert_eq!(resp.status, 200, "{protocol}: {}", resp.text());
+        let seen = upstream.received().pop().expect("a request");
+        assert_eq!(seen.version, version, "{protocol}");
+        assert_eq!(seen.uri, "/pay");
+        // The default port is left out of `host`; this one is not the default.
+        assert_eq!(
+            seen.headers.get("host").map(|h| h.to_str().expect("ascii")),
+            (protocol == "http1")
+                .then(|| format!("localhost:{}", upstream.addr().port()))
+                .as_deref(),
+        );
+    }
+
+    // A service certificate from a CA the service does not trust: no connection, a 502, and
+    // the upstream saw nothing.
+    let other = Ca::new("someone else");
+    std::fs::write(dir.path().join("other.pem"), other.pem()).expect("write CA");
+    let before = upstream.received().len();
+    for protocol in ["http1", "http2"] {
+        let proxy =
+            start_upstream_proxy(dir.path(), &upstream.url(), protocol, r#"ca = "other.pem""#)
+                .await;
+        bff_proxy_tests::get(proxy.addr(), "/pay", &[])
+            .await
+            .assert_error(502, "upstream_unavailable");
+    }
+    assert_eq!(upstream.received().len(), before);
+}
+
+#[tokio::test]
+async fn the_proxy_presents_its_certificate_to_upstreams_that_ask() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("internal CA");
+    std::fs::write(dir.path().join("ca.pem"), ca.pem()).expect("write CA");
+    ca.client("bff-proxy", &["spiffe://shop/bff"])
+        .write(dir.path(), "bff");
+    // The upstream requires a client certificate from the same CA, for a DNS name only.
+    let config = ca
+        .server_named("payments.internal")
+        .server_config(Some(&ca));
+    let upstream = Upstream::builder("payments").tls(config).start().await;
+    let url = format!("https://127.0.0.1:{}", upstream.addr().port());
+
+    let proxy = start_upstream_proxy(
+        dir.path(),
+        &url,
+        "http1",
+        "ca = \"ca.pem\"\ncert = \"bff.crt\"\nkey = \"bff.key\"\nserver_name = \"payments.internal\"",
+    )
+    .await;
+    let resp = bff_proxy_tests::get(proxy.addr(), "/pay", &[]).await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let seen = upstream.received().pop().expect("a request");
+    let cert = seen.client_cert.expect("the proxy presented a certificate");
+    assert_eq!(common_name(&cert), "bff-proxy");
+
+    // Without the name override the certificate does not match 127.0.0.1; without a client
+    // certificate the upstream refuses the handshake.
+    for tls in [
+        "ca = \"ca.pem\"\ncert = \"bff.crt\"\nkey = \"bff.key\"",
+        "ca = \"ca.pem\"\nserver_name = \"payments.internal\"",
+    ] {
+        let proxy = start_upstream_proxy(dir.path(), &url, "http1", tls).await;
+        let resp = bff_proxy_tests::get(proxy.addr(), "/pay", &[]).await;
+        assert_eq!(resp.status, 502, "{tls}: {}", resp.text());
+    }
+}
+
+#[test]
+fn upstream_tls_problems_are_config_problems() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = r#"
+[services.mixed]
+urls = ["https://a.internal", "http://b.internal"]
+
+[services.plain]
+urls = ["http://c.internal"]
+tls = { ca = "ca.pem" }
+
+[services.secure]
+urls = ["https://d.internal"]
+tls = { ca = "missing.pem", cert = "bff.crt", server_name = "not a name" }
+
+[[clients]]
+name = "web"
+
+[[routes]]
+id = "all"
+path = "/"
+service = "plain"
+"#;
+    let path = dir.path().join("bff.toml");
+    std::fs::write(&path, config).expect("write config");
+    let text = bff_proxy::Config::load(&path)
+        .expect_err("invalid")
+        .to_string();
+    for expected in [
+        "services.mixed.urls: mix of http:// and https:// URLs",
+        "services.plain.tls: applies to https:// URLs; this service has none",
+        "services.secure.tls.ca: cannot read",
+        "services.secure.tls.key: `cert` needs its `key`",
+        "services.secure.tls.server_name: `not a name` is not a DNS name or IP address",
+    ] {
+        assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
+    }
+}

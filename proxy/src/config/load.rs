@@ -108,11 +108,16 @@ impl Problems {
     pub(crate) fn push(&mut self, path: ConfigPath, message: impl Into<String>) {
         self.0.push((path, message.into()));
     }
+
+    /// How many problems so far (a section compares before and after its checks).
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
 }
 
 /// Parses, decodes and validates config text. Relative paths in it are taken relative to
 /// `base` (the file's directory) when given, else to the working directory; files the config
-/// names (TLS certificates, the JWKS) are read and checked here, with everything else.
+/// names (TLS certificates and CAs, the JWKS) are read and checked here, with everything else.
 pub(super) fn load(
     text: &str,
     origin: &str,
@@ -205,6 +210,9 @@ pub(super) fn load(
     }
     if let Some(jwt) = &mut config.identity.jwt {
         jwt.load(&root.key("identity").key("jwt"), &mut problems);
+    }
+    for (name, service) in &mut config.services {
+        service.load_tls(&root.key("services").key(name.clone()), &mut problems);
     }
     config.validate(&mut problems);
     if problems.0.is_empty() {

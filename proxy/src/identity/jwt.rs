@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 
+use crate::config::files::{Digested, Files};
 use crate::config::{ConfigPath, Problems, check_duration};
 
 /// `[identity.jwt]`: how bearer tokens are verified.
@@ -70,35 +71,14 @@ fn default_forward() -> bool {
     true
 }
 
-/// The verification keys of one JWKS file, by position; equal when the file's bytes were.
-#[derive(Clone)]
-pub(crate) struct Keys {
-    keys: Arc<[Key]>,
-    digest: [u8; 32],
-}
+/// The verification keys of one JWKS file (compared by the file's digest).
+pub(crate) type Keys = Digested<Arc<[Key]>>;
 
-struct Key {
+pub(crate) struct Key {
     kid: Option<String>,
     decoding: DecodingKey,
     /// What this key may verify: its family's algorithms, or the one its `alg` names.
     algorithms: Vec<Algorithm>,
-}
-
-impl PartialEq for Keys {
-    fn eq(&self, other: &Self) -> bool {
-        self.digest == other.digest
-    }
-}
-
-impl Eq for Keys {}
-
-impl std::fmt::Debug for Keys {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Keys")
-            .field("keys", &self.keys.len())
-            .field("digest", &hex::encode(&self.digest[..8]))
-            .finish()
-    }
 }
 
 impl JwtConfig {
@@ -124,14 +104,11 @@ impl JwtConfig {
             &at.key("leeway"),
             problems,
         );
-        let at = at.key("jwks");
-        let bytes = match std::fs::read(&self.jwks) {
-            Ok(b) => b,
-            Err(e) => {
-                problems.push(at, format!("cannot read `{}`: {e}", self.jwks.display()));
-                return;
-            }
+        let mut files = Files::new(at);
+        let Some(bytes) = files.read(&self.jwks, "jwks", problems) else {
+            return;
         };
+        let at = at.key("jwks");
         let set: JwkSet = match serde_json::from_slice(&bytes) {
             Ok(s) => s,
             Err(e) => {
@@ -157,10 +134,7 @@ impl JwtConfig {
             }
         }
         if keys.len() == set.keys.len() {
-            self.loaded = Some(Keys {
-                keys: keys.into(),
-                digest: Sha256::digest(&bytes).into(),
-            });
+            self.loaded = Some(Digested::new(keys.into(), files));
         }
     }
 
@@ -340,12 +314,8 @@ impl Verifier {
     fn verify_signed(&self, token: &str) -> Result<Claims, TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
         let key = match &header.kid {
-            Some(kid) => self
-                .keys
-                .keys
-                .iter()
-                .find(|k| k.kid.as_deref() == Some(kid)),
-            None if self.keys.keys.len() == 1 => self.keys.keys.first(),
+            Some(kid) => self.keys.iter().find(|k| k.kid.as_deref() == Some(kid)),
+            None if self.keys.len() == 1 => self.keys.first(),
             None => None,
         }
         .ok_or(TokenError::UnknownKey)?;

@@ -16,12 +16,12 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::config::files::{Digested, Files};
 use crate::config::{ConfigPath, Problems};
 
 /// `[tls]`: serve HTTPS on the data-plane port.
@@ -70,32 +70,16 @@ pub enum TlsVersion {
     Tls13,
 }
 
-/// The acceptor built from the files, and a digest of their content: two configs are equal
-/// only if their files held the same bytes, so a rotated certificate makes a reload apply.
+/// The acceptor built from the files (compared by their digest, so a rotated certificate
+/// makes a reload apply).
+pub(crate) type Loaded = Digested<Acceptor>;
+
+/// A rustls server config and what the config needs to know about its certificate.
 #[derive(Clone)]
-pub(crate) struct Loaded {
+pub(crate) struct Acceptor {
     pub(crate) server: Arc<rustls::ServerConfig>,
-    digest: [u8; 32],
     /// The server certificate's `notAfter`, in seconds since the Unix epoch.
     pub(crate) not_after: i64,
-}
-
-impl PartialEq for Loaded {
-    fn eq(&self, other: &Self) -> bool {
-        self.digest == other.digest
-    }
-}
-
-impl Eq for Loaded {}
-
-impl std::fmt::Debug for Loaded {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Never the key material; the digest tells versions apart in logs.
-        f.debug_struct("Loaded")
-            .field("digest", &hex::encode(&self.digest[..8]))
-            .field("not_after", &self.not_after)
-            .finish_non_exhaustive()
-    }
 }
 
 impl TlsConfig {
@@ -118,51 +102,11 @@ impl TlsConfig {
     /// Reads the files and builds the acceptor, recording every problem under `at`.
     pub(crate) fn load(&mut self, at: &ConfigPath, problems: &mut Problems) {
         self.loaded = None;
-        let mut digest = Sha256::new();
-        let mut read = |path: &Path, key: &str, problems: &mut Problems| match std::fs::read(path) {
-            Ok(bytes) => {
-                digest.update((bytes.len() as u64).to_le_bytes());
-                digest.update(&bytes);
-                Some(bytes)
-            }
-            Err(e) => {
-                problems.push(
-                    at.key(key),
-                    format!("cannot read `{}`: {e}", path.display()),
-                );
-                None
-            }
-        };
-        let cert = read(&self.cert, "cert", problems).and_then(|pem| {
-            certificates(&pem)
-                .map_err(|e| problems.push(at.key("cert"), e))
-                .ok()
-        });
-        let key = read(&self.key, "key", problems).and_then(|pem| {
-            PrivateKeyDer::from_pem_slice(&pem)
-                .map_err(|e| {
-                    problems.push(
-                        at.key("key"),
-                        format!(
-                            "no usable private key in `{}` ({e}); expected a PEM `PRIVATE KEY`, \
-                             `RSA PRIVATE KEY` or `EC PRIVATE KEY` block",
-                            self.key.display()
-                        ),
-                    );
-                })
-                .ok()
-        });
+        let mut files = Files::new(at);
+        let cert = files.certificates(&self.cert, "cert", problems);
+        let key = files.private_key(&self.key, "key", problems);
         let roots = match &self.client_ca {
-            Some(path) => match read(path, "client_ca", problems) {
-                Some(pem) => match client_roots(&pem) {
-                    Ok(r) => Some(Some(r)),
-                    Err(e) => {
-                        problems.push(at.key("client_ca"), e);
-                        None
-                    }
-                },
-                None => None,
-            },
+            Some(path) => files.roots(path, "client_ca", problems).map(Some),
             None => {
                 if self.client_cert == ClientCertMode::Required {
                     problems.push(
@@ -188,11 +132,11 @@ impl TlsConfig {
         };
         match self.server_config(cert, key, roots) {
             Ok(server) => {
-                self.loaded = Some(Loaded {
+                let acceptor = Acceptor {
                     server: Arc::new(server),
-                    digest: digest.finalize().into(),
                     not_after,
-                });
+                };
+                self.loaded = Some(Digested::new(acceptor, files));
             }
             Err((field, message)) => problems.push(at.key(field), message),
         }
@@ -244,27 +188,6 @@ impl TlsConfig {
         }
         Ok(server)
     }
-}
-
-/// Every certificate in a PEM file, in order; an error if there is none.
-fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("not a PEM certificate file: {e}"))?;
-    if certs.is_empty() {
-        return Err("no `CERTIFICATE` block in the file".into());
-    }
-    Ok(certs)
-}
-
-fn client_roots(pem: &[u8]) -> Result<rustls::RootCertStore, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for (i, cert) in certificates(pem)?.into_iter().enumerate() {
-        roots
-            .add(cert)
-            .map_err(|e| format!("certificate {} is not a usable CA: {e}", i + 1))?;
-    }
-    Ok(roots)
 }
 
 /// What a verified client certificate says about its holder: the names identification rules

@@ -40,8 +40,8 @@ struct Targets {
     config_dir: Option<PathBuf>,
     config_name: Option<std::ffi::OsString>,
     plugin_dir: Option<PathBuf>,
-    /// Key material the config names: the TLS certificate, key and client CA, the JWKS
-    /// (rotation without a signal).
+    /// Key material the config names: the TLS certificate, key and client CA, the JWKS, the
+    /// services' CAs and client certificates (rotation without a signal).
     key_files: Vec<PathBuf>,
 }
 
@@ -66,6 +66,13 @@ impl Targets {
                 .iter()
                 .flat_map(|t| [Some(&t.cert), Some(&t.key), t.client_ca.as_ref()])
                 .chain([config.identity.jwt.as_ref().map(|j| &j.jwks)])
+                .chain(
+                    config
+                        .services
+                        .values()
+                        .filter_map(|s| s.tls.as_ref())
+                        .flat_map(|t| [t.ca.as_ref(), t.cert.as_ref(), t.key.as_ref()]),
+                )
                 .flatten()
                 .map(|p| absolute(p))
                 .collect(),

@@ -25,6 +25,7 @@ use hyper::client::conn::http1::{Builder, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use super::tls::Connector;
 use crate::body::Body;
 
 /// How often idle connections past the idle timeout are closed.
@@ -46,6 +47,13 @@ pub(crate) enum PoolError {
     /// Every address refused or was unreachable.
     #[error("cannot connect to `{target}`")]
     Connect {
+        target: Arc<str>,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS handshake failed (or did not finish within the connect timeout).
+    #[error("TLS handshake with `{target}` failed")]
+    Tls {
         target: Arc<str>,
         #[source]
         source: std::io::Error,
@@ -75,6 +83,8 @@ pub(crate) struct Pool {
     max_idle: usize,
     idle_timeout: Duration,
     connect_timeout: Duration,
+    /// Set for `https://` URLs.
+    tls: Option<Connector>,
     reaper: Once,
 }
 
@@ -90,6 +100,7 @@ impl Pool {
         max_idle: usize,
         idle_timeout: Duration,
         connect_timeout: Duration,
+        tls: Option<Connector>,
     ) -> Arc<Self> {
         Arc::new(Self {
             target,
@@ -97,6 +108,7 @@ impl Pool {
             max_idle,
             idle_timeout,
             connect_timeout,
+            tls,
             reaper: Once::new(),
         })
     }
@@ -230,13 +242,35 @@ impl Pool {
         };
         // Requests are written whole; Nagle would only delay them.
         let _ = stream.set_nodelay(true);
-        let (sender, conn) = Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| PoolError::Exchange {
-                target: self.target.clone(),
-                source,
-            })?;
+        match &self.tls {
+            None => self.handshake(TokioIo::new(stream)).await,
+            Some(tls) => {
+                // The handshake shares the connect timeout.
+                let stream = tokio::time::timeout_at(deadline, tls.connect(stream))
+                    .await
+                    .map_err(|_| timed_out())?
+                    .map_err(|source| PoolError::Tls {
+                        target: self.target.clone(),
+                        source,
+                    })?;
+                self.handshake(TokioIo::new(stream)).await
+            }
+        }
+    }
+
+    /// HTTP/1.1 on a connected stream; the connection's task is spawned.
+    async fn handshake<I>(&self, io: I) -> Result<SendRequest<Body>, PoolError>
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
+        let (sender, conn) =
+            Builder::new()
+                .handshake(io)
+                .await
+                .map_err(|source| PoolError::Exchange {
+                    target: self.target.clone(),
+                    source,
+                })?;
         tokio::spawn(async move {
             if let Err(error) = conn.await {
                 tracing::debug!(%error, "upstream connection closed with an error");
