@@ -21,7 +21,7 @@ use crate::listener::tls::{ClientCert, TlsConfig};
 mod jwt;
 
 pub use self::jwt::JwtConfig;
-use self::jwt::{Claims, Verifier, claim_values};
+use self::jwt::{Claims, Verifier, check_claim_path, claim_values};
 
 /// `[identity]`: what happens to requests no client rule matches.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -113,6 +113,15 @@ pub struct ClientProfile {
     pub attributes: Arc<[(String, String)]>,
 }
 
+/// The client a request was identified as, and the verified token's claims if it had one.
+#[derive(Debug)]
+pub(crate) struct Identified<'a> {
+    /// The client's index (for the router).
+    pub(crate) index: usize,
+    pub(crate) profile: &'a Arc<ClientProfile>,
+    pub(crate) claims: Option<Arc<Claims>>,
+}
+
 /// Why a request could not be given a client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum IdentityError {
@@ -142,6 +151,9 @@ pub(crate) struct Identifier {
     strip_headers: Vec<HeaderName>,
     /// Bearer token verification (`[identity.jwt]`).
     jwt: Option<Verifier>,
+    /// `x-forwarded-client-cert` handling, with `[tls]`: `Some(forward)` removes client copies
+    /// and, when `forward`, states the verified certificate.
+    xfcc: Option<bool>,
 }
 
 #[derive(Debug)]
@@ -155,6 +167,16 @@ enum Rule {
     UserAgent(Regex),
     /// Index into `Identifier::api_keys` (the header) and this client's accepted hashes.
     ApiKey(usize, Vec<[u8; 32]>),
+}
+
+const X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
+/// What identification verified about a request: the token's claims, the connection's
+/// certificate.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Verified<'a> {
+    pub(crate) claims: Option<&'a Claims>,
+    pub(crate) cert: Option<&'a ClientCert>,
 }
 
 /// What a request presents to identify itself.
@@ -219,7 +241,11 @@ impl Rule {
 
 impl Identifier {
     /// Builds from a validated config (validation guarantees the unwraps below hold).
-    pub(crate) fn build(identity: &IdentityConfig, clients: &[ClientConfig]) -> Self {
+    pub(crate) fn build(
+        identity: &IdentityConfig,
+        clients: &[ClientConfig],
+        tls: Option<&TlsConfig>,
+    ) -> Self {
         let mut api_keys: Vec<(HeaderName, Vec<[u8; 32]>)> = Vec::new();
         let compiled = clients
             .iter()
@@ -276,14 +302,12 @@ impl Identifier {
             strip_headers,
             api_keys,
             jwt,
+            xfcc: tls.map(|t| t.forward_client_cert),
         }
     }
 
     /// Resolves the client of a request: its index (for the router) and profile.
-    pub(crate) fn identify(
-        &self,
-        req: Presenting<'_>,
-    ) -> Result<(usize, &Arc<ClientProfile>), IdentityError> {
+    pub(crate) fn identify(&self, req: Presenting<'_>) -> Result<Identified<'_>, IdentityError> {
         let headers = req.headers;
         // A presented key must be valid whatever else the request matches: falling back to
         // another client or the default would turn a typo or a revoked key into silently
@@ -306,18 +330,21 @@ impl Identifier {
             })?,
             None => None,
         };
-        for (i, (profile, rules)) in self.clients.iter().enumerate() {
-            if rules
-                .iter()
-                .any(|r| r.matches(&req, &presented, claims.as_deref()))
-            {
-                return Ok((i, profile));
-            }
-        }
-        match self.default {
-            Some(i) => Ok((i, &self.clients[i].0)),
-            None => Err(IdentityError::Unidentified),
-        }
+        let index = self
+            .clients
+            .iter()
+            .position(|(_, rules)| {
+                rules
+                    .iter()
+                    .any(|r| r.matches(&req, &presented, claims.as_deref()))
+            })
+            .or(self.default)
+            .ok_or(IdentityError::Unidentified)?;
+        Ok(Identified {
+            index,
+            profile: &self.clients[index].0,
+            claims,
+        })
     }
 
     /// The name of the client at `idx` (from [`Identifier::identify`]) as a header value.
@@ -325,9 +352,24 @@ impl Identifier {
         &self.name_values[idx]
     }
 
-    /// Credential headers that are not forwarded upstream.
-    pub(crate) fn strip_headers(&self) -> &[HeaderName] {
-        &self.strip_headers
+    /// States the verified identity facts upstream: credentials not forwarded are removed,
+    /// `claim_headers` set from the token's claims and `x-forwarded-client-cert` from the
+    /// client certificate (client copies removed either way).
+    pub(crate) fn state_upstream(&self, headers: &mut HeaderMap, req: &Verified<'_>) {
+        for h in &self.strip_headers {
+            headers.remove(h);
+        }
+        if let Some(jwt) = &self.jwt {
+            jwt.state_claims(headers, req.claims);
+        }
+        if let Some(forward) = self.xfcc {
+            headers.remove(X_FORWARDED_CLIENT_CERT);
+            if let Some(cert) = req.cert.filter(|_| forward)
+                && let Ok(v) = HeaderValue::try_from(cert.xfcc())
+            {
+                headers.insert(X_FORWARDED_CLIENT_CERT, v);
+            }
+        }
     }
 }
 
@@ -393,11 +435,7 @@ fn compile_rule(r: &IdentifyRule) -> Result<Compiled, String> {
         return Err("`sha256` goes with `api_key_header`".into());
     }
     if let Some(path) = &r.jwt_claim {
-        if path.is_empty() || path.split('.').any(str::is_empty) {
-            return Err(format!(
-                "`{path}` is not a claim path (claim names joined by `.`)"
-            ));
-        }
+        check_claim_path(path)?;
         return Ok(Compiled::Rule(match (&r.equals, &r.regex) {
             (Some(v), _) => Rule::ClaimEquals(path.clone(), v.clone()),
             (_, Some(re)) => Rule::ClaimRegex(path.clone(), regex(re)?),

@@ -24,7 +24,7 @@ use tracing::Instrument;
 use crate::body::{self, Body};
 use crate::config::{ConfigPath, Problems};
 use crate::error::{ErrorChain, Fault, ProxyError};
-use crate::identity::Presenting;
+use crate::identity::{Identified, Presenting, Verified};
 use crate::listener::tls::ClientCert;
 use crate::listener::{Peer, ServerConfig, TlsInfo};
 use crate::metrics::Caller;
@@ -255,10 +255,11 @@ async fn proxy(
     }
 
     // Identify: once per request.
-    let (client_idx, client) = snap.identifier.identify(Presenting {
+    let identified = snap.identifier.identify(Presenting {
         headers: req.headers(),
         cert: conn.client_cert(),
     })?;
+    let (client_idx, client) = (identified.index, identified.profile);
     tracing::Span::current().record("client", &*client.name);
     ctx.client = Some((client_idx, client.name.clone()));
 
@@ -279,7 +280,7 @@ async fn proxy(
     let query = uri.query();
     let (mut parts, incoming) = req.into_parts();
     let incoming = Counted::new(incoming, ctx.stats.clone(), Direction::In);
-    prepare_upstream_headers(&mut parts, snap, conn, ctx, client_idx);
+    prepare_upstream_headers(&mut parts, snap, conn, ctx, &identified);
 
     if let Some(chain) = &route.chain {
         // Boxed: the chain's future is large, and inline it would make every request's future
@@ -458,16 +459,21 @@ fn prepare_upstream_headers(
     snap: &Snapshot,
     conn: &ConnInfo,
     ctx: &Finish,
-    client_idx: usize,
+    identified: &Identified<'_>,
 ) {
     let headers = &mut parts.headers;
     remove_hop_by_hop(headers);
     // The upstream client sets `host` from the service URL (`:authority` on HTTP/2); the
     // original is kept for the forwarding headers.
     let host = headers.remove(header::HOST);
-    for h in snap.identifier.strip_headers() {
-        headers.remove(h);
-    }
+    snap.identifier.state_upstream(
+        headers,
+        &Verified {
+            claims: identified.claims.as_deref(),
+            cert: conn.client_cert(),
+        },
+    );
+    let client_idx = identified.index;
     let names = &snap.headers;
     // Identity is ours to state: drop every copy the client sent, then set ours.
     headers.remove(&names.client);

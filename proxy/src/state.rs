@@ -69,7 +69,7 @@ impl Snapshot {
                 .map_or(0, |l| l.not_after),
         );
         Self {
-            identifier: Identifier::build(&config.identity, &config.clients),
+            identifier: Identifier::build(&config.identity, &config.clients, config.tls.as_ref()),
             router: Router::build(&config, chains),
             upstreams: upstreams.unwrap_or_else(|| {
                 Arc::new(Upstreams::build(&config.services, &metrics.upstreams))

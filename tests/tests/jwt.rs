@@ -321,6 +321,54 @@ async fn a_token_not_forwarded_is_stripped_and_keys_rotate_on_reload() {
 }
 
 #[tokio::test]
+async fn verified_claims_become_upstream_headers_and_client_copies_never_do() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = SigningKey::new("k1");
+    let echo = Upstream::echo("echo").await;
+    let proxy = start(
+        dir.path(),
+        &[&key],
+        &echo,
+        r#"claim_headers = { "x-user-id" = "sub", "x-user-roles" = "realm.roles", "x-tenant" = "tenant" }"#,
+    )
+    .await;
+    let token = key.sign(&claims(
+        json!({ "realm": { "roles": ["viewer", "staff"] } }),
+    ));
+    let resp = get(
+        proxy.addr(),
+        "/",
+        &[
+            ("authorization", &bearer(&token)),
+            ("x-user-id", "admin"),
+            ("x-tenant", "other-tenant"),
+        ],
+    )
+    .await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let seen = echo.received().pop().expect("forwarded");
+    assert_eq!(seen.headers["x-user-id"], "user-1");
+    assert_eq!(seen.headers["x-user-roles"], "viewer,staff");
+    // The token has no `tenant` claim: the client's copy is removed, nothing is set.
+    assert!(seen.headers.get("x-tenant").is_none(), "{:?}", seen.headers);
+
+    // Without a token, a client cannot state a user either.
+    let resp = get(
+        proxy.addr(),
+        "/",
+        &[("x-user-id", "admin"), ("x-client", "web")],
+    )
+    .await;
+    assert_eq!(resp.status, 200);
+    let seen = echo.received().pop().expect("forwarded");
+    assert!(
+        seen.headers.get("x-user-id").is_none(),
+        "{:?}",
+        seen.headers
+    );
+}
+
+#[tokio::test]
 async fn a_cached_token_still_expires() {
     let dir = tempfile::tempdir().expect("tempdir");
     let key = SigningKey::new("k1");

@@ -181,6 +181,45 @@ async fn client_certificates_identify_clients_and_untrusted_ones_are_refused() {
 }
 
 #[tokio::test]
+async fn the_verified_client_certificate_can_be_forwarded_and_a_forged_one_never_is() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("test CA");
+    let echo = Upstream::echo("echo").await;
+    let proxy = start(dir.path(), &ca, &echo, "forward_client_cert = true").await;
+    let forged = [("x-forwarded-client-cert", "Hash=00;Subject=\"CN=admin\"")];
+
+    let kiosk = ca.client("device-17", &["spiffe://shop/kiosk"]);
+    let (resp, _) = TlsClient::new(&ca, Some(&kiosk))
+        .get(proxy.addr(), "/", &forged)
+        .await
+        .expect("served");
+    assert_eq!(resp.status, 200);
+    let seen = echo.received().pop().expect("forwarded");
+    let xfcc: Vec<_> = seen
+        .headers
+        .get_all("x-forwarded-client-cert")
+        .iter()
+        .map(|v| v.to_str().expect("ascii").to_owned())
+        .collect();
+    let fingerprint = bff_proxy_tests::sha256_hex_bytes(&kiosk.der);
+    assert_eq!(
+        xfcc,
+        [format!(
+            "Hash={fingerprint};Subject=\"CN=device-17\";URI=spiffe://shop/kiosk"
+        )]
+    );
+
+    // No certificate: the client's own header is dropped, nothing is stated.
+    let (resp, _) = TlsClient::new(&ca, None)
+        .get(proxy.addr(), "/", &forged)
+        .await
+        .expect("served");
+    assert_eq!(resp.status, 200);
+    let seen = echo.received().pop().expect("forwarded");
+    assert!(seen.headers.get("x-forwarded-client-cert").is_none());
+}
+
+#[tokio::test]
 async fn required_client_certificates_refuse_connections_without_one() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = Ca::new("test CA");

@@ -54,6 +54,11 @@ pub struct JwtConfig {
     /// `false` strips it once verified.
     #[serde(default = "default_forward")]
     pub forward: bool,
+    /// Upstream headers set from verified claims, header → claim path (`{ "x-user-id" =
+    /// "sub" }`; an array claim is joined with `,`). Copies sent by the client are always
+    /// removed, so only a verified token can set them.
+    #[serde(default)]
+    pub claim_headers: std::collections::BTreeMap<String, String>,
     /// The keys the file held when the config was loaded.
     #[serde(skip)]
     pub(crate) loaded: Option<Keys>,
@@ -97,6 +102,14 @@ impl JwtConfig {
                 at.key("header"),
                 format!("invalid header name `{}`", self.header),
             );
+        }
+        for (name, path) in &self.claim_headers {
+            let at = at.key("claim_headers").key(name.clone());
+            if HeaderName::from_bytes(name.as_bytes()).is_err() {
+                problems.push(at, format!("invalid header name `{name}`"));
+            } else if let Err(e) = check_claim_path(path) {
+                problems.push(at, e);
+            }
         }
         check_duration(
             self.leeway,
@@ -191,6 +204,8 @@ pub(crate) struct Verifier {
     validation: Validation,
     /// Stripped before the request goes upstream (`forward = false`).
     pub(crate) strip: bool,
+    /// `claim_headers`: header, claim path.
+    claim_headers: Vec<(HeaderName, String)>,
     cache: TokenCache,
 }
 
@@ -267,6 +282,13 @@ impl Verifier {
             keys,
             validation,
             strip: !config.forward,
+            claim_headers: config
+                .claim_headers
+                .iter()
+                .filter_map(|(h, path)| {
+                    Some((HeaderName::from_bytes(h.as_bytes()).ok()?, path.clone()))
+                })
+                .collect(),
             cache: TokenCache::new(CACHE_CAPACITY),
         })
     }
@@ -274,6 +296,25 @@ impl Verifier {
     /// The header tokens come in.
     pub(crate) fn header(&self) -> &HeaderName {
         &self.header
+    }
+
+    /// Sets the `claim_headers` from a verified token's claims, after removing whatever the
+    /// client sent under those names.
+    pub(crate) fn state_claims(&self, headers: &mut HeaderMap, claims: Option<&Claims>) {
+        for (name, path) in &self.claim_headers {
+            headers.remove(name);
+            let Some(claims) = claims else { continue };
+            let values = claim_values(claims, path);
+            if values.is_empty() {
+                continue;
+            }
+            match http::HeaderValue::try_from(values.join(",")) {
+                Ok(v) => {
+                    headers.insert(name.clone(), v);
+                }
+                Err(_) => tracing::debug!(header = %name, "claim is not a valid header value"),
+            }
+        }
     }
 
     /// The claims of the request's token: `Ok(None)` without one, an error for an invalid one.
@@ -330,6 +371,16 @@ impl Verifier {
             .map(|data| data.claims)
             .map_err(|_| TokenError::Rejected)
     }
+}
+
+/// Checks a dotted claim path (`sub`, `realm_access.roles`).
+pub(crate) fn check_claim_path(path: &str) -> Result<(), String> {
+    if path.is_empty() || path.split('.').any(str::is_empty) {
+        return Err(format!(
+            "`{path}` is not a claim path (claim names joined by `.`)"
+        ));
+    }
+    Ok(())
 }
 
 /// The values a dotted claim path reaches: `roles` or `realm_access.roles`. Arrays give each

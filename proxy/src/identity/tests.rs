@@ -32,7 +32,7 @@ service = "a"
 "#
     );
     let cfg = Config::from_toml(&text, "t.toml").unwrap_or_else(|e| panic!("{e}"));
-    Identifier::build(&cfg.identity, &cfg.clients)
+    Identifier::build(&cfg.identity, &cfg.clients, cfg.tls.as_ref())
 }
 
 fn who(id: &Identifier, headers: &[(&'static str, &'static str)]) -> Result<String, IdentityError> {
@@ -44,7 +44,7 @@ fn who(id: &Identifier, headers: &[(&'static str, &'static str)]) -> Result<Stri
         headers: &h,
         cert: None,
     })
-    .map(|(_, p)| p.name.to_string())
+    .map(|i| i.profile.name.to_string())
 }
 
 /// Clients `kiosk` (by SPIFFE ID), `pinned` (by fingerprint) and `staff` (by CN pattern),
@@ -85,6 +85,7 @@ fn cert_identifier() -> Identifier {
                 }],
             ),
         ],
+        None,
     )
 }
 
@@ -97,7 +98,7 @@ fn client_certificate_rules() {
             h.insert("x-client", HeaderValue::from_static(v));
         }
         id.identify(Presenting { headers: &h, cert })
-            .map(|(_, p)| p.name.to_string())
+            .map(|i| i.profile.name.to_string())
     };
     let kiosk = ClientCert {
         subject_cn: vec!["device-7".into()],
@@ -174,7 +175,12 @@ fn wrong_api_key_is_rejected_even_with_a_default() {
         Err(IdentityError::InvalidApiKey),
         "a bad key is refused even when another rule matches"
     );
-    assert_eq!(id.strip_headers(), [HeaderName::from_static("x-api-key")]);
+    // The key never goes upstream.
+    let mut upstream = HeaderMap::new();
+    upstream.insert("x-api-key", HeaderValue::from_static("s3cret"));
+    upstream.insert("x-client", HeaderValue::from_static("web"));
+    id.state_upstream(&mut upstream, &Verified::default());
+    assert_eq!(upstream.keys().collect::<Vec<_>>(), ["x-client"]);
 }
 
 #[test]

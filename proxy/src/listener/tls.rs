@@ -42,6 +42,11 @@ pub struct TlsConfig {
     /// Oldest protocol version accepted: `"1.2"` (default) or `"1.3"`.
     #[serde(default)]
     pub min_version: TlsVersion,
+    /// Tell upstreams about a verified client certificate in `x-forwarded-client-cert`
+    /// (Envoy's format: `Hash=...;Subject="...";URI=...;DNS=...`). A copy sent by the client
+    /// is removed whenever `[tls]` is set: this proxy is the one that saw the certificate.
+    #[serde(default)]
+    pub forward_client_cert: bool,
     /// What the files held when the config was loaded.
     #[serde(skip)]
     pub(crate) loaded: Option<Loaded>,
@@ -194,6 +199,8 @@ impl TlsConfig {
 /// match on.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct ClientCert {
+    /// The subject distinguished name (RFC 4514 text, `CN=kiosk-7,O=Shop`).
+    pub(crate) subject: String,
     /// Subject common names (usually one).
     pub(crate) subject_cn: Vec<String>,
     /// DNS names in the subject alternative name extension.
@@ -213,6 +220,7 @@ impl ClientCert {
         use x509_parser::extensions::GeneralName;
         let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
         let mut out = Self {
+            subject: cert.subject().to_string(),
             subject_cn: cert
                 .subject()
                 .iter_common_name()
@@ -232,6 +240,39 @@ impl ClientCert {
             }
         }
         Some(out)
+    }
+}
+
+impl ClientCert {
+    /// The `x-forwarded-client-cert` element for this certificate (Envoy's format).
+    pub(crate) fn xfcc(&self) -> String {
+        // Quoted when it holds a separator; `"` and `\` escaped inside quotes.
+        fn value(out: &mut String, v: &str, always_quote: bool) {
+            if always_quote || v.contains([',', ';', '=', '"']) {
+                out.push('"');
+                for c in v.chars() {
+                    if c == '"' || c == '\\' {
+                        out.push('\\');
+                    }
+                    out.push(c);
+                }
+                out.push('"');
+            } else {
+                out.push_str(v);
+            }
+        }
+        let mut out = format!("Hash={}", self.fingerprint);
+        out.push_str(";Subject=");
+        value(&mut out, &self.subject, true);
+        for (key, values) in [("URI", &self.san_uri), ("DNS", &self.san_dns)] {
+            for v in values {
+                out.push(';');
+                out.push_str(key);
+                out.push('=');
+                value(&mut out, v, false);
+            }
+        }
+        out
     }
 }
 
@@ -274,6 +315,22 @@ pub(crate) fn failure_reason(e: &std::io::Error) -> &'static str {
 mod tests {
     use super::*;
     use crate::metrics::ConnectionFamilies;
+
+    #[test]
+    fn forwarded_client_cert_quotes_what_needs_quoting() {
+        let cert = ClientCert {
+            subject: r#"CN=kiosk "7",O=Shop"#.into(),
+            subject_cn: vec![r#"kiosk "7""#.into()],
+            san_uri: vec!["spiffe://shop/kiosk".into(), "urn:a;b".into()],
+            san_dns: vec!["kiosk.shop".into()],
+            san_email: vec![],
+            fingerprint: "ab01".into(),
+        };
+        assert_eq!(
+            cert.xfcc(),
+            r#"Hash=ab01;Subject="CN=kiosk \"7\",O=Shop";URI=spiffe://shop/kiosk;URI="urn:a;b";DNS=kiosk.shop"#
+        );
+    }
 
     #[test]
     fn failure_reasons_are_the_exported_label_values() {
