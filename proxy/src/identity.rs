@@ -21,7 +21,8 @@ use crate::listener::tls::{ClientCert, TlsConfig};
 mod jwt;
 
 pub use self::jwt::JwtConfig;
-use self::jwt::{Claims, Verifier, check_claim_path, claim_values};
+pub(crate) use self::jwt::Verifier;
+use self::jwt::{Claims, check_claim_path, claim_values};
 
 /// `[identity]`: what happens to requests no client rule matches.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
@@ -149,8 +150,9 @@ pub(crate) struct Identifier {
     /// Credentials not forwarded upstream: the API-key headers, and the token header when
     /// `[identity.jwt] forward = false`.
     strip_headers: Vec<HeaderName>,
-    /// Bearer token verification (`[identity.jwt]`).
-    jwt: Option<Verifier>,
+    /// Bearer token verification (`[identity.jwt]`), shared with the next snapshot when its
+    /// settings are the same (its cache of verified tokens survives unrelated reloads).
+    jwt: Option<Arc<Verifier>>,
     /// `x-forwarded-client-cert` handling, with `[tls]`: `Some(forward)` removes client copies
     /// and, when `forward`, states the verified certificate.
     xfcc: Option<bool>,
@@ -241,10 +243,12 @@ impl Rule {
 
 impl Identifier {
     /// Builds from a validated config (validation guarantees the unwraps below hold).
+    /// `verifier` is the current snapshot's, when `[identity.jwt]` did not change.
     pub(crate) fn build(
         identity: &IdentityConfig,
         clients: &[ClientConfig],
         tls: Option<&TlsConfig>,
+        verifier: Option<Arc<Verifier>>,
     ) -> Self {
         let mut api_keys: Vec<(HeaderName, Vec<[u8; 32]>)> = Vec::new();
         let compiled = clients
@@ -289,7 +293,13 @@ impl Identifier {
             .default_client
             .as_ref()
             .and_then(|d| clients.iter().position(|c| &c.name == d));
-        let jwt = identity.jwt.as_ref().and_then(Verifier::build);
+        let jwt = verifier.or_else(|| {
+            identity
+                .jwt
+                .as_ref()
+                .and_then(Verifier::build)
+                .map(Arc::new)
+        });
         let strip_headers = api_keys
             .iter()
             .map(|(h, _)| h.clone())
@@ -350,6 +360,11 @@ impl Identifier {
     /// The name of the client at `idx` (from [`Identifier::identify`]) as a header value.
     pub(crate) fn name_value(&self, idx: usize) -> &HeaderValue {
         &self.name_values[idx]
+    }
+
+    /// The bearer token verifier, to hand to the next snapshot.
+    pub(crate) fn verifier(&self) -> Option<Arc<Verifier>> {
+        self.jwt.clone()
     }
 
     /// States the verified identity facts upstream: credentials not forwarded are removed,

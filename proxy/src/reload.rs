@@ -265,11 +265,8 @@ async fn build(
             catalog.entries[&issue.plugin].serving.short_version()
         ));
     }
-    let upstreams = current
-        .filter(|c| c.config.services == config.services)
-        .map(|c| c.upstreams.clone());
     Ok(Built {
-        snapshot: Snapshot::assemble(config, chains, catalog, upstreams, metrics),
+        snapshot: Snapshot::assemble(config, chains, catalog, current, metrics),
         issues,
         warnings,
         retry,

@@ -45,15 +45,23 @@ pub(crate) struct Snapshot {
 
 impl Snapshot {
     /// Puts a snapshot together from a validated config and its loaded chains (by route
-    /// index). `upstreams` reuses the current pools; `None` builds new ones. Needs a Tokio
-    /// runtime (upstream clients spawn their connection tasks on it).
+    /// index). What `current` (the live snapshot) built from equal settings is kept: its
+    /// upstream pools (idle connections stay warm) and its token verifier (its cache of
+    /// verified tokens stays). Needs a Tokio runtime (upstream clients spawn their connection
+    /// tasks on it).
     pub(crate) fn assemble(
         config: Config,
         chains: Vec<Option<Arc<Chain>>>,
         catalog: Catalog,
-        upstreams: Option<Arc<Upstreams>>,
+        current: Option<&Snapshot>,
         metrics: &Metrics,
     ) -> Self {
+        let upstreams = current
+            .filter(|c| c.config.services == config.services)
+            .map(|c| c.upstreams.clone());
+        let verifier = current
+            .filter(|c| c.config.identity.jwt == config.identity.jwt)
+            .and_then(|c| c.identifier.verifier());
         let clients: Vec<&str> = config.clients.iter().map(|c| c.name.as_str()).collect();
         let routes: Vec<(&str, &[String])> = config
             .routes
@@ -69,7 +77,12 @@ impl Snapshot {
                 .map_or(0, |l| l.not_after),
         );
         Self {
-            identifier: Identifier::build(&config.identity, &config.clients, config.tls.as_ref()),
+            identifier: Identifier::build(
+                &config.identity,
+                &config.clients,
+                config.tls.as_ref(),
+                verifier,
+            ),
             router: Router::build(&config, chains),
             upstreams: upstreams.unwrap_or_else(|| {
                 Arc::new(Upstreams::build(&config.services, &metrics.upstreams))

@@ -367,9 +367,13 @@ impl Upstreams {
                         // Cleartext services never use the TLS config; an empty one will do.
                         let tls_config = tls.map_or_else(
                             || {
-                                rustls::ClientConfig::builder()
-                                    .with_root_certificates(rustls::RootCertStore::empty())
-                                    .with_no_client_auth()
+                                rustls::ClientConfig::builder_with_provider(Arc::new(
+                                    rustls::crypto::aws_lc_rs::default_provider(),
+                                ))
+                                .with_safe_default_protocol_versions()
+                                .expect("the default provider supports the default versions")
+                                .with_root_certificates(rustls::RootCertStore::empty())
+                                .with_no_client_auth()
                             },
                             |t| (***t).clone(),
                         );

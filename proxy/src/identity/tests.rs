@@ -32,7 +32,7 @@ service = "a"
 "#
     );
     let cfg = Config::from_toml(&text, "t.toml").unwrap_or_else(|e| panic!("{e}"));
-    Identifier::build(&cfg.identity, &cfg.clients, cfg.tls.as_ref())
+    Identifier::build(&cfg.identity, &cfg.clients, cfg.tls.as_ref(), None)
 }
 
 fn who(id: &Identifier, headers: &[(&'static str, &'static str)]) -> Result<String, IdentityError> {
@@ -85,6 +85,7 @@ fn cert_identifier() -> Identifier {
                 }],
             ),
         ],
+        None,
         None,
     )
 }
