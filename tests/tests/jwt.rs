@@ -106,8 +106,15 @@ fn claims(extra: Value) -> Value {
     c
 }
 
+/// An identity provider's encryption key, as JWKS documents often carry one: skipped.
+fn encryption_key() -> Value {
+    json!({ "kty": "RSA", "use": "enc", "alg": "RSA-OAEP", "kid": "enc-1", "n": "AQAB", "e": "AQAB" })
+}
+
 fn write_jwks(dir: &Path, keys: &[&SigningKey]) {
-    let set = json!({ "keys": keys.iter().map(|k| k.jwk.clone()).collect::<Vec<_>>() });
+    let mut keys: Vec<Value> = keys.iter().map(|k| k.jwk.clone()).collect();
+    keys.push(encryption_key());
+    let set = json!({ "keys": keys });
     std::fs::write(dir.join("jwks.json"), set.to_string()).expect("write JWKS");
 }
 
@@ -390,7 +397,8 @@ async fn a_cached_token_still_expires() {
 #[test]
 fn jwt_problems_are_config_problems_reported_together() {
     let dir = tempfile::tempdir().expect("tempdir");
-    std::fs::write(dir.path().join("empty.json"), "{\"keys\": []}").expect("write");
+    let only_enc = json!({ "keys": [encryption_key()] });
+    std::fs::write(dir.path().join("empty.json"), only_enc.to_string()).expect("write");
     let config = r#"
 [identity.jwt]
 jwks = "empty.json"
@@ -415,7 +423,7 @@ service = "echo"
         .expect_err("invalid")
         .to_string();
     for expected in [
-        "identity.jwt.jwks: the JWKS has no keys",
+        "identity.jwt.jwks: the JWKS has no signing keys",
         "identity.jwt.header: invalid header name `bad header`",
         "identity.jwt.leeway: must be between",
         "clients[0].identify[0]: `a..b` is not a claim path",

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, HeaderName};
-use jsonwebtoken::jwk::{Jwk, JwkSet};
+use jsonwebtoken::jwk::Jwk;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -122,7 +122,13 @@ impl JwtConfig {
             return;
         };
         let at = at.key("jwks");
-        let set: JwkSet = match serde_json::from_slice(&bytes) {
+        // Keys one at a time: an identity provider's JWKS often carries encryption keys
+        // (`"use": "enc"`, `RSA-OAEP`) next to its signing keys; those are skipped, not fatal.
+        #[derive(Deserialize)]
+        struct RawSet {
+            keys: Vec<Value>,
+        }
+        let set: RawSet = match serde_json::from_slice(&bytes) {
             Ok(s) => s,
             Err(e) => {
                 problems.push(
@@ -132,23 +138,37 @@ impl JwtConfig {
                 return;
             }
         };
-        if set.keys.is_empty() {
-            problems.push(at, "the JWKS has no keys: no token could ever be valid");
-            return;
-        }
+        let before = problems.len();
         let mut keys = Vec::with_capacity(set.keys.len());
-        for (i, jwk) in set.keys.iter().enumerate() {
-            match Key::from_jwk(jwk) {
-                Ok(k) => keys.push(k),
-                Err(e) => problems.push(
-                    at.clone(),
-                    format!("key {} (kid {:?}): {e}", i + 1, jwk.common.key_id),
-                ),
+        for (i, raw) in set.keys.into_iter().enumerate() {
+            if raw.get("use").and_then(Value::as_str) == Some("enc") {
+                continue;
+            }
+            let kid = raw.get("kid").and_then(Value::as_str).map(str::to_owned);
+            let jwk: Jwk = match serde_json::from_value(raw) {
+                Ok(jwk) => jwk,
+                Err(e) => {
+                    problems.push(at.clone(), format!("key {} (kid {kid:?}): {e}", i + 1));
+                    continue;
+                }
+            };
+            match Key::from_jwk(&jwk) {
+                Ok(Some(k)) => keys.push(k),
+                Ok(None) => {}
+                Err(e) => problems.push(at.clone(), format!("key {} (kid {kid:?}): {e}", i + 1)),
             }
         }
-        if keys.len() == set.keys.len() {
-            self.loaded = Some(Digested::new(keys.into(), files));
+        if problems.len() > before {
+            return;
         }
+        if keys.is_empty() {
+            problems.push(
+                at,
+                "the JWKS has no signing keys: no token could ever be valid",
+            );
+            return;
+        }
+        self.loaded = Some(Digested::new(keys.into(), files));
     }
 
     /// The header name (validated by `load`).
@@ -158,16 +178,20 @@ impl JwtConfig {
 }
 
 impl Key {
-    fn from_jwk(jwk: &Jwk) -> Result<Self, String> {
+    /// The key, `None` for an encryption key (its `alg` is not a signature algorithm).
+    fn from_jwk(jwk: &Jwk) -> Result<Option<Self>, String> {
+        let alg = match &jwk.common.key_algorithm {
+            Some(alg) => match alg.to_string().parse::<Algorithm>() {
+                Ok(alg) => Some(alg),
+                Err(_) => return Ok(None),
+            },
+            None => None,
+        };
         let decoding = DecodingKey::from_jwk(jwk).map_err(|e| format!("unusable key: {e}"))?;
         let family = decoding.family();
         let family = family.algorithms();
-        let algorithms = match &jwk.common.key_algorithm {
+        let algorithms = match alg {
             Some(alg) => {
-                let alg: Algorithm = alg
-                    .to_string()
-                    .parse()
-                    .map_err(|_| format!("`alg` {alg} cannot sign tokens"))?;
                 if !family.contains(&alg) {
                     return Err(format!("`alg` {alg:?} does not fit the key's type"));
                 }
@@ -175,11 +199,11 @@ impl Key {
             }
             None => family.to_vec(),
         };
-        Ok(Self {
+        Ok(Some(Self {
             kid: jwk.common.key_id.clone(),
             decoding,
             algorithms,
-        })
+        }))
     }
 }
 

@@ -1,8 +1,8 @@
 //! TLS termination: the accept phase's handshake, between the TCP accept and HTTP.
 //!
-//! `[tls]` turns the data-plane port into an HTTPS port (rustls with the *ring* provider;
-//! ALPN offers `h2` and `http/1.1`, so HTTP/2 and HTTP/1.1 share the port as they do in
-//! cleartext). With `client_ca` set, clients are asked for a certificate signed by one of
+//! `[tls]` turns the data-plane port into an HTTPS port (rustls with the aws-lc-rs provider,
+//! so the X25519MLKEM768 post-quantum hybrid key exchange is preferred; ALPN offers `h2` and
+//! `http/1.1`, so HTTP/2 and HTTP/1.1 share the port as they do in cleartext). With `client_ca` set, clients are asked for a certificate signed by one of
 //! those CAs (mutual TLS): required, or optional so certificate-less clients are identified
 //! by other rules. The names on a verified client certificate ([`ClientCert`]) feed the
 //! `client_cert` identification rules.
@@ -241,9 +241,7 @@ impl ClientCert {
         }
         Some(out)
     }
-}
 
-impl ClientCert {
     /// The `x-forwarded-client-cert` element for this certificate (Envoy's format).
     pub(crate) fn xfcc(&self) -> String {
         // Quoted when it holds a separator; `"` and `\` escaped inside quotes.
