@@ -63,9 +63,9 @@ pub struct IdentifyRule {
     /// Claim of the verified bearer token to look at, as a dotted path (with `equals` or
     /// `regex`; an array claim matches if any element does); needs `[identity.jwt]`.
     pub jwt_claim: Option<String>,
-    /// The header's (or certificate name's) value must be exactly this.
+    /// The header's (certificate name's, claim's) value must be exactly this.
     pub equals: Option<String>,
-    /// The header's (or certificate name's) value must match this regex.
+    /// The header's (certificate name's, claim's) value must match this regex.
     pub regex: Option<String>,
     /// The `user-agent` header must match this regex.
     pub user_agent: Option<String>,

@@ -34,6 +34,8 @@ pub struct Issued {
     pub key_pem: String,
     /// The certificate (DER).
     pub der: CertificateDer<'static>,
+    /// Its serial number (what a CRL lists).
+    pub serial: rcgen::SerialNumber,
 }
 
 impl Issued {
@@ -117,14 +119,45 @@ impl Ca {
         self.sign(params)
     }
 
-    fn sign(&self, params: CertificateParams) -> Issued {
+    fn sign(&self, mut params: CertificateParams) -> Issued {
+        // Distinct serials (what a CRL names a certificate by).
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let serial = rcgen::SerialNumber::from_slice(&n.to_be_bytes());
+        params.serial_number = Some(serial.clone());
         let key = KeyPair::generate().expect("leaf key");
         let cert = params.signed_by(&key, &self.issuer).expect("signed leaf");
         Issued {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
             der: cert.der().clone(),
+            serial,
         }
+    }
+
+    /// A CRL (PEM) of this CA revoking `revoked`.
+    pub fn crl(&self, revoked: &[&Issued]) -> String {
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: rcgen::date_time_ymd(2026, 1, 1),
+            next_update: rcgen::date_time_ymd(2099, 1, 1),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: revoked
+                .iter()
+                .map(|c| rcgen::RevokedCertParams {
+                    serial_number: c.serial.clone(),
+                    revocation_time: rcgen::date_time_ymd(2026, 6, 1),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        params
+            .signed_by(&self.issuer)
+            .expect("a signed CRL")
+            .pem()
+            .expect("a PEM CRL")
     }
 }
 

@@ -244,6 +244,35 @@ async fn required_client_certificates_refuse_connections_without_one() {
 }
 
 #[tokio::test]
+async fn a_revoked_client_certificate_is_refused() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("test CA");
+    let echo = Upstream::echo("echo").await;
+    let lost = ca.client("kiosk-lost", &["spiffe://shop/kiosk"]);
+    let kept = ca.client("kiosk-kept", &["spiffe://shop/kiosk"]);
+    std::fs::write(dir.path().join("clients.crl"), ca.crl(&[&lost])).expect("write CRL");
+    let proxy = start(dir.path(), &ca, &echo, "client_crl = \"clients.crl\"").await;
+
+    let (resp, _) = TlsClient::new(&ca, Some(&kept))
+        .get(proxy.addr(), "/", &[])
+        .await
+        .expect("a certificate not on the CRL is served");
+    assert_eq!(resp.status, 200);
+    assert_eq!(told_client(&echo), "kiosk");
+    let refused = TlsClient::new(&ca, Some(&lost))
+        .get(proxy.addr(), "/", &[])
+        .await;
+    assert!(refused.is_err(), "a revoked certificate was served");
+    assert_eq!(echo.received().len(), 1);
+    assert_eq!(
+        proxy
+            .metric("bff_tls_handshakes_total{result=\"bad_client_cert\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
 async fn a_reload_rotates_the_certificate_for_new_connections_only() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = Ca::new("test CA");
@@ -414,6 +443,7 @@ fn certificate_problems_are_config_problems_reported_together() {
 cert = "server.crt"
 key = "server.key"
 client_ca = "missing-ca.pem"
+client_crl = "missing.crl"
 min_version = "1.1"
 
 [services.echo]
@@ -434,6 +464,7 @@ service = "echo"
     let text = err.to_string();
     for expected in [
         "tls.min_version: unknown variant `1.1`, expected `1.2` or `1.3`",
+        "tls.client_crl: cannot read",
         "tls.client_ca: cannot read",
         "missing-ca.pem",
     ] {
@@ -446,6 +477,7 @@ service = "echo"
         &path,
         config
             .replace("missing-ca.pem", "ca.pem")
+            .replace("client_crl = \"missing.crl\"\n", "")
             .replace("\"1.1\"", "\"1.3\""),
     )
     .expect("write config");
@@ -473,6 +505,7 @@ service = "echo"
         .expect_err("invalid")
         .to_string();
     for expected in [
+        "tls.client_crl: goes with `tls.client_ca`",
         "tls.client_cert: `required` needs `tls.client_ca`",
         "clients[0].identify[0].client_cert: needs `[tls]` with `client_ca`",
     ] {

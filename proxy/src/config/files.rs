@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
 
 use super::{ConfigPath, Problems};
@@ -91,6 +91,27 @@ impl<'a> Files<'a> {
             }
         }
         Some(roots)
+    }
+
+    /// Every CRL of a PEM file (at least one), or a problem at `key`.
+    pub(crate) fn crls(
+        &mut self,
+        path: &Path,
+        key: &str,
+        problems: &mut Problems,
+    ) -> Option<Vec<CertificateRevocationListDer<'static>>> {
+        let pem = self.read(path, key, problems)?;
+        let crls = CertificateRevocationListDer::pem_slice_iter(&pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("not a PEM CRL file: {e}"))
+            .and_then(|crls| {
+                if crls.is_empty() {
+                    Err("no `X509 CRL` block in the file".to_owned())
+                } else {
+                    Ok(crls)
+                }
+            });
+        crls.map_err(|e| problems.push(self.at.key(key), e)).ok()
     }
 
     /// The private key of a PEM file, or a problem at `key`.

@@ -35,6 +35,11 @@ pub struct TlsConfig {
     /// PEM bundle of the CAs that sign client certificates; set, clients are asked for one.
     #[serde(default)]
     pub client_ca: Option<PathBuf>,
+    /// PEM file of certificate revocation lists (one or more) from the client CAs: a client
+    /// certificate listed there is refused. Only the client's own certificate is checked, and
+    /// a certificate from a CA without a CRL here is not refused for that.
+    #[serde(default)]
+    pub client_crl: Option<PathBuf>,
     /// With `client_ca`: `optional` (default; a client without a certificate is identified
     /// by other rules) or `required` (the handshake fails without a valid certificate).
     #[serde(default)]
@@ -94,6 +99,7 @@ impl TlsConfig {
             Some(&mut self.cert),
             Some(&mut self.key),
             self.client_ca.as_mut(),
+            self.client_crl.as_mut(),
         ]
         .into_iter()
         .flatten()
@@ -122,7 +128,18 @@ impl TlsConfig {
                 Some(None)
             }
         };
-        let (Some(cert), Some(key), Some(roots)) = (cert, key, roots) else {
+        let crls = match (&self.client_crl, &self.client_ca) {
+            (Some(path), Some(_)) => files.crls(path, "client_crl", problems),
+            (Some(_), None) => {
+                problems.push(
+                    at.key("client_crl"),
+                    "goes with `tls.client_ca`: without it no client certificate is checked",
+                );
+                None
+            }
+            (None, _) => Some(Vec::new()),
+        };
+        let (Some(cert), Some(key), Some(roots), Some(crls)) = (cert, key, roots, crls) else {
             return;
         };
         let not_after = match x509_parser::parse_x509_certificate(&cert[0]) {
@@ -135,7 +152,7 @@ impl TlsConfig {
                 return;
             }
         };
-        match self.server_config(cert, key, roots) {
+        match self.server_config(cert, key, roots, crls) {
             Ok(server) => {
                 let acceptor = Acceptor {
                     server: Arc::new(server),
@@ -152,6 +169,7 @@ impl TlsConfig {
         cert: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
         roots: Option<rustls::RootCertStore>,
+        crls: Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
     ) -> Result<rustls::ServerConfig, (&'static str, String)> {
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
         let versions: &[&rustls::SupportedProtocolVersion] = match self.min_version {
@@ -163,14 +181,20 @@ impl TlsConfig {
             .map_err(|e| ("min_version", e.to_string()))?;
         let builder = match roots {
             Some(roots) => {
-                let verifier =
+                let mut verifier =
                     WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+                if !crls.is_empty() {
+                    verifier = verifier
+                        .with_crls(crls)
+                        .only_check_end_entity_revocation()
+                        .allow_unknown_revocation_status();
+                }
                 let verifier = match self.client_cert {
                     ClientCertMode::Optional => verifier.allow_unauthenticated(),
                     ClientCertMode::Required => verifier,
                 }
                 .build()
-                .map_err(|e| ("client_ca", format!("unusable CA bundle: {e}")))?;
+                .map_err(|e| ("client_ca", format!("unusable CA bundle or CRL: {e}")))?;
                 builder.with_client_cert_verifier(verifier)
             }
             None => builder.with_no_client_auth(),
