@@ -120,6 +120,9 @@ pub(crate) enum ProxyError {
     Overloaded,
     #[error("too many open connections")]
     ConnectionLimit,
+    /// Cleartext HTTP on a port that speaks HTTPS.
+    #[error("a cleartext request on the HTTPS port")]
+    HttpsRequired,
     #[error(transparent)]
     Plugin(#[from] PluginFailure),
     #[error("the plugin chain did not finish in time")]
@@ -217,6 +220,11 @@ impl ProxyError {
                 "connection_limit",
                 "the proxy is at its connection limit; retry later",
             ),
+            HttpsRequired => (
+                StatusCode::BAD_REQUEST,
+                "https_required",
+                "this port speaks HTTPS; the request was sent in cleartext",
+            ),
             ChainTimeout => (
                 StatusCode::GATEWAY_TIMEOUT,
                 "plugin_chain_timeout",
@@ -272,6 +280,9 @@ impl ProxyError {
                 if matches!(self, Self::ConnectionLimit) {
                     h.insert(header::CONNECTION, HeaderValue::from_static("close"));
                 }
+            }
+            Self::HttpsRequired => {
+                h.insert(header::CONNECTION, HeaderValue::from_static("close"));
             }
             // RFC 6750, 3.1.
             Self::Identity(IdentityError::InvalidToken) => {

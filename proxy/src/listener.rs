@@ -196,6 +196,15 @@ impl std::fmt::Debug for TlsSettings {
     }
 }
 
+/// Why a connection is answered with one error response and closed instead of being served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// Over `server.max_connections`.
+    ConnectionLimit,
+    /// Cleartext HTTP sent to the HTTPS port.
+    HttpsRequired,
+}
+
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone)]
 pub(crate) struct Peer {
@@ -206,9 +215,10 @@ pub(crate) struct Peer {
 
 /// Runs the accept loop until `shutdown`, spawning one task per connection on `tracker`.
 ///
-/// `make_service(peer, over_limit)` builds the per-connection service once the connection is
-/// ready for HTTP (after its TLS handshake); connections beyond `max_connections` get
-/// `over_limit = true`: a service that answers one 503 with `connection: close`.
+/// `make_service(peer, refusal)` builds the per-connection service once the connection is
+/// ready for HTTP (after its TLS handshake). With a [`Refusal`] it is a service that answers
+/// one error with `connection: close`: a 503 for connections beyond `max_connections`, a 400
+/// for cleartext HTTP on the HTTPS port.
 pub(crate) async fn accept_loop<F, S, B>(
     listener: TcpListener,
     settings: ConnSettings,
@@ -217,7 +227,7 @@ pub(crate) async fn accept_loop<F, S, B>(
     shutdown: CancellationToken,
     tracker: TaskTracker,
 ) where
-    F: Fn(Peer, bool) -> S + Send + Sync + 'static,
+    F: Fn(Peer, Option<Refusal>) -> S + Send + Sync + 'static,
     S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>
         + Send
         + 'static,
@@ -271,15 +281,14 @@ pub(crate) async fn accept_loop<F, S, B>(
                 addr: peer,
                 tls: None,
             };
+            let over_limit = over_limit.then_some(Refusal::ConnectionLimit);
             match settings.tls.clone() {
                 None => {
                     let service = make_service(peer, over_limit);
                     serve_connection(stream, service, settings, shutdown).await;
                 }
-                Some(tls) => {
-                    if let Some((stream, info)) =
-                        handshake(stream, &tls, &settings, &shutdown).await
-                    {
+                Some(tls) => match handshake(stream, &tls, &settings, &shutdown).await {
+                    Handshake::Done(stream, info) => {
                         let peer = Peer {
                             tls: Some(info),
                             ..peer
@@ -287,7 +296,14 @@ pub(crate) async fn accept_loop<F, S, B>(
                         let service = make_service(peer, over_limit);
                         serve_connection(stream, service, settings, shutdown).await;
                     }
-                }
+                    // An answer a person can read beats a reset: curl http:// on an
+                    // https port says what went wrong.
+                    Handshake::Cleartext(stream) => {
+                        let service = make_service(peer, Some(Refusal::HttpsRequired));
+                        serve_connection(stream, service, settings, shutdown).await;
+                    }
+                    Handshake::Failed => {}
+                },
             }
             drop(open);
             drop(permit);
@@ -295,42 +311,80 @@ pub(crate) async fn accept_loop<F, S, B>(
     }
 }
 
+/// How a TLS handshake ended.
+enum Handshake {
+    /// Boxed: a TLS session is over a kilobyte, the other outcomes a few words.
+    Done(Box<tokio_rustls::server::TlsStream<TcpStream>>, TlsInfo),
+    /// The client spoke cleartext HTTP: the stream, nothing read from it yet.
+    Cleartext(TcpStream),
+    Failed,
+}
+
+/// A TLS record starts with its content type; a handshake's is 22.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
 /// The server side of a TLS handshake, bounded by the handshake timeout and cut short by
-/// shutdown. `None` when it did not complete (counted and logged at debug: a port scanner or
+/// shutdown. `Failed` when it did not complete (counted and logged at debug: a port scanner or
 /// a client that distrusts the certificate is not the proxy's problem).
 async fn handshake(
     stream: TcpStream,
     tls: &TlsSettings,
     settings: &ConnSettings,
     shutdown: &CancellationToken,
-) -> Option<(tokio_rustls::server::TlsStream<TcpStream>, TlsInfo)> {
-    let config = (tls.current)()?;
+) -> Handshake {
+    let Some(config) = (tls.current)() else {
+        return Handshake::Failed;
+    };
     let count = |result: &str| {
         if let Some(m) = &settings.metrics {
             m.tls_handshakes.with_label_values(&[result]).inc();
         }
     };
+    let deadline = tokio::time::Instant::now() + tls.handshake_timeout;
+    // One byte, peeked: a ClientHello starts with a handshake record; anything else is
+    // probably a cleartext request, answered as one.
+    let mut first = [0u8; 1];
+    let peeked = tokio::select! {
+        r = tokio::time::timeout_at(deadline, stream.peek(&mut first)) => r,
+        () = shutdown.cancelled() => return Handshake::Failed,
+    };
+    match peeked {
+        Ok(Ok(1..)) if first[0] != TLS_HANDSHAKE_RECORD => {
+            count("cleartext");
+            return Handshake::Cleartext(stream);
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(_)) => {
+            count("io");
+            return Handshake::Failed;
+        }
+        Err(_) => {
+            count("timeout");
+            tracing::debug!("TLS handshake timed out");
+            return Handshake::Failed;
+        }
+    }
     let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
     let done = tokio::select! {
-        r = tokio::time::timeout(tls.handshake_timeout, accept) => r,
-        () = shutdown.cancelled() => return None,
+        r = tokio::time::timeout_at(deadline, accept) => r,
+        () = shutdown.cancelled() => return Handshake::Failed,
     };
     match done {
         Ok(Ok(stream)) => {
             count("ok");
             let info = TlsInfo::of(stream.get_ref().1);
-            Some((stream, info))
+            Handshake::Done(Box::new(stream), info)
         }
         Ok(Err(e)) => {
             let reason = tls::failure_reason(&e);
             count(reason);
             tracing::debug!(reason, error = %e, "TLS handshake failed");
-            None
+            Handshake::Failed
         }
         Err(_) => {
             count("timeout");
             tracing::debug!("TLS handshake timed out");
-            None
+            Handshake::Failed
         }
     }
 }

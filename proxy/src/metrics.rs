@@ -694,8 +694,9 @@ pub(crate) struct ConnectionFamilies {
 impl ConnectionFamilies {
     /// Every `result` of `bff_tls_handshakes_total`, exported from the start (at 0) so a rate
     /// over them works before the first failure of a kind.
-    pub(crate) const TLS_RESULTS: [&'static str; 7] = [
+    pub(crate) const TLS_RESULTS: [&'static str; 8] = [
         "ok",
+        "cleartext",
         "timeout",
         "no_client_cert",
         "bad_client_cert",
@@ -724,8 +725,9 @@ impl ConnectionFamilies {
             tls_handshakes: counter_vec(
                 r,
                 "bff_tls_handshakes_total",
-                "TLS handshakes on the data plane, by result: ok, timeout, no_client_cert, \
-                 bad_client_cert, incompatible, protocol, io.",
+                "TLS handshakes on the data plane, by result: ok, cleartext (HTTP sent to the \
+                 HTTPS port, answered 400), timeout, no_client_cert, bad_client_cert, \
+                 incompatible, protocol, io.",
                 &["result"],
             ),
             tls_cert_expiry: gauge(

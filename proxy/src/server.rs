@@ -17,7 +17,7 @@ use crate::admin::Admin;
 use crate::config::Config;
 use crate::error::ProxyError;
 use crate::listener::ServerConfig;
-use crate::listener::{ConnSettings, Peer, TlsSettings, accept_loop};
+use crate::listener::{ConnSettings, Peer, Refusal, TlsSettings, accept_loop};
 use crate::metrics::Metrics;
 use crate::observe::access_log::AccessLog;
 use crate::pipeline::{self, ConnInfo};
@@ -97,7 +97,7 @@ impl AdminServer {
             tls: None,
         };
         let service_state = state.clone();
-        let make_admin = move |_peer: Peer, _over_limit: bool| {
+        let make_admin = move |_peer: Peer, _refusal: Option<Refusal>| {
             let state = service_state.clone();
             hyper::service::service_fn(move |req| {
                 let state = state.clone();
@@ -278,22 +278,27 @@ impl Proxy {
             .local_addr()
             .expect("a bound TCP listener has an address");
         let data_shared = shared.clone();
-        let make_data = move |peer: Peer, over_limit: bool| {
+        let make_data = move |peer: Peer, refusal: Option<Refusal>| {
             let shared = data_shared.clone();
             let conn = Arc::new(ConnInfo::new(peer));
             hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
                 let conn = conn.clone();
                 async move {
-                    if over_limit {
-                        tracing::warn!(peer = %conn.peer, "connection over the limit refused");
-                        return Ok::<_, Infallible>(pipeline::refuse(
-                            &shared,
-                            &req,
-                            ProxyError::ConnectionLimit,
-                        ));
-                    }
-                    Ok(pipeline::handle(shared, conn, req).await)
+                    let error = match refusal {
+                        None => {
+                            return Ok::<_, Infallible>(pipeline::handle(shared, conn, req).await);
+                        }
+                        Some(Refusal::ConnectionLimit) => {
+                            tracing::warn!(peer = %conn.peer, "connection over the limit refused");
+                            ProxyError::ConnectionLimit
+                        }
+                        Some(Refusal::HttpsRequired) => {
+                            tracing::debug!(peer = %conn.peer, "cleartext request on the HTTPS port");
+                            ProxyError::HttpsRequired
+                        }
+                    };
+                    Ok(pipeline::refuse(&shared, &req, error))
                 }
             })
         };

@@ -401,12 +401,19 @@ async fn failed_handshakes_are_counted_and_hurt_nobody_else() {
     let echo = Upstream::echo("echo").await;
     let proxy = start(dir.path(), &ca, &echo, "").await;
 
-    // Cleartext HTTP on the HTTPS port: the connection is closed.
+    // Cleartext HTTP on the HTTPS port: a readable answer, then the connection is closed.
     let mut plain = RawConn::connect(proxy.addr()).await;
     plain.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let resp = plain.read_response(false).await.expect("an answer");
+    resp.assert_error(400, "https_required");
+    assert_eq!(resp.header("connection"), Some("close"));
     assert!(
         plain.closed_within(Duration::from_secs(5)).await.is_some(),
-        "a cleartext request was not refused"
+        "the cleartext connection stayed open"
+    );
+    assert!(
+        echo.received().is_empty(),
+        "a cleartext request was forwarded"
     );
     // A client that never says hello is closed at the handshake timeout (1 s here).
     let mut silent = RawConn::connect(proxy.addr()).await;
@@ -424,7 +431,8 @@ async fn failed_handshakes_are_counted_and_hurt_nobody_else() {
         .expect("served");
     assert_eq!(resp.status, 200);
     let metric = |r: &str| format!("bff_tls_handshakes_total{{result=\"{r}\"}}");
-    assert_eq!(proxy.metric(&metric("protocol")).await, 2.0);
+    assert_eq!(proxy.metric(&metric("cleartext")).await, 1.0);
+    assert_eq!(proxy.metric(&metric("protocol")).await, 1.0);
     assert_eq!(proxy.metric(&metric("timeout")).await, 1.0);
     assert_eq!(proxy.metric(&metric("ok")).await, 1.0);
 }
