@@ -173,13 +173,28 @@ impl Config {
             .iter()
             .filter(|c| c.identify.iter().any(|r| r.api_key_header.is_some()))
             .count();
+        let listen = match &self.tls {
+            None => format!("listen {}", self.listen),
+            Some(t) => format!(
+                "listen {} (HTTPS{})",
+                self.listen,
+                match (&t.client_ca, t.client_cert) {
+                    (None, _) => "",
+                    (Some(_), ClientCertMode::Optional) => ", client certificates optional",
+                    (Some(_), ClientCertMode::Required) => ", client certificates required",
+                }
+            ),
+        };
+        let jwt = match &self.identity.jwt {
+            Some(_) => ", bearer tokens verified",
+            None => "",
+        };
         format!(
-            "{} service(s), {} client(s) ({} by API key), {} route(s); listen {}, admin {}",
+            "{} service(s), {} client(s) ({} by API key{jwt}), {} route(s); {listen}, admin {}",
             self.services.len(),
             self.clients.len(),
             keyed,
             self.routes.len(),
-            self.listen,
             self.admin.listen
         )
     }
