@@ -29,6 +29,7 @@ pub use crate::listener::tls::{ClientCertMode, TlsConfig, TlsVersion};
 pub use crate::observe::access_log::{AccessLogConfig, AccessLogFormat};
 pub use crate::pipeline::HeadersConfig;
 pub use crate::plugins::{PluginLimits, PluginLimitsOverride, PluginsConfig};
+pub use crate::ratelimit::RateLimit;
 pub use crate::reload::ReloadConfig;
 pub use crate::router::{ChainStep, OnError, RouteConfig};
 pub use crate::upstream::{Protocol, ServiceConfig, UpstreamTlsConfig};

@@ -120,6 +120,9 @@ pub(crate) enum ProxyError {
     Overloaded,
     #[error("too many open connections")]
     ConnectionLimit,
+    /// The client is over its `rate_limit`.
+    #[error("the client is over its rate limit")]
+    RateLimited { retry_after: std::time::Duration },
     /// Cleartext HTTP on a port that speaks HTTPS.
     #[error("a cleartext request on the HTTPS port")]
     HttpsRequired,
@@ -220,6 +223,11 @@ impl ProxyError {
                 "connection_limit",
                 "the proxy is at its connection limit; retry later",
             ),
+            RateLimited { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                "this client is over its rate limit; retry later",
+            ),
             HttpsRequired => (
                 StatusCode::BAD_REQUEST,
                 "https_required",
@@ -283,6 +291,11 @@ impl ProxyError {
             }
             Self::HttpsRequired => {
                 h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            // Whole seconds (RFC 9110), rounded up so a client that waits is admitted.
+            Self::RateLimited { retry_after } => {
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
             }
             // RFC 6750, 3.1.
             Self::Identity(IdentityError::InvalidToken) => {

@@ -17,6 +17,7 @@ use subtle::ConstantTimeEq;
 use crate::config::ConfigPath;
 use crate::config::Problems;
 use crate::listener::tls::{ClientCert, TlsConfig};
+use crate::ratelimit::RateLimit;
 
 mod jwt;
 
@@ -47,6 +48,10 @@ pub struct ClientConfig {
     /// Rules tried in order; any match identifies the request as this client.
     #[serde(default)]
     pub identify: Vec<IdentifyRule>,
+    /// How many requests the client may send (`429 rate_limited` beyond); unlimited when
+    /// unset.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// One identification rule. Exactly one form per rule: `{ SOURCE, equals }` or
@@ -546,6 +551,9 @@ pub(crate) fn validate(
                 at.key("name"),
                 format!("duplicate client name `{}`", c.name),
             );
+        }
+        if let Some(limit) = &c.rate_limit {
+            limit.validate(&at.key("rate_limit"), problems);
         }
         for (j, rule) in c.identify.iter().enumerate() {
             if let Err(e) = compile_rule(rule) {

@@ -31,6 +31,7 @@ pub mod metrics;
 mod observe;
 mod pipeline;
 pub mod plugins;
+mod ratelimit;
 mod reload;
 mod router;
 mod server;

@@ -274,6 +274,10 @@ async fn proxy(
     tracing::Span::current().record("route", &*route.id);
     ctx.route = Some((route.index, route.id.clone()));
     ctx.service = route.service.clone();
+    // Rate limit: before any plugin instance or upstream call is spent on the request.
+    snap.rate_limits
+        .check(client_idx)
+        .map_err(|retry_after| ProxyError::RateLimited { retry_after })?;
     let upstream_path = route.upstream_path(&path, &params);
 
     // Upstream request: same method, cleaned headers, streamed body (counted as it passes).

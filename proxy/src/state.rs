@@ -19,6 +19,7 @@ use crate::metrics::{Metrics, RequestTable};
 use crate::observe::access_log::AccessLog;
 use crate::pipeline::HeaderNames;
 use crate::plugins::{Catalog, Chain};
+use crate::ratelimit::RateLimits;
 use crate::router::Router;
 use crate::upstream::Upstreams;
 
@@ -35,6 +36,8 @@ pub(crate) struct Snapshot {
     pub(crate) chain_timeout: std::time::Duration,
     /// The loaded plugins by name, with their versions and problems (`/admin/plugins`).
     pub(crate) catalog: Catalog,
+    /// Per-client rate limits, by client index.
+    pub(crate) rate_limits: RateLimits,
     /// The request series of every client × route pair of this config.
     pub(crate) request_metrics: RequestTable,
     /// `[access_log]` (the output itself is bound at startup, in [`Shared`]).
@@ -46,8 +49,8 @@ pub(crate) struct Snapshot {
 impl Snapshot {
     /// Puts a snapshot together from a validated config and its loaded chains (by route
     /// index). What `current` (the live snapshot) built from equal settings is kept: its
-    /// upstream pools (idle connections stay warm) and its token verifier (its cache of
-    /// verified tokens stays). Needs a Tokio runtime (upstream clients spawn their connection
+    /// upstream pools (idle connections stay warm), its token verifier (its cache of verified
+    /// tokens stays) and its clients' rate limiters (no fresh burst on reload). Needs a Tokio runtime (upstream clients spawn their connection
     /// tasks on it).
     pub(crate) fn assemble(
         config: Config,
@@ -77,6 +80,10 @@ impl Snapshot {
                 .map_or(0, |l| l.not_after),
         );
         Self {
+            rate_limits: RateLimits::build(
+                &config.clients,
+                current.map(|c| (&c.rate_limits, c.config.clients.as_slice())),
+            ),
             identifier: Identifier::build(
                 &config.identity,
                 &config.clients,

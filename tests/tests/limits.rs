@@ -1,5 +1,6 @@
 //! Limits end to end: 413 body_too_large (declared and streamed), 431 headers_too_large and
-//! too_many_headers, 503 overloaded and connection_limit, each with its stable JSON error.
+//! too_many_headers, 503 overloaded and connection_limit, 429 rate_limited per client, each
+//! with its stable JSON error.
 
 use std::time::{Duration, Instant};
 
@@ -180,5 +181,119 @@ async fn connection_over_the_limit_gets_503_connection_limit() {
             resp.text()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `kiosk` (by header) may send 2 requests at once, then 1 per 10 minutes; `web` is unlimited.
+const RATE_LIMITED: &str = r#"
+listen = "127.0.0.1:0"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[access_log]
+enabled = false
+
+[reload]
+watch = false
+
+[identity]
+default_client = "web"
+
+[services.main]
+urls = ["{url}"]
+
+[[clients]]
+name = "kiosk"
+identify = [{ header = "x-client", equals = "kiosk" }]
+rate_limit = { requests = 1, per = "10m", burst = 2 }
+
+[[clients]]
+name = "web"
+
+[[routes]]
+id = "all"
+path = "/{*rest}"
+service = "main"
+"#;
+
+#[tokio::test]
+async fn a_client_over_its_rate_limit_gets_429_and_others_do_not_notice() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let up = Upstream::echo("main").await;
+    let config = RATE_LIMITED.replace("{url}", &up.url());
+    let path = dir.path().join("bff.toml");
+    std::fs::write(&path, &config).expect("write config");
+    let proxy = TestProxy::start_file(&path).await;
+    let kiosk = [("x-client", "kiosk")];
+
+    for _ in 0..2 {
+        assert_eq!(get(proxy.addr(), "/a", &kiosk).await.status, 200);
+    }
+    let resp = get(proxy.addr(), "/a", &kiosk).await;
+    resp.assert_error(429, "rate_limited");
+    // One request per 10 minutes: the next is about 600 s away, in whole seconds.
+    let retry: u64 = resp
+        .header("retry-after")
+        .and_then(|v| v.parse().ok())
+        .expect("a retry-after in seconds");
+    assert!((590..=600).contains(&retry), "retry-after {retry}");
+    assert_eq!(
+        up.received().len(),
+        2,
+        "a refused request reached the upstream"
+    );
+    for _ in 0..20 {
+        assert_eq!(get(proxy.addr(), "/a", &[]).await.status, 200);
+    }
+    assert_eq!(
+        proxy
+            .metric(r#"bff_requests_total{client="kiosk",route="all",status_class="4xx"}"#)
+            .await,
+        1.0
+    );
+
+    // A reload that leaves the limit alone keeps its state: no fresh burst.
+    std::fs::write(&path, config.replace("id = \"all\"", "id = \"everything\""))
+        .expect("write config");
+    let (status, record) = proxy.reload().await;
+    assert_eq!(
+        (status, record["outcome"].as_str()),
+        (200, Some("applied")),
+        "{record}"
+    );
+    get(proxy.addr(), "/a", &kiosk)
+        .await
+        .assert_error(429, "rate_limited");
+    // A new limit starts afresh.
+    std::fs::write(&path, config.replace("burst = 2", "burst = 3")).expect("write config");
+    let (status, _) = proxy.reload().await;
+    assert_eq!(status, 200);
+    assert_eq!(get(proxy.addr(), "/a", &kiosk).await.status, 200);
+}
+
+#[test]
+fn rate_limit_settings_are_checked() {
+    let config = RATE_LIMITED.replace("{url}", "http://127.0.0.1:1").replace(
+        "requests = 1, per = \"10m\", burst = 2",
+        "requests = 0, per = \"0s\", burst = 0, typo = 1",
+    );
+    let err = bff_proxy::Config::from_toml(&config, "t").expect_err("invalid");
+    let text = err.to_string();
+    assert!(text.contains("rate_limit.typo: unknown field"), "{text}");
+    // Decoding stopped at the unknown field; without it every range is checked.
+    let config = RATE_LIMITED.replace("{url}", "http://127.0.0.1:1").replace(
+        "requests = 1, per = \"10m\", burst = 2",
+        "requests = 0, per = \"0s\", burst = 0",
+    );
+    let text = bff_proxy::Config::from_toml(&config, "t")
+        .expect_err("invalid")
+        .to_string();
+    for expected in [
+        "clients[0].rate_limit.requests: must be between 1 and 1000000",
+        "clients[0].rate_limit.per: must be between",
+        "clients[0].rate_limit.burst: must be between 1 and 1000000",
+    ] {
+        assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
     }
 }

@@ -60,6 +60,7 @@ fn cert_identifier() -> Identifier {
         name: name.into(),
         attributes: BTreeMap::new(),
         identify,
+        rate_limit: None,
     };
     Identifier::build(
         &IdentityConfig::default(),
