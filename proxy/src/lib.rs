@@ -7,11 +7,12 @@
 //!
 //! | phase | module | decides |
 //! |---|---|---|
-//! | accept | [`listener`](crate::listener) | connection limits, timeouts, HTTP/1.1 + h2c |
-//! | identify | `identity` | which client sent the request (header, user agent, API key) |
+//! | accept | [`listener`] | connection limits, timeouts, TLS (`listener::tls`), HTTP/1.1 + HTTP/2 |
+//! | identify | `identity` | which client sent the request (header, user agent, API key, client certificate, JWT claim) |
 //! | route | `router` | the client's route for the normalized path; path params, rewrite |
+//! | rate limit | `ratelimit` | whether the client is within its `rate_limit` |
 //! | plugins | `plugins` | the route's Wasm chain: request phase, (upstream), response phase |
-//! | upstream | `upstream` | which service URL; pooled, streamed, with timeouts |
+//! | upstream | `upstream` | which service URL; pooled, streamed, with timeouts, TLS to `https://` |
 //! | respond | `pipeline` + `error` | headers cleaned, errors as JSON with stable codes |
 //! | log | `observe` | metrics and the access log, once the response body is sent |
 //!

@@ -2,7 +2,7 @@
 //! timeouts, and hands each request to the pipeline (data plane) or the admin service.
 //!
 //! One port serves HTTP/1.1 and HTTP/2 (h2c prior knowledge, or ALPN `h2` over TLS) via
-//! hyper-util's auto builder; with `[tls]` the port is HTTPS ([`tls`]: the handshake comes
+//! hyper-util's auto builder; with `[tls]` the port is HTTPS (`tls`: the handshake comes
 //! first, bounded by the header-read timeout).
 //! Every connection is bounded: a header-read timeout, an idle timeout (no bytes either way),
 //! and a graceful close on shutdown that lets the request in flight finish.

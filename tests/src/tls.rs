@@ -200,9 +200,18 @@ impl TlsClient {
     /// refuses the client's certificate says so after the client's side of the handshake is
     /// done: the first request fails, not this.
     pub async fn connect(&self, addr: SocketAddr) -> std::io::Result<TlsStream<TcpStream>> {
+        self.connect_to(addr, "localhost").await
+    }
+
+    /// Like [`TlsClient::connect`], asking for (and verifying) `server_name`.
+    pub async fn connect_to(
+        &self,
+        addr: SocketAddr,
+        server_name: &str,
+    ) -> std::io::Result<TlsStream<TcpStream>> {
+        let name = ServerName::try_from(server_name.to_owned()).expect("a valid server name");
         bounded("TLS connect", async {
             let tcp = TcpStream::connect(addr).await?;
-            let name = ServerName::try_from("localhost").expect("a valid server name");
             tokio_rustls::TlsConnector::from(self.config.clone())
                 .connect(name, tcp)
                 .await

@@ -244,6 +244,43 @@ async fn required_client_certificates_refuse_connections_without_one() {
 }
 
 #[tokio::test]
+async fn the_certificate_is_chosen_by_the_name_the_client_asks_for() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("test CA");
+    let echo = Upstream::echo("echo").await;
+    ca.server_named("m.shop.test").write(dir.path(), "mobile");
+    ca.server_named("*.kiosk.test").write(dir.path(), "kiosk");
+    let sni = "[[tls.sni]]\nnames = [\"m.shop.test\"]\ncert = \"mobile.crt\"\nkey = \"mobile.key\"\n\
+               [[tls.sni]]\nnames = [\"*.kiosk.test\"]\ncert = \"kiosk.crt\"\nkey = \"kiosk.key\"";
+    let proxy = start(dir.path(), &ca, &echo, sni).await;
+    let client = TlsClient::new(&ca, None);
+    for (name, cn) in [
+        ("m.shop.test", "m.shop.test"),
+        ("M.Shop.Test", "m.shop.test"),
+        ("store-12.kiosk.test", "*.kiosk.test"),
+        // A wildcard covers one label; anything else gets the default certificate.
+        ("localhost", "proxy v1"),
+    ] {
+        let stream = client.connect_to(proxy.addr(), name).await.expect(name);
+        let cert = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .expect("a certificate")[0]
+            .clone();
+        assert_eq!(common_name(&cert), cn, "{name}");
+    }
+    // A name only the default would serve, and the default does not cover it: the client
+    // refuses the certificate.
+    assert!(
+        client
+            .connect_to(proxy.addr(), "a.b.kiosk.test")
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
 async fn a_revoked_client_certificate_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = Ca::new("test CA");
@@ -435,6 +472,56 @@ async fn failed_handshakes_are_counted_and_hurt_nobody_else() {
     assert_eq!(proxy.metric(&metric("protocol")).await, 1.0);
     assert_eq!(proxy.metric(&metric("timeout")).await, 1.0);
     assert_eq!(proxy.metric(&metric("ok")).await, 1.0);
+}
+
+#[test]
+fn sni_problems_are_config_problems() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca = Ca::new("test CA");
+    ca.server("default").write(dir.path(), "server");
+    let a = ca.server_named("a.test");
+    let b = ca.server_named("b.test");
+    std::fs::write(dir.path().join("a.crt"), &a.cert_pem).expect("write");
+    std::fs::write(dir.path().join("a.key"), &b.key_pem).expect("write");
+    let config = r#"
+[tls]
+cert = "server.crt"
+key = "server.key"
+
+[[tls.sni]]
+names = ["a.test", "bad name", "*.*.test"]
+cert = "a.crt"
+key = "a.key"
+
+[[tls.sni]]
+names = ["A.test"]
+cert = "server.crt"
+key = "server.key"
+
+[services.echo]
+urls = ["http://127.0.0.1:1"]
+
+[[clients]]
+name = "web"
+
+[[routes]]
+id = "all"
+path = "/"
+service = "echo"
+"#;
+    let path = dir.path().join("bff.toml");
+    std::fs::write(&path, config).expect("write config");
+    let text = bff_proxy::Config::load(&path)
+        .expect_err("invalid")
+        .to_string();
+    for expected in [
+        "tls.sni[0].key: the key in",
+        "tls.sni[0].names[1]: `bad name` is not a host name",
+        "tls.sni[0].names[2]: `*.*.test` is not a host name",
+        "tls.sni[1].names[0]: `a.test` already has a certificate",
+    ] {
+        assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
+    }
 }
 
 #[test]

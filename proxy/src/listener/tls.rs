@@ -2,10 +2,12 @@
 //!
 //! `[tls]` turns the data-plane port into an HTTPS port (rustls with the aws-lc-rs provider,
 //! so the X25519MLKEM768 post-quantum hybrid key exchange is preferred; ALPN offers `h2` and
-//! `http/1.1`, so HTTP/2 and HTTP/1.1 share the port as they do in cleartext). With `client_ca` set, clients are asked for a certificate signed by one of
-//! those CAs (mutual TLS): required, or optional so certificate-less clients are identified
-//! by other rules. The names on a verified client certificate ([`ClientCert`]) feed the
-//! `client_cert` identification rules.
+//! `http/1.1`, so HTTP/2 and HTTP/1.1 share the port as they do in cleartext). `[[tls.sni]]`
+//! adds certificates chosen by the name the client asks for ([`SniResolver`]). With
+//! `client_ca` set, clients are asked for a certificate signed by one of those CAs (mutual
+//! TLS): required, or optional so certificate-less clients are identified by other rules;
+//! `client_crl` refuses revoked ones. The names on a verified client certificate
+//! ([`ClientCert`]) feed the `client_cert` identification rules.
 //!
 //! The files are read, parsed and checked when the config loads (a missing file, a key that
 //! does not match its certificate or an unusable CA bundle is a config problem like any
@@ -17,7 +19,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -47,6 +50,10 @@ pub struct TlsConfig {
     /// Oldest protocol version accepted: `"1.2"` (default) or `"1.3"`.
     #[serde(default)]
     pub min_version: TlsVersion,
+    /// More certificates, chosen by the name the client asks for (SNI); `cert` serves every
+    /// other name and clients that send none.
+    #[serde(default)]
+    pub sni: Vec<SniCert>,
     /// Tell upstreams about a verified client certificate in `x-forwarded-client-cert`
     /// (Envoy's format: `Hash=...;Subject="...";URI=...;DNS=...`). A copy sent by the client
     /// is removed whenever `[tls]` is set: this proxy is the one that saw the certificate.
@@ -55,6 +62,18 @@ pub struct TlsConfig {
     /// What the files held when the config was loaded.
     #[serde(skip)]
     pub(crate) loaded: Option<Loaded>,
+}
+
+/// `[[tls.sni]]`: a certificate for clients asking for one of `names`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniCert {
+    /// Host names (`m.shop.example`), or `*.shop.example` for any one label in front.
+    pub names: Vec<String>,
+    /// PEM file: the certificate, then its intermediates.
+    pub cert: PathBuf,
+    /// PEM file: its private key.
+    pub key: PathBuf,
 }
 
 /// `tls.client_cert`.
@@ -103,11 +122,25 @@ impl TlsConfig {
         ]
         .into_iter()
         .flatten()
+        .chain(self.sni.iter_mut().flat_map(|s| [&mut s.cert, &mut s.key]))
         {
             if p.is_relative() {
                 *p = base.join(&*p);
             }
         }
+    }
+
+    /// Every file this section names (for the watcher).
+    pub(crate) fn files(&self) -> impl Iterator<Item = &PathBuf> {
+        [
+            Some(&self.cert),
+            Some(&self.key),
+            self.client_ca.as_ref(),
+            self.client_crl.as_ref(),
+        ]
+        .into_iter()
+        .flatten()
+        .chain(self.sni.iter().flat_map(|s| [&s.cert, &s.key]))
     }
 
     /// Reads the files and builds the acceptor, recording every problem under `at`.
@@ -139,20 +172,22 @@ impl TlsConfig {
             }
             (None, _) => Some(Vec::new()),
         };
-        let (Some(cert), Some(key), Some(roots), Some(crls)) = (cert, key, roots, crls) else {
+        let default = cert.zip(key).and_then(|(cert, key)| {
+            certified(cert, key, &self.cert, &self.key, &at.key("key"), problems)
+        });
+        let sni = self.load_sni(&mut files, at, problems);
+        let (Some(default), Some(roots), Some(crls), Some(sni)) = (default, roots, crls, sni)
+        else {
             return;
         };
-        let not_after = match x509_parser::parse_x509_certificate(&cert[0]) {
-            Ok((_, parsed)) => parsed.validity().not_after.timestamp(),
-            Err(e) => {
-                problems.push(
-                    at.key("cert"),
-                    format!("the first certificate cannot be parsed: {e}"),
-                );
-                return;
-            }
-        };
-        match self.server_config(cert, key, roots, crls) {
+        // The first certificate to expire is the one to watch.
+        let not_after = std::iter::once(&default)
+            .chain(sni.iter().map(|(_, k)| k))
+            .map(|(_, not_after)| *not_after)
+            .min()
+            .unwrap_or(default.1);
+        let resolver = SniResolver::new(default.0, sni);
+        match self.server_config(resolver, roots, crls) {
             Ok(server) => {
                 let acceptor = Acceptor {
                     server: Arc::new(server),
@@ -164,14 +199,54 @@ impl TlsConfig {
         }
     }
 
+    /// The `[[tls.sni]]` certificates by name; `None` if any is unusable (problems recorded).
+    fn load_sni(
+        &self,
+        files: &mut Files<'_>,
+        at: &ConfigPath,
+        problems: &mut Problems,
+    ) -> Option<Vec<(String, Certified)>> {
+        let before = problems.len();
+        let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for (i, entry) in self.sni.iter().enumerate() {
+            let at = at.key("sni").index(i);
+            let cert = files.certificates(&entry.cert, "cert", problems);
+            let key = files.private_key(&entry.key, "key", problems);
+            let loaded = cert.zip(key).and_then(|(cert, key)| {
+                certified(cert, key, &entry.cert, &entry.key, &at.key("key"), problems)
+            });
+            if entry.names.is_empty() {
+                problems.push(at.key("names"), "names no host: nobody would get it");
+            }
+            for (j, name) in entry.names.iter().enumerate() {
+                let name = name.to_ascii_lowercase();
+                let host = name.strip_prefix("*.").unwrap_or(&name);
+                if rustls::pki_types::DnsName::try_from(host).is_err() || host.contains('*') {
+                    problems.push(
+                        at.key("names").index(j),
+                        format!("`{name}` is not a host name or `*.` and a host name"),
+                    );
+                } else if !seen.insert(name.clone()) {
+                    problems.push(
+                        at.key("names").index(j),
+                        format!("`{name}` already has a certificate"),
+                    );
+                } else if let Some(k) = &loaded {
+                    out.push((name, k.clone()));
+                }
+            }
+        }
+        (problems.len() == before).then_some(out)
+    }
+
     fn server_config(
         &self,
-        cert: Vec<CertificateDer<'static>>,
-        key: PrivateKeyDer<'static>,
+        certificates: SniResolver,
         roots: Option<rustls::RootCertStore>,
         crls: Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
     ) -> Result<rustls::ServerConfig, (&'static str, String)> {
-        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let provider = provider();
         let versions: &[&rustls::SupportedProtocolVersion] = match self.min_version {
             TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
             TlsVersion::Tls13 => &[&rustls::version::TLS13],
@@ -199,23 +274,101 @@ impl TlsConfig {
             }
             None => builder.with_no_client_auth(),
         };
-        let mut server = builder.with_single_cert(cert, key).map_err(|e| {
-            let message = match e {
-                rustls::Error::InconsistentKeys(_) => format!(
-                    "the key in `{}` does not belong to the certificate in `{}`",
-                    self.key.display(),
-                    self.cert.display()
-                ),
-                other => format!("cannot use this key with the certificate: {other}"),
-            };
-            ("key", message)
-        })?;
+        let mut server = builder.with_cert_resolver(Arc::new(certificates));
         server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         // Stateless resumption: a returning client skips the full handshake.
         if let Ok(ticketer) = rustls::crypto::aws_lc_rs::Ticketer::new() {
             server.ticketer = ticketer;
         }
         Ok(server)
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// A certificate chain with its key, and the leaf's `notAfter` (seconds since the Unix epoch).
+type Certified = (Arc<CertifiedKey>, i64);
+
+/// A certificate chain with its key, checked to belong together, and the leaf's `notAfter`
+/// (seconds since the Unix epoch); `None` with a problem at `at` otherwise.
+fn certified(
+    cert: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    cert_path: &Path,
+    key_path: &Path,
+    at: &ConfigPath,
+    problems: &mut Problems,
+) -> Option<Certified> {
+    let not_after = match x509_parser::parse_x509_certificate(&cert[0]) {
+        Ok((_, parsed)) => parsed.validity().not_after.timestamp(),
+        Err(e) => {
+            problems.push(
+                at.clone(),
+                format!(
+                    "the first certificate of `{}` cannot be parsed: {e}",
+                    cert_path.display()
+                ),
+            );
+            return None;
+        }
+    };
+    match CertifiedKey::from_der(cert, key, &provider()) {
+        Ok(k) => Some((Arc::new(k), not_after)),
+        Err(rustls::Error::InconsistentKeys(_)) => {
+            problems.push(
+                at.clone(),
+                format!(
+                    "the key in `{}` does not belong to the certificate in `{}`",
+                    key_path.display(),
+                    cert_path.display()
+                ),
+            );
+            None
+        }
+        Err(e) => {
+            problems.push(at.clone(), format!("cannot use this key: {e}"));
+            None
+        }
+    }
+}
+
+/// Picks the certificate for a handshake by the name the client asked for: an exact name,
+/// else a `*.` name for its parent domain, else the default.
+#[derive(Debug)]
+struct SniResolver {
+    default: Arc<CertifiedKey>,
+    /// Lowercase names (`*.`-prefixed for wildcards).
+    by_name: std::collections::HashMap<String, Arc<CertifiedKey>>,
+}
+
+impl SniResolver {
+    fn new(default: Arc<CertifiedKey>, sni: Vec<(String, Certified)>) -> Self {
+        Self {
+            default,
+            by_name: sni.into_iter().map(|(name, (k, _))| (name, k)).collect(),
+        }
+    }
+
+    fn pick(&self, name: Option<&str>) -> &Arc<CertifiedKey> {
+        let Some(name) = name.filter(|_| !self.by_name.is_empty()) else {
+            return &self.default;
+        };
+        let name = name.to_ascii_lowercase();
+        self.by_name
+            .get(&name)
+            .or_else(|| {
+                let (_, parent) = name.split_once('.')?;
+                self.by_name.get(&format!("*.{parent}"))
+            })
+            .unwrap_or(&self.default)
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.pick(hello.server_name()).clone())
     }
 }
 

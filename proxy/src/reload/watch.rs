@@ -64,14 +64,7 @@ impl Targets {
             key_files: config
                 .tls
                 .iter()
-                .flat_map(|t| {
-                    [
-                        Some(&t.cert),
-                        Some(&t.key),
-                        t.client_ca.as_ref(),
-                        t.client_crl.as_ref(),
-                    ]
-                })
+                .flat_map(|t| t.files().map(Some))
                 .chain([config.identity.jwt.as_ref().map(|j| &j.jwks)])
                 .chain(
                     config
