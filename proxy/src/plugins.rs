@@ -8,7 +8,7 @@
 //!
 //! This is the only module that knows about wasmtime. The rest of the proxy sees three things:
 //! [`PluginsConfig`] (the `[plugins]` section and the per-use limits), [`Runtime`] (one engine
-//! for the process), and [`Chain`] (a route's loaded plugins, run by [`Chain::run`]).
+//! for the process), and `Chain` (a route's loaded plugins, run by `Chain::run`).
 //!
 //! - `runtime`: the engines (optimized and, for a fast first serve, baseline; pooling
 //!   allocators, epoch ticker), the `Linker` with the host imports and a deny-by-default WASI
