@@ -92,6 +92,25 @@ impl BffProxy {
         worker_threads: usize,
         pin: Option<&str>,
     ) -> anyhow::Result<Self> {
+        Self::start_named(
+            text,
+            worker_threads,
+            pin,
+            "bench-bff-proxy",
+            "bench-bff-main",
+        )
+    }
+
+    /// Like [`BffProxy::start_config`], naming the runtime's threads `threads` and the thread
+    /// that drives it `main_thread`, so that several proxies in one process can be told apart
+    /// in `/proc` (which keeps the first 15 bytes of a name).
+    pub fn start_named(
+        text: &str,
+        worker_threads: usize,
+        pin: Option<&str>,
+        threads: &str,
+        main_thread: &str,
+    ) -> anyhow::Result<Self> {
         let workers = worker_threads.max(1);
         let mut config = bff_proxy::Config::from_toml(text, "bench")
             .map_err(|e| anyhow::anyhow!("bench config rejected: {e}"))?;
@@ -103,7 +122,7 @@ impl BffProxy {
         }
         // The same runtime `bff-proxy run` builds for this many workers.
         let mut builder = bff_proxy::runtime_builder(workers);
-        builder.thread_name("bench-bff-proxy");
+        builder.thread_name(threads);
         crate::pin::runtime(&mut builder, pin);
         let rt = builder.build().context("building the bff-proxy runtime")?;
         let pin = pin.map(str::to_owned);
@@ -113,7 +132,7 @@ impl BffProxy {
         let addr = proxy.local_addr();
         let (stop, stopped) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
-            .name("bench-bff-main".into())
+            .name(main_thread.to_owned())
             .spawn(move || {
                 crate::pin::this_thread(pin.as_deref());
                 rt.block_on(proxy.run(async move {

@@ -10,6 +10,9 @@
 //! - [`hyper_min`]: optional minimal hyper proxy, the floor for bff-proxy's stack,
 //! - [`load`]: `wrk` when installed, else a built-in closed-loop generator,
 //! - [`report`]: tables, verdicts, JSON.
+//!
+//! The other benchmarks: [`plugins`] (what Wasm plugins cost), [`reload`] (hot reload) and
+//! [`security`] (what TLS termination and JWT identification cost).
 
 pub mod bff;
 pub mod cpu;
@@ -20,6 +23,7 @@ pub mod pin;
 pub mod plugins;
 pub mod reload;
 pub mod report;
+pub mod security;
 pub mod upstream;
 
 use std::io::{Read as _, Write};
@@ -334,19 +338,7 @@ pub fn run(opts: &Options, log: &mut dyn Write) -> anyhow::Result<Report> {
     if let Some(load) = loadavg() {
         writeln!(log, "load average before start: {load}")?;
     }
-    let layout = if opts.pin {
-        pin::Layout::detect()
-    } else {
-        None
-    };
-    match (&layout, opts.pin) {
-        (Some(l), _) => writeln!(log, "pinning: {}", l.describe())?,
-        (None, true) => writeln!(
-            log,
-            "pinning: off (needs `taskset` from util-linux and at least 2 CPUs)"
-        )?,
-        (None, false) => writeln!(log, "pinning: off (--no-pin)")?,
-    }
+    let layout = pin_layout(opts.pin, log)?;
     let servers_cpus = layout.as_ref().map(|l| l.servers.clone());
     let spec = LoadSpec {
         connections: opts.connections,
@@ -556,6 +548,21 @@ pub(crate) fn http_get_ok(addr: SocketAddr, path: &str, timeout: Duration) -> bo
 }
 
 /// A port that was free a moment ago on 127.0.0.1 (for listeners configured by port number).
+/// The CPU layout to pin to (`None` with `--no-pin` or where pinning is not possible), said in
+/// `log`.
+pub(crate) fn pin_layout(pin: bool, log: &mut dyn Write) -> std::io::Result<Option<pin::Layout>> {
+    let layout = if pin { pin::Layout::detect() } else { None };
+    match (&layout, pin) {
+        (Some(l), _) => writeln!(log, "pinning: {}", l.describe())?,
+        (None, true) => writeln!(
+            log,
+            "pinning: off (needs `taskset` from util-linux and at least 2 CPUs)"
+        )?,
+        (None, false) => writeln!(log, "pinning: off (--no-pin)")?,
+    }
+    Ok(layout)
+}
+
 pub(crate) fn free_port() -> std::io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }

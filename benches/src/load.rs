@@ -4,18 +4,28 @@
 //!
 //! Both report the same [`Measurement`]: requests completed, failures, requests/s and latency
 //! percentiles.
+//!
+//! The built-in generator can also take a [`ClientShape`] ([`run_shaped`], for the security
+//! bench): TLS on every connection, a header whose value rotates per request (bearer tokens),
+//! or a new connection for every request.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use bytes::Bytes;
 use hdrhistogram::Histogram;
-use http::{Request, header};
+use http::{HeaderName, HeaderValue, Request, header};
 use http_body_util::{BodyExt as _, Empty};
+use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::task::JoinHandle;
 
 /// How to install wrk when it is missing (Debian/Ubuntu).
 pub const INSTALL_HINT: &str = "apt-get install -y wrk";
@@ -234,6 +244,94 @@ impl Tally {
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn run_builtin(addr: SocketAddr, path: &str, spec: &LoadSpec) -> anyhow::Result<Measurement> {
+    run_shaped(addr, path, spec, &ClientShape::default())
+}
+
+/// What the built-in generator's connections do beyond plain keep-alive HTTP/1.1. The default
+/// is the plain client [`run`] uses.
+#[derive(Debug, Clone, Default)]
+pub struct ClientShape {
+    /// Speak TLS on every connection.
+    pub tls: Option<TlsClient>,
+    /// A header every request carries, its value the next one of a rotation shared by all
+    /// connections.
+    pub header: Option<RotatingHeader>,
+    /// Each request on a new connection: connect, TLS handshake (with [`ClientShape::tls`]),
+    /// one request with `connection: close`, close. Requests/s is then connections (and
+    /// handshakes) per second, and the latency includes connecting.
+    pub connection_per_request: bool,
+}
+
+/// TLS for the generator's connections.
+#[derive(Debug, Clone)]
+pub struct TlsClient {
+    /// Roots, ALPN, resumption: whatever the run needs.
+    pub config: Arc<rustls::ClientConfig>,
+    /// The name sent as SNI and checked against the server's certificate.
+    pub server_name: ServerName<'static>,
+}
+
+/// A header whose value rotates through a list: the n-th request sent with it, counted across
+/// all connections (and runs: clones share the rotation), gets value `n % len`.
+#[derive(Clone)]
+pub struct RotatingHeader {
+    name: HeaderName,
+    values: Arc<[HeaderValue]>,
+    next: Arc<AtomicUsize>,
+}
+
+impl RotatingHeader {
+    /// `name: values[0]`, `name: values[1]`, ..., then from the start again.
+    ///
+    /// # Panics
+    ///
+    /// If `values` is empty.
+    pub fn new(name: HeaderName, values: Vec<HeaderValue>) -> Self {
+        assert!(
+            !values.is_empty(),
+            "a rotating header needs at least one value"
+        );
+        Self {
+            name,
+            values: values.into(),
+            next: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// How many distinct values it rotates through.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// Always false: [`RotatingHeader::new`] refuses an empty list.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
+    fn next_value(&self) -> &HeaderValue {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        &self.values[n % self.values.len()]
+    }
+}
+
+impl std::fmt::Debug for RotatingHeader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Not the values: there may be tens of thousands of tokens.
+        f.debug_struct("RotatingHeader")
+            .field("name", &self.name)
+            .field("values", &self.values.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The built-in generator with connections shaped by `shape`: `GET {path}` at `addr` for
+/// `spec.duration` (`spec.threads` runtime threads, `spec.connections` closed loops).
+pub fn run_shaped(
+    addr: SocketAddr,
+    path: &str,
+    spec: &LoadSpec,
+    shape: &ClientShape,
+) -> anyhow::Result<Measurement> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder
         .worker_threads(spec.threads.max(1))
@@ -246,11 +344,12 @@ fn run_builtin(addr: SocketAddr, path: &str, spec: &LoadSpec) -> anyhow::Result<
     let path = path.to_owned();
     let duration = spec.duration;
     let connections = spec.connections;
+    let shape = shape.clone();
     let result = rt.block_on(async move {
         let start = Instant::now();
         let deadline = start + duration;
         let tasks: Vec<_> = (0..connections.max(1))
-            .map(|_| tokio::spawn(connection_loop(addr, path.clone(), deadline)))
+            .map(|_| tokio::spawn(connection_loop(addr, path.clone(), deadline, shape.clone())))
             .collect();
         let mut total = Tally::new();
         for t in tasks {
@@ -282,26 +381,45 @@ fn lossy_f64(n: u64) -> f64 {
     n as f64
 }
 
-/// One keep-alive connection sending requests back to back until `deadline`; reconnects after
-/// an error (and counts it).
-async fn connection_loop(addr: SocketAddr, path: String, deadline: Instant) -> Tally {
+/// One closed loop sending requests back to back until `deadline`: on one keep-alive
+/// connection (reconnecting after an error, which is counted), or with
+/// `shape.connection_per_request` on a new connection each.
+async fn connection_loop(
+    addr: SocketAddr,
+    path: String,
+    deadline: Instant,
+    shape: ClientShape,
+) -> Tally {
     let mut tally = Tally::new();
     let host = addr.to_string();
     'connect: while Instant::now() < deadline {
-        let mut sender = match tokio::time::timeout(REQUEST_TIMEOUT, connect(addr)).await {
-            Ok(Ok(s)) => s,
-            _ => {
-                tally.errors += 1;
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                continue 'connect;
-            }
-        };
+        let connecting = Instant::now();
+        let (mut sender, conn) =
+            match tokio::time::timeout(REQUEST_TIMEOUT, connect(addr, shape.tls.as_ref())).await {
+                Ok(Ok(s)) => s,
+                _ => {
+                    tally.errors += 1;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue 'connect;
+                }
+            };
         while Instant::now() < deadline {
-            let req = Request::get(path.as_str())
+            let mut req = Request::get(path.as_str())
                 .header(header::HOST, host.as_str())
                 .body(Empty::<Bytes>::new())
                 .expect("a GET with a path and a host header is a valid request");
-            let started = Instant::now();
+            if let Some(rotating) = &shape.header {
+                req.headers_mut()
+                    .insert(rotating.name.clone(), rotating.next_value().clone());
+            }
+            // A new connection per request: the latency includes connecting and the handshake.
+            let started = if shape.connection_per_request {
+                req.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                connecting
+            } else {
+                Instant::now()
+            };
             let exchange = async {
                 sender.ready().await?;
                 let resp = sender.send_request(req).await?;
@@ -324,21 +442,51 @@ async fn connection_loop(addr: SocketAddr, path: String, deadline: Instant) -> T
                     continue 'connect;
                 }
             }
+            if shape.connection_per_request {
+                // Close (TLS close_notify, FIN) before the next connect, so each loop holds at
+                // most one connection.
+                drop(sender);
+                if !matches!(
+                    tokio::time::timeout(REQUEST_TIMEOUT, conn).await,
+                    Ok(Ok(()))
+                ) {
+                    tally.errors += 1;
+                }
+                continue 'connect;
+            }
         }
     }
     tally
 }
 
+/// A connection to `addr` (over TLS with `tls`) ready for HTTP/1.1 requests, and the task
+/// driving it (it ends when the connection closes).
 async fn connect(
     addr: SocketAddr,
-) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> {
+    tls: Option<&TlsClient>,
+) -> anyhow::Result<(SendRequest<Empty<Bytes>>, JoinHandle<()>)> {
     let stream = tokio::net::TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    tokio::spawn(async move {
+    match tls {
+        None => http1_handshake(stream).await,
+        Some(tls) => {
+            let stream = tokio_rustls::TlsConnector::from(tls.config.clone())
+                .connect(tls.server_name.clone(), stream)
+                .await?;
+            http1_handshake(stream).await
+        }
+    }
+}
+
+async fn http1_handshake<IO>(io: IO) -> anyhow::Result<(SendRequest<Empty<Bytes>>, JoinHandle<()>)>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    let task = tokio::spawn(async move {
         let _ = conn.await;
     });
-    Ok(sender)
+    Ok((sender, task))
 }
 
 #[cfg(test)]

@@ -150,25 +150,7 @@ impl Report {
                     us(t.median.upstream_cpu_us),
                 );
             }
-            let other = size
-                .targets
-                .iter()
-                .filter_map(|t| t.max_other_cpus)
-                .fold(None, |acc: Option<f64>, x| {
-                    Some(acc.map_or(x, |a| a.max(x)))
-                });
-            if let Some(other) = other {
-                let _ = writeln!(
-                    out,
-                    "\nOther load on the machine during these rounds: at most {:.0}% of one CPU{}",
-                    other * 100.0,
-                    if other > 0.1 {
-                        " (the numbers above were disturbed; rerun on an idle machine)"
-                    } else {
-                        ""
-                    }
-                );
-            }
+            write_other_load(&mut out, size.targets.iter().map(|t| t.max_other_cpus));
             let failures: u64 = size.targets.iter().map(|t| t.non_2xx + t.errors).sum();
             if failures > 0 {
                 for t in size.targets.iter().filter(|t| t.non_2xx + t.errors > 0) {
@@ -244,6 +226,24 @@ impl Report {
             "sizes": sizes,
         })
     }
+}
+
+/// The "other load" line under a table: the most CPU that work outside the benchmark took in
+/// any round, with a warning when it was enough to disturb the figures.
+pub(crate) fn write_other_load(out: &mut String, others: impl Iterator<Item = Option<f64>>) {
+    let Some(other) = others.flatten().reduce(f64::max) else {
+        return;
+    };
+    let _ = writeln!(
+        out,
+        "\nOther load on the machine during these rounds: at most {:.0}% of one CPU{}",
+        other * 100.0,
+        if other > 0.1 {
+            " (the numbers above were disturbed; rerun on an idle machine)"
+        } else {
+            ""
+        }
+    );
 }
 
 #[cfg(test)]

@@ -23,7 +23,9 @@ pub use self::load::{ConfigError, Problem};
 pub(crate) use self::path::ConfigPath;
 
 pub use crate::admin::AdminConfig;
-pub use crate::identity::{CertField, ClientConfig, IdentifyRule, IdentityConfig, JwtConfig};
+pub use crate::identity::{
+    CertField, ClientConfig, IdentifyRule, IdentityConfig, JwtConfig, TOKEN_CACHE_ENTRIES,
+};
 pub use crate::listener::ServerConfig;
 pub use crate::listener::tls::{ClientCertMode, TlsConfig, TlsVersion};
 pub use crate::observe::access_log::{AccessLogConfig, AccessLogFormat};

@@ -21,9 +21,9 @@ use crate::ratelimit::RateLimit;
 
 mod jwt;
 
-pub use self::jwt::JwtConfig;
 pub(crate) use self::jwt::Verifier;
 use self::jwt::{Claims, check_claim_path, claim_values};
+pub use self::jwt::{JwtConfig, TOKEN_CACHE_ENTRIES};
 
 /// `[identity]`: what happens to requests no client rule matches.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]

@@ -11,9 +11,10 @@
 //! Like the TLS files, the JWKS is read and checked when the config loads and is part of the
 //! config, so a reload (or a change to the file) rotates keys.
 //!
-//! Verifying a signature costs tens of microseconds (more than proxying the request), and a
-//! client sends the same token for many requests, so verified tokens are cached by their
-//! SHA-256 until they expire ([`TokenCache`]). The cache belongs to one snapshot's verifier:
+//! Verifying an ES256 signature cost about 88 µs of proxy CPU in the security benchmark, five
+//! times a whole cleartext request, and a client sends the same token for many requests, so
+//! verified tokens are cached by their SHA-256 until they expire ([`TokenCache`]; a cached
+//! token costs about 1 µs). The cache belongs to one snapshot's verifier:
 //! new keys, issuers or audiences start an empty one. Refused tokens are never cached.
 
 use std::path::{Path, PathBuf};
@@ -248,8 +249,8 @@ struct Cached {
     expires: u64,
 }
 
-/// Most tokens one verifier keeps (a few hundred bytes of claims each).
-const CACHE_CAPACITY: usize = 16_384;
+/// Most verified tokens one verifier keeps (a few hundred bytes of claims each).
+pub const TOKEN_CACHE_ENTRIES: usize = 16_384;
 
 impl TokenCache {
     fn new(capacity: usize) -> Self {
@@ -313,7 +314,7 @@ impl Verifier {
                     Some((HeaderName::from_bytes(h.as_bytes()).ok()?, path.clone()))
                 })
                 .collect(),
-            cache: TokenCache::new(CACHE_CAPACITY),
+            cache: TokenCache::new(TOKEN_CACHE_ENTRIES),
         })
     }
 
