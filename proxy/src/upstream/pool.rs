@@ -1,6 +1,6 @@
-//! Keep-alive HTTP/1.1 connections to one upstream URL: the transport under
-//! [`Upstreams::send`](super::Upstreams::send) for `protocol = "http1"` services (HTTP/2
-//! services multiplex on hyper-util's client instead).
+//! Keep-alive HTTP/1.1 connections to one upstream URL (over TLS for `https://` URLs): the
+//! transport under [`Upstreams::send`](super::Upstreams::send) for `protocol = "http1"`
+//! services (HTTP/2 services multiplex on hyper-util's client instead).
 //!
 //! Each connection runs in its own task (hyper's `client::conn::http1`), like hyper-util's
 //! client; what differs is the pool. hyper-util keys one pool for all hosts by scheme and
