@@ -55,8 +55,8 @@ pub struct ClientConfig {
 }
 
 /// One identification rule. Exactly one form per rule: `{ SOURCE, equals }` or
-/// `{ SOURCE, regex }` where SOURCE is `header`, `client_cert` or `jwt_claim`, `{ user_agent }`
-/// or `{ api_key_header, sha256 }`.
+/// `{ SOURCE, regex }` where SOURCE is `header`, `client_cert` or `jwt_claim`, `{ user_agent }`,
+/// `{ host }` or `{ api_key_header, sha256 }`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentifyRule {
@@ -74,6 +74,9 @@ pub struct IdentifyRule {
     pub regex: Option<String>,
     /// The `user-agent` header must match this regex.
     pub user_agent: Option<String>,
+    /// The host the request is for (`:authority` or `host`, without the port) must be this
+    /// name (any case), or, written `*.shop.example`, one label under it.
+    pub host: Option<String>,
     /// Header carrying an API key (with `sha256`).
     pub api_key_header: Option<String>,
     /// Hex SHA-256 digests of the accepted keys (`printf %s KEY | sha256sum`).
@@ -172,6 +175,10 @@ enum Rule {
     ClaimEquals(String, String),
     ClaimRegex(String, Regex),
     UserAgent(Regex),
+    /// Lowercase host name.
+    Host(String),
+    /// Lowercase parent domain of `*.parent`: one label in front of it.
+    HostWildcard(String),
     /// Index into `Identifier::api_keys` (the header) and this client's accepted hashes.
     ApiKey(usize, Vec<[u8; 32]>),
 }
@@ -190,8 +197,25 @@ pub(crate) struct Verified<'a> {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Presenting<'a> {
     pub(crate) headers: &'a HeaderMap,
+    /// The host the request is for, without the port (see [`request_host`]).
+    pub(crate) host: Option<&'a str>,
     /// The connection's verified TLS client certificate.
     pub(crate) cert: Option<&'a ClientCert>,
+}
+
+/// The host a request is for: the URI's authority (HTTP/2, absolute-form), else the `host`
+/// header, without the port.
+pub(crate) fn request_host<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> Option<&'a str> {
+    let authority = match uri.authority() {
+        Some(a) => a.as_str(),
+        None => headers.get(http::header::HOST)?.to_str().ok()?,
+    };
+    // `[::1]:8080`, `host:8080`, `host`.
+    let host = match authority.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') => h,
+        _ => authority,
+    };
+    Some(host.rsplit_once('@').map_or(host, |(_, h)| h))
 }
 
 /// SHA-256 of each API-key header the request presented, by `Identifier::api_keys` index.
@@ -239,6 +263,12 @@ impl Rule {
                 .get(http::header::USER_AGENT)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|s| re.is_match(s)),
+            Rule::Host(name) => req.host.is_some_and(|h| h.eq_ignore_ascii_case(name)),
+            Rule::HostWildcard(parent) => req.host.is_some_and(|h| {
+                h.split_once('.').is_some_and(|(label, rest)| {
+                    !label.is_empty() && rest.eq_ignore_ascii_case(parent)
+                })
+            }),
             Rule::ApiKey(header, hashes) => presented
                 .iter()
                 .any(|(h, digest)| h == header && any_hash_matches(hashes, digest)),
@@ -423,6 +453,7 @@ fn compile_rule(r: &IdentifyRule) -> Result<Compiled, String> {
         r.equals.is_some(),
         r.regex.is_some(),
         r.user_agent.is_some(),
+        r.host.is_some(),
         r.api_key_header.is_some(),
     ]
     .iter()
@@ -431,7 +462,7 @@ fn compile_rule(r: &IdentifyRule) -> Result<Compiled, String> {
     if forms != 1 {
         return Err(
             "a rule needs exactly one of `equals` or `regex` (with `header`, `client_cert` or \
-             `jwt_claim`), `user_agent` or `api_key_header` (with `sha256`)"
+             `jwt_claim`), `user_agent`, `host` or `api_key_header` (with `sha256`)"
                 .into(),
         );
     }
@@ -453,6 +484,23 @@ fn compile_rule(r: &IdentifyRule) -> Result<Compiled, String> {
     }
     if !r.sha256.is_empty() && r.api_key_header.is_none() {
         return Err("`sha256` goes with `api_key_header`".into());
+    }
+    if let Some(host) = &r.host {
+        let host = host.to_ascii_lowercase();
+        let (wildcard, name) = match host.strip_prefix("*.") {
+            Some(parent) => (true, parent),
+            None => (false, host.as_str()),
+        };
+        if rustls::pki_types::DnsName::try_from(name).is_err() || name.contains('*') {
+            return Err(format!(
+                "`{host}` is not a host name, or `*.` and a host name"
+            ));
+        }
+        return Ok(Compiled::Rule(if wildcard {
+            Rule::HostWildcard(name.to_owned())
+        } else {
+            Rule::Host(name.to_owned())
+        }));
     }
     if let Some(path) = &r.jwt_claim {
         check_claim_path(path)?;

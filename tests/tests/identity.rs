@@ -278,3 +278,44 @@ async fn client_cannot_claim_an_identity_with_the_client_header() {
     .echo();
     assert_eq!(seen.header_all("x-bff-client"), ["voice"]);
 }
+
+#[tokio::test]
+async fn the_host_a_request_is_for_identifies_its_client() {
+    let echo = Upstream::echo("echo").await;
+    let config = format!(
+        r#"
+[identity]
+default_client = "web"
+
+[services.echo]
+urls = ["{}"]
+
+[[clients]]
+name = "mobile"
+identify = [{{ host = "m.shop.test" }}]
+
+[[clients]]
+name = "kiosk"
+identify = [{{ host = "*.kiosk.shop.test" }}]
+
+[[clients]]
+name = "web"
+
+[[routes]]
+id = "all"
+path = "/{{*rest}}"
+service = "echo"
+"#,
+        echo.url()
+    );
+    let proxy = TestProxy::start(&config).await;
+    assert_eq!(
+        client_of(&proxy, &[("host", "M.Shop.Test:8080")]).await,
+        "mobile"
+    );
+    assert_eq!(
+        client_of(&proxy, &[("host", "store-9.kiosk.shop.test")]).await,
+        "kiosk"
+    );
+    assert_eq!(client_of(&proxy, &[("host", "shop.test")]).await, "web");
+}

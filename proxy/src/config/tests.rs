@@ -68,7 +68,7 @@ service = "users"
             "6:1 services.users.urls: a service needs at least one URL",
             "7:1 services.users.request_timeout: invalid value: string \"soon\", expected a duration",
             "10:1 clients[0].name: names start with a lowercase letter and use only lowercase letters, digits, `-` and `_` (at most 64 characters)",
-            "11:13 clients[0].identify[0]: a rule needs exactly one of `equals` or `regex` (with `header`, `client_cert` or `jwt_claim`), `user_agent` or `api_key_header` (with `sha256`)",
+            "11:13 clients[0].identify[0]: a rule needs exactly one of `equals` or `regex` (with `header`, `client_cert` or `jwt_claim`), `user_agent`, `host` or `api_key_header` (with `sha256`)",
             "11:38 clients[0].identify[1]: `abc` is not a SHA-256 digest (64 hex characters)",
             "15:12 routes[0].clients[0]: unknown client `web`",
             "16:1 routes[0].path: `{*rest}` must be the last segment",

@@ -42,6 +42,7 @@ fn who(id: &Identifier, headers: &[(&'static str, &'static str)]) -> Result<Stri
     }
     id.identify(Presenting {
         headers: &h,
+        host: None,
         cert: None,
     })
     .map(|i| i.profile.name.to_string())
@@ -99,8 +100,12 @@ fn client_certificate_rules() {
         if let Some(v) = header {
             h.insert("x-client", HeaderValue::from_static(v));
         }
-        id.identify(Presenting { headers: &h, cert })
-            .map(|i| i.profile.name.to_string())
+        id.identify(Presenting {
+            headers: &h,
+            host: None,
+            cert,
+        })
+        .map(|i| i.profile.name.to_string())
     };
     let kiosk = ClientCert {
         subject_cn: vec!["device-7".into()],
@@ -215,6 +220,13 @@ fn a_rule_has_one_source_and_one_form() {
             "go with `equals` or `regex`",
         ),
         (r#"jwt_claim = ".sub""#, "exactly one of"),
+        (r#"host = "bad name""#, "is not a host name"),
+        (r#"host = "*.*.example""#, "is not a host name"),
+        (
+            r#"host = "a.example"
+               user_agent = "x""#,
+            "exactly one of",
+        ),
         (
             r#"jwt_claim = "realm..roles"
                equals = "b""#,
@@ -234,4 +246,80 @@ fn a_rule_has_one_source_and_one_form() {
     ] {
         assert!(compile_rule(&rule(text)).is_ok(), "{text}");
     }
+}
+
+#[test]
+fn host_rules_match_the_name_the_request_is_for() {
+    let rule = |host: &str| IdentifyRule {
+        host: Some(host.into()),
+        ..IdentifyRule::default()
+    };
+    let client = |name: &str, identify| ClientConfig {
+        name: name.into(),
+        attributes: BTreeMap::new(),
+        identify,
+        rate_limit: None,
+    };
+    let id = Identifier::build(
+        &IdentityConfig::default(),
+        &[
+            client("mobile", vec![rule("M.Shop.Example")]),
+            client("kiosk", vec![rule("*.kiosk.shop.example")]),
+        ],
+        None,
+        None,
+    );
+    let who = |uri: &str, host_header: Option<&'static str>| {
+        let uri: http::Uri = uri.parse().expect("a URI");
+        let mut h = HeaderMap::new();
+        if let Some(v) = host_header {
+            h.insert(http::header::HOST, HeaderValue::from_static(v));
+        }
+        id.identify(Presenting {
+            headers: &h,
+            host: request_host(&uri, &h),
+            cert: None,
+        })
+        .map(|i| i.profile.name.to_string())
+    };
+    // HTTP/1.1: the `host` header, port and case ignored.
+    assert_eq!(who("/", Some("m.shop.example:8443")), Ok("mobile".into()));
+    assert_eq!(who("/", Some("M.SHOP.EXAMPLE")), Ok("mobile".into()));
+    // HTTP/2 (and absolute-form): the authority.
+    assert_eq!(who("https://m.shop.example/x", None), Ok("mobile".into()));
+    assert_eq!(
+        who("https://store-3.kiosk.shop.example/", None),
+        Ok("kiosk".into())
+    );
+    // One label under the wildcard only; the parent itself is not covered.
+    for other in [
+        "a.b.kiosk.shop.example",
+        "kiosk.shop.example",
+        "shop.example",
+    ] {
+        let uri = format!("https://{other}/");
+        assert_eq!(who(&uri, None), Err(IdentityError::Unidentified), "{other}");
+    }
+    assert_eq!(who("/", None), Err(IdentityError::Unidentified));
+}
+
+#[test]
+fn request_host_drops_the_port_and_keeps_ipv6_brackets() {
+    let host = |uri: &str, header: Option<&'static str>| {
+        let uri: http::Uri = uri.parse().expect("a URI");
+        let mut h = HeaderMap::new();
+        if let Some(v) = header {
+            h.insert(http::header::HOST, HeaderValue::from_static(v));
+        }
+        request_host(&uri, &h).map(str::to_owned)
+    };
+    assert_eq!(host("/", Some("a.example:80")), Some("a.example".into()));
+    assert_eq!(host("/", Some("a.example")), Some("a.example".into()));
+    assert_eq!(host("/", Some("[::1]:8080")), Some("[::1]".into()));
+    assert_eq!(host("/", Some("[::1]")), Some("[::1]".into()));
+    assert_eq!(
+        host("http://b.example:81/x", Some("a.example")),
+        Some("b.example".into())
+    );
+    assert_eq!(host("/", None), None);
 }
