@@ -68,6 +68,13 @@ async fn start(dir: &Path, ca: &Ca, echo: &Upstream, client_cert: &str) -> TestP
     TestProxy::start_file(&dir.join("bff.toml")).await
 }
 
+/// `bff_tls_handshakes_total{result}` as `/metrics` shows it now.
+async fn handshakes(proxy: &TestProxy, result: &str) -> f64 {
+    proxy
+        .metric(&format!("bff_tls_handshakes_total{{result=\"{result}\"}}"))
+        .await
+}
+
 /// The client name the upstream was told about for the last request.
 fn told_client(echo: &Upstream) -> String {
     let last = echo.received().pop().expect("the upstream got a request");
@@ -112,12 +119,7 @@ async fn https_serves_http1_and_http2_and_tells_the_upstream_it_was_https() {
         let forwarded = seen.headers["forwarded"].to_str().expect("ascii");
         assert!(forwarded.contains("proto=https"), "{forwarded}");
     }
-    assert_eq!(
-        proxy
-            .metric("bff_tls_handshakes_total{result=\"ok\"}")
-            .await,
-        2.0
-    );
+    assert_eq!(handshakes(&proxy, "ok").await, 2.0);
     let expiry = proxy
         .metric("bff_tls_certificate_expiry_timestamp_seconds")
         .await;
@@ -172,12 +174,7 @@ async fn client_certificates_identify_clients_and_untrusted_ones_are_refused() {
         "an untrusted client certificate was served"
     );
     assert_eq!(echo.received().len(), before);
-    assert_eq!(
-        proxy
-            .metric("bff_tls_handshakes_total{result=\"bad_client_cert\"}")
-            .await,
-        1.0
-    );
+    assert_eq!(handshakes(&proxy, "bad_client_cert").await, 1.0);
 }
 
 #[tokio::test]
@@ -228,12 +225,7 @@ async fn required_client_certificates_refuse_connections_without_one() {
 
     let refused = TlsClient::new(&ca, None).get(proxy.addr(), "/", &[]).await;
     assert!(refused.is_err(), "served without a client certificate");
-    assert_eq!(
-        proxy
-            .metric("bff_tls_handshakes_total{result=\"no_client_cert\"}")
-            .await,
-        1.0
-    );
+    assert_eq!(handshakes(&proxy, "no_client_cert").await, 1.0);
     let staff = ca.client("staff-7", &[]);
     let (resp, _) = TlsClient::new(&ca, Some(&staff))
         .get(proxy.addr(), "/", &[])
@@ -301,12 +293,7 @@ async fn a_revoked_client_certificate_is_refused() {
         .await;
     assert!(refused.is_err(), "a revoked certificate was served");
     assert_eq!(echo.received().len(), 1);
-    assert_eq!(
-        proxy
-            .metric("bff_tls_handshakes_total{result=\"bad_client_cert\"}")
-            .await,
-        1.0
-    );
+    assert_eq!(handshakes(&proxy, "bad_client_cert").await, 1.0);
 }
 
 #[tokio::test]
@@ -467,11 +454,10 @@ async fn failed_handshakes_are_counted_and_hurt_nobody_else() {
         .await
         .expect("served");
     assert_eq!(resp.status, 200);
-    let metric = |r: &str| format!("bff_tls_handshakes_total{{result=\"{r}\"}}");
-    assert_eq!(proxy.metric(&metric("cleartext")).await, 1.0);
-    assert_eq!(proxy.metric(&metric("protocol")).await, 1.0);
-    assert_eq!(proxy.metric(&metric("timeout")).await, 1.0);
-    assert_eq!(proxy.metric(&metric("ok")).await, 1.0);
+    assert_eq!(handshakes(&proxy, "cleartext").await, 1.0);
+    assert_eq!(handshakes(&proxy, "protocol").await, 1.0);
+    assert_eq!(handshakes(&proxy, "timeout").await, 1.0);
+    assert_eq!(handshakes(&proxy, "ok").await, 1.0);
 }
 
 #[test]
