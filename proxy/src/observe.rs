@@ -187,6 +187,8 @@ pub(crate) struct Finish {
     pub(crate) method: Method,
     pub(crate) version: Version,
     pub(crate) peer: IpAddr,
+    /// The connection's TLS version, `None` in cleartext.
+    pub(crate) tls: Option<&'static str>,
     pub(crate) user_agent: Option<HeaderValue>,
     /// The normalized path once known, else the raw one.
     pub(crate) path: Option<String>,
@@ -213,6 +215,7 @@ impl Finish {
         trace: trace::TraceContext,
         req: &http::Request<hyper::body::Incoming>,
         peer: IpAddr,
+        tls: Option<&'static str>,
     ) -> Self {
         shared.metrics.requests.in_flight.inc();
         Self {
@@ -225,6 +228,7 @@ impl Finish {
             method: req.method().clone(),
             version: req.version(),
             peer,
+            tls,
             user_agent: req.headers().get(http::header::USER_AGENT).cloned(),
             path: None,
             raw_path: req.uri().clone(),
@@ -274,6 +278,7 @@ impl Finish {
                 method: self.method.as_str(),
                 path: self.path.as_deref().unwrap_or(self.raw_path.path()),
                 protocol: protocol(self.version),
+                tls: self.tls,
                 peer: self.peer,
                 user_agent: self.user_agent.as_ref().map(|v| v.as_bytes()),
                 status,

@@ -151,6 +151,7 @@ pub(crate) async fn handle(
         trace,
         &req,
         conn.peer.ip(),
+        conn.tls.as_ref().map(|t| t.version),
     ));
     // A DEBUG span: with a fmt subscriber an enabled span formats its fields up front, which
     // at INFO would cost every request about as much as the rest of the pipeline. Events at

@@ -493,6 +493,7 @@ async fn access_log_lines_have_every_field_and_no_secrets() {
         "method",
         "path",
         "protocol",
+        "tls",
         "peer",
         "user_agent",
         "status",
@@ -576,6 +577,7 @@ async fn text_access_log_escapes_what_the_client_sent() {
         line.contains(" client=web route=plain method=GET path=\"/plain/x\" status=200 error=- "),
         "{line}"
     );
+    assert!(line.contains(" protocol=HTTP/1.1 tls=- "), "{line}");
     assert!(!line.contains('\t'));
 }
 

@@ -25,7 +25,7 @@ client_ca = "ca.pem"
 {client_cert}
 
 [access_log]
-enabled = false
+output = "access.log"
 
 # Reloads are explicit (`POST /admin/reload`) unless a test turns watching on.
 [reload]
@@ -119,7 +119,30 @@ async fn https_serves_http1_and_http2_and_tells_the_upstream_it_was_https() {
         let forwarded = seen.headers["forwarded"].to_str().expect("ascii");
         assert!(forwarded.contains("proto=https"), "{forwarded}");
     }
-    assert_eq!(handshakes(&proxy, "ok").await, 2.0);
+    // Post-quantum hybrid key exchange when the client offers it (rustls clients do).
+    let stream = TlsClient::new(&ca, None)
+        .connect(proxy.addr())
+        .await
+        .expect("handshake");
+    let group = stream
+        .get_ref()
+        .1
+        .negotiated_key_exchange_group()
+        .expect("a key exchange group")
+        .name();
+    assert_eq!(group, rustls::NamedGroup::X25519MLKEM768);
+    drop(stream);
+    assert_eq!(handshakes(&proxy, "ok").await, 3.0);
+    // The access log says which TLS version each request came over.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let log = loop {
+        let text = std::fs::read_to_string(dir.path().join("access.log")).unwrap_or_default();
+        if text.lines().count() >= 2 || std::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(log.matches(" tls=TLSv1.3 ").count(), 2, "{log}");
     let expiry = proxy
         .metric("bff_tls_certificate_expiry_timestamp_seconds")
         .await;

@@ -454,6 +454,8 @@ impl ClientCert {
 /// What the handshake established, kept for the connection's requests.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct TlsInfo {
+    /// The negotiated version, as the access log writes it (`TLSv1.3`).
+    pub(crate) version: &'static str,
     /// The client's verified certificate, if it sent one.
     pub(crate) client_cert: Option<Arc<ClientCert>>,
 }
@@ -461,6 +463,11 @@ pub(crate) struct TlsInfo {
 impl TlsInfo {
     pub(crate) fn of(conn: &rustls::ServerConnection) -> Self {
         Self {
+            version: match conn.protocol_version() {
+                Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+                Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+                _ => "TLS",
+            },
             client_cert: conn
                 .peer_certificates()
                 .and_then(|chain| chain.first())

@@ -260,6 +260,8 @@ pub(crate) struct Line<'a> {
     pub(crate) method: &'a str,
     pub(crate) path: &'a str,
     pub(crate) protocol: &'a str,
+    /// The TLS version of the connection (`TLSv1.3`), `None` in cleartext.
+    pub(crate) tls: Option<&'a str>,
     pub(crate) peer: IpAddr,
     pub(crate) user_agent: Option<&'a [u8]>,
     pub(crate) status: u16,
@@ -299,6 +301,7 @@ struct JsonLine<'a> {
     method: &'a str,
     path: &'a str,
     protocol: &'a str,
+    tls: Option<&'a str>,
     peer: IpAddr,
     user_agent: Option<&'a str>,
     status: u16,
@@ -330,6 +333,7 @@ impl Line<'_> {
                     method: self.method,
                     path: &path,
                     protocol: self.protocol,
+                    tls: self.tls,
                     peer: self.peer,
                     user_agent: ua.as_deref(),
                     status: self.status,
@@ -361,7 +365,7 @@ impl Line<'_> {
                 quoted(&mut s, &path);
                 let _ = write!(
                     s,
-                    " status={} error={} duration_ms={:.3} upstream_ms={:.3} upstream_calls={} plugin_ms={:.3} bytes_in={} bytes_out={} upstream_bytes={} peer={} protocol={} user_agent=",
+                    " status={} error={} duration_ms={:.3} upstream_ms={:.3} upstream_calls={} plugin_ms={:.3} bytes_in={} bytes_out={} upstream_bytes={} peer={} protocol={} tls={} user_agent=",
                     self.status,
                     self.error.unwrap_or("-"),
                     millis(self.duration),
@@ -373,6 +377,7 @@ impl Line<'_> {
                     self.upstream_bytes,
                     self.peer,
                     self.protocol,
+                    self.tls.unwrap_or("-"),
                 );
                 match &ua {
                     Some(ua) => quoted(&mut s, ua),
@@ -418,6 +423,7 @@ mod tests {
             method: "GET",
             path,
             protocol: "HTTP/1.1",
+            tls: Some("TLSv1.3"),
             peer: "127.0.0.1".parse().expect("ip"),
             user_agent: Some(ua),
             status: 200,
@@ -438,6 +444,7 @@ mod tests {
         assert_eq!(s.matches('\n').count(), 1, "{s}");
         assert!(s.ends_with('\n'));
         assert!(s.contains(r#"request_id="r\"1""#), "{s}");
+        assert!(s.contains(" protocol=HTTP/1.1 tls=TLSv1.3 "), "{s}");
         assert!(s.contains(r#"path="/a b\x1b[31m""#), "{s}");
         assert!(
             s.contains(r#"user_agent="evil\x0aua=\"x\"\u{fffd}""#),
