@@ -492,6 +492,7 @@ fn sni_problems_are_config_problems() {
     let b = ca.server_named("b.test");
     std::fs::write(dir.path().join("a.crt"), &a.cert_pem).expect("write");
     std::fs::write(dir.path().join("a.key"), &b.key_pem).expect("write");
+    b.write(dir.path(), "b");
     let config = r#"
 [tls]
 cert = "server.crt"
@@ -506,6 +507,16 @@ key = "a.key"
 names = ["A.test"]
 cert = "server.crt"
 key = "server.key"
+
+[[tls.sni]]
+names = ["c.test", "x.b.test"]
+cert = "missing.crt"
+key = "server.key"
+
+[[tls.sni]]
+names = ["b.test", "other.test"]
+cert = "b.crt"
+key = "b.key"
 
 [services.echo]
 urls = ["http://127.0.0.1:1"]
@@ -528,6 +539,9 @@ service = "echo"
         "tls.sni[0].names[1]: `bad name` is not a host name",
         "tls.sni[0].names[2]: `*.*.test` is not a host name",
         "tls.sni[1].names[0]: `a.test` already has a certificate",
+        "tls.sni[2].cert: cannot read",
+        "tls.sni[3].names[1]: the certificate in",
+        "is not valid for `other.test` (its names: b.test)",
     ] {
         assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
     }

@@ -10,26 +10,24 @@ use sha2::{Digest, Sha256};
 
 use super::{ConfigPath, Problems};
 
-/// Reads files for one config section, digesting what it reads.
-pub(crate) struct Files<'a> {
-    at: &'a ConfigPath,
+/// Reads files for one config section, digesting what it reads. Each read names the key the
+/// path came from (`at`), where its problems are reported.
+pub(crate) struct Files {
     digest: Sha256,
 }
 
-impl<'a> Files<'a> {
-    /// Problems are reported under `at` (the section).
-    pub(crate) fn new(at: &'a ConfigPath) -> Self {
+impl Files {
+    pub(crate) fn new() -> Self {
         Self {
-            at,
             digest: Sha256::new(),
         }
     }
 
-    /// The file's bytes, or a problem at `key` naming the file.
+    /// The file's bytes, or a problem at `at` naming the file.
     pub(crate) fn read(
         &mut self,
         path: &Path,
-        key: &str,
+        at: ConfigPath,
         problems: &mut Problems,
     ) -> Option<Vec<u8>> {
         match std::fs::read(path) {
@@ -39,23 +37,20 @@ impl<'a> Files<'a> {
                 Some(bytes)
             }
             Err(e) => {
-                problems.push(
-                    self.at.key(key),
-                    format!("cannot read `{}`: {e}", path.display()),
-                );
+                problems.push(at, format!("cannot read `{}`: {e}", path.display()));
                 None
             }
         }
     }
 
-    /// Every certificate of a PEM file, in order (at least one), or a problem at `key`.
+    /// Every certificate of a PEM file, in order (at least one), or a problem at `at`.
     pub(crate) fn certificates(
         &mut self,
         path: &Path,
-        key: &str,
+        at: ConfigPath,
         problems: &mut Problems,
     ) -> Option<Vec<CertificateDer<'static>>> {
-        let pem = self.read(path, key, problems)?;
+        let pem = self.read(path, at.clone(), problems)?;
         let certs = CertificateDer::pem_slice_iter(&pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("not a PEM certificate file: {e}"))
@@ -66,41 +61,38 @@ impl<'a> Files<'a> {
                     Ok(certs)
                 }
             });
-        certs.map_err(|e| problems.push(self.at.key(key), e)).ok()
+        certs.map_err(|e| problems.push(at, e)).ok()
     }
 
-    /// A CA bundle as a root store, or a problem at `key`.
+    /// A CA bundle as a root store, or a problem at `at`.
     pub(crate) fn roots(
         &mut self,
         path: &Path,
-        key: &str,
+        at: ConfigPath,
         problems: &mut Problems,
     ) -> Option<rustls::RootCertStore> {
         let mut roots = rustls::RootCertStore::empty();
         for (i, cert) in self
-            .certificates(path, key, problems)?
+            .certificates(path, at.clone(), problems)?
             .into_iter()
             .enumerate()
         {
             if let Err(e) = roots.add(cert) {
-                problems.push(
-                    self.at.key(key),
-                    format!("certificate {} is not a usable CA: {e}", i + 1),
-                );
+                problems.push(at, format!("certificate {} is not a usable CA: {e}", i + 1));
                 return None;
             }
         }
         Some(roots)
     }
 
-    /// Every CRL of a PEM file (at least one), or a problem at `key`.
+    /// Every CRL of a PEM file (at least one), or a problem at `at`.
     pub(crate) fn crls(
         &mut self,
         path: &Path,
-        key: &str,
+        at: ConfigPath,
         problems: &mut Problems,
     ) -> Option<Vec<CertificateRevocationListDer<'static>>> {
-        let pem = self.read(path, key, problems)?;
+        let pem = self.read(path, at.clone(), problems)?;
         let crls = CertificateRevocationListDer::pem_slice_iter(&pem)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("not a PEM CRL file: {e}"))
@@ -111,21 +103,21 @@ impl<'a> Files<'a> {
                     Ok(crls)
                 }
             });
-        crls.map_err(|e| problems.push(self.at.key(key), e)).ok()
+        crls.map_err(|e| problems.push(at, e)).ok()
     }
 
-    /// The private key of a PEM file, or a problem at `key`.
+    /// The private key of a PEM file, or a problem at `at`.
     pub(crate) fn private_key(
         &mut self,
         path: &Path,
-        key: &str,
+        at: ConfigPath,
         problems: &mut Problems,
     ) -> Option<PrivateKeyDer<'static>> {
-        let pem = self.read(path, key, problems)?;
+        let pem = self.read(path, at.clone(), problems)?;
         PrivateKeyDer::from_pem_slice(&pem)
             .map_err(|e| {
                 problems.push(
-                    self.at.key(key),
+                    at,
                     format!(
                         "no usable private key in `{}` ({e}); expected a PEM `PRIVATE KEY`, \
                          `RSA PRIVATE KEY` or `EC PRIVATE KEY` block",
@@ -151,7 +143,7 @@ pub(crate) struct Digested<T> {
 }
 
 impl<T> Digested<T> {
-    pub(crate) fn new(value: T, files: Files<'_>) -> Self {
+    pub(crate) fn new(value: T, files: Files) -> Self {
         Self {
             value,
             digest: files.digest(),

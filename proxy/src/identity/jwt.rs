@@ -118,8 +118,8 @@ impl JwtConfig {
             &at.key("leeway"),
             problems,
         );
-        let mut files = Files::new(at);
-        let Some(bytes) = files.read(&self.jwks, "jwks", problems) else {
+        let mut files = Files::new();
+        let Some(bytes) = files.read(&self.jwks, at.key("jwks"), problems) else {
             return;
         };
         let at = at.key("jwks");

@@ -146,11 +146,11 @@ impl TlsConfig {
     /// Reads the files and builds the acceptor, recording every problem under `at`.
     pub(crate) fn load(&mut self, at: &ConfigPath, problems: &mut Problems) {
         self.loaded = None;
-        let mut files = Files::new(at);
-        let cert = files.certificates(&self.cert, "cert", problems);
-        let key = files.private_key(&self.key, "key", problems);
+        let mut files = Files::new();
+        let cert = files.certificates(&self.cert, at.key("cert"), problems);
+        let key = files.private_key(&self.key, at.key("key"), problems);
         let roots = match &self.client_ca {
-            Some(path) => files.roots(path, "client_ca", problems).map(Some),
+            Some(path) => files.roots(path, at.key("client_ca"), problems).map(Some),
             None => {
                 if self.client_cert == ClientCertMode::Required {
                     problems.push(
@@ -162,7 +162,7 @@ impl TlsConfig {
             }
         };
         let crls = match (&self.client_crl, &self.client_ca) {
-            (Some(path), Some(_)) => files.crls(path, "client_crl", problems),
+            (Some(path), Some(_)) => files.crls(path, at.key("client_crl"), problems),
             (Some(_), None) => {
                 problems.push(
                     at.key("client_crl"),
@@ -202,7 +202,7 @@ impl TlsConfig {
     /// The `[[tls.sni]]` certificates by name; `None` if any is unusable (problems recorded).
     fn load_sni(
         &self,
-        files: &mut Files<'_>,
+        files: &mut Files,
         at: &ConfigPath,
         problems: &mut Problems,
     ) -> Option<Vec<(String, Certified)>> {
@@ -211,8 +211,9 @@ impl TlsConfig {
         let mut seen = std::collections::HashSet::new();
         for (i, entry) in self.sni.iter().enumerate() {
             let at = at.key("sni").index(i);
-            let cert = files.certificates(&entry.cert, "cert", problems);
-            let key = files.private_key(&entry.key, "key", problems);
+            let cert = files.certificates(&entry.cert, at.key("cert"), problems);
+            let key = files.private_key(&entry.key, at.key("key"), problems);
+            let covers = cert.as_ref().map(|c| dns_names(&c[0]));
             let loaded = cert.zip(key).and_then(|(cert, key)| {
                 certified(cert, key, &entry.cert, &entry.key, &at.key("key"), problems)
             });
@@ -231,6 +232,19 @@ impl TlsConfig {
                     problems.push(
                         at.key("names").index(j),
                         format!("`{name}` already has a certificate"),
+                    );
+                } else if let Some(covered) = covers.as_ref().filter(|c| !covered_by(&name, c)) {
+                    problems.push(
+                        at.key("names").index(j),
+                        format!(
+                            "the certificate in `{}` is not valid for `{name}` (its names: {})",
+                            entry.cert.display(),
+                            if covered.is_empty() {
+                                "none".to_owned()
+                            } else {
+                                covered.join(", ")
+                            }
+                        ),
                     );
                 } else if let Some(k) = &loaded {
                     out.push((name, k.clone()));
@@ -332,6 +346,38 @@ fn certified(
             None
         }
     }
+}
+
+/// The DNS names a certificate is valid for (its subject alternative names), lowercase.
+fn dns_names(der: &[u8]) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let Ok(Some(san)) = cert.subject_alternative_name() else {
+        return Vec::new();
+    };
+    san.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(d) => Some(d.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// True if a certificate valid for `names` is valid for `name` (lowercase; `*.parent` in either
+/// covers one label under `parent`).
+fn covered_by(name: &str, names: &[String]) -> bool {
+    names.iter().any(|n| {
+        n == name
+            || n.strip_prefix("*.").is_some_and(|parent| {
+                name.split_once('.').is_some_and(|(label, rest)| {
+                    label != "*" && !label.is_empty() && rest == parent
+                })
+            })
+    })
 }
 
 /// Picks the certificate for a handshake by the name the client asked for: an exact name,
@@ -512,6 +558,22 @@ mod tests {
             cert.xfcc(),
             r#"Hash=ab01;Subject="CN=kiosk \"7\",O=Shop";URI=spiffe://shop/kiosk;URI="urn:a;b";DNS=kiosk.shop"#
         );
+    }
+
+    #[test]
+    fn a_name_is_covered_exactly_or_by_a_one_label_wildcard() {
+        let names = ["shop.example".to_owned(), "*.kiosk.example".to_owned()];
+        assert!(covered_by("shop.example", &names));
+        assert!(covered_by("a.kiosk.example", &names));
+        assert!(covered_by("*.kiosk.example", &names));
+        for not in [
+            "www.shop.example",
+            "kiosk.example",
+            "a.b.kiosk.example",
+            ".kiosk.example",
+        ] {
+            assert!(!covered_by(not, &names), "{not}");
+        }
     }
 
     #[test]

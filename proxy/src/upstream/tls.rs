@@ -53,9 +53,9 @@ impl UpstreamTlsConfig {
     pub(crate) fn load(&mut self, at: &ConfigPath, problems: &mut Problems) {
         self.loaded = None;
         let before = problems.len();
-        let mut files = Files::new(at);
+        let mut files = Files::new();
         let roots = match &self.ca {
-            Some(path) => files.roots(path, "ca", problems),
+            Some(path) => files.roots(path, at.key("ca"), problems),
             None => {
                 let mut roots = rustls::RootCertStore::empty();
                 let (added, _) =
@@ -72,8 +72,8 @@ impl UpstreamTlsConfig {
         };
         let identity = match (&self.cert, &self.key) {
             (Some(cert), Some(key)) => {
-                let cert = files.certificates(cert, "cert", problems);
-                let key = files.private_key(key, "key", problems);
+                let cert = files.certificates(cert, at.key("cert"), problems);
+                let key = files.private_key(key, at.key("key"), problems);
                 cert.zip(key)
             }
             (None, None) => None,
