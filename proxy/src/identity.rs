@@ -16,6 +16,7 @@ use subtle::ConstantTimeEq;
 
 use crate::config::ConfigPath;
 use crate::config::Problems;
+use crate::host::{HostPattern, request_host};
 use crate::listener::tls::{ClientCert, TlsConfig};
 use crate::ratelimit::RateLimit;
 
@@ -175,10 +176,7 @@ enum Rule {
     ClaimEquals(String, String),
     ClaimRegex(String, Regex),
     UserAgent(Regex),
-    /// Lowercase host name.
-    Host(String),
-    /// Lowercase parent domain of `*.parent`: one label in front of it.
-    HostWildcard(String),
+    Host(HostPattern),
     /// Index into `Identifier::api_keys` (the header) and this client's accepted hashes.
     ApiKey(usize, Vec<[u8; 32]>),
 }
@@ -197,25 +195,10 @@ pub(crate) struct Verified<'a> {
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Presenting<'a> {
     pub(crate) headers: &'a HeaderMap,
-    /// The host the request is for, without the port (see [`request_host`]).
-    pub(crate) host: Option<&'a str>,
+    /// The request target (its authority, for `host` rules over HTTP/2).
+    pub(crate) uri: &'a http::Uri,
     /// The connection's verified TLS client certificate.
     pub(crate) cert: Option<&'a ClientCert>,
-}
-
-/// The host a request is for: the URI's authority (HTTP/2, absolute-form), else the `host`
-/// header, without the port.
-pub(crate) fn request_host<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> Option<&'a str> {
-    let authority = match uri.authority() {
-        Some(a) => a.as_str(),
-        None => headers.get(http::header::HOST)?.to_str().ok()?,
-    };
-    // `[::1]:8080`, `host:8080`, `host`.
-    let host = match authority.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) && !h.ends_with(':') => h,
-        _ => authority,
-    };
-    Some(host.rsplit_once('@').map_or(host, |(_, h)| h))
 }
 
 /// SHA-256 of each API-key header the request presented, by `Identifier::api_keys` index.
@@ -263,12 +246,9 @@ impl Rule {
                 .get(http::header::USER_AGENT)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|s| re.is_match(s)),
-            Rule::Host(name) => req.host.is_some_and(|h| h.eq_ignore_ascii_case(name)),
-            Rule::HostWildcard(parent) => req.host.is_some_and(|h| {
-                h.split_once('.').is_some_and(|(label, rest)| {
-                    !label.is_empty() && rest.eq_ignore_ascii_case(parent)
-                })
-            }),
+            Rule::Host(pattern) => {
+                request_host(req.uri, headers).is_some_and(|h| pattern.matches(h))
+            }
             Rule::ApiKey(header, hashes) => presented
                 .iter()
                 .any(|(h, digest)| h == header && any_hash_matches(hashes, digest)),
@@ -486,21 +466,7 @@ fn compile_rule(r: &IdentifyRule) -> Result<Compiled, String> {
         return Err("`sha256` goes with `api_key_header`".into());
     }
     if let Some(host) = &r.host {
-        let host = host.to_ascii_lowercase();
-        let (wildcard, name) = match host.strip_prefix("*.") {
-            Some(parent) => (true, parent),
-            None => (false, host.as_str()),
-        };
-        if rustls::pki_types::DnsName::try_from(name).is_err() || name.contains('*') {
-            return Err(format!(
-                "`{host}` is not a host name, or `*.` and a host name"
-            ));
-        }
-        return Ok(Compiled::Rule(if wildcard {
-            Rule::HostWildcard(name.to_owned())
-        } else {
-            Rule::Host(name.to_owned())
-        }));
+        return Ok(Compiled::Rule(Rule::Host(HostPattern::parse(host)?)));
     }
     if let Some(path) = &r.jwt_claim {
         check_claim_path(path)?;

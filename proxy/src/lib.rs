@@ -26,6 +26,7 @@ mod body;
 pub mod config;
 pub mod demo;
 mod error;
+mod host;
 mod identity;
 pub mod listener;
 pub mod metrics;

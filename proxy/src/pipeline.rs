@@ -24,7 +24,7 @@ use tracing::Instrument;
 use crate::body::{self, Body};
 use crate::config::{ConfigPath, Problems};
 use crate::error::{ErrorChain, Fault, ProxyError};
-use crate::identity::{Identified, Presenting, Verified, request_host};
+use crate::identity::{Identified, Presenting, Verified};
 use crate::listener::tls::ClientCert;
 use crate::listener::{Peer, ServerConfig, TlsInfo};
 use crate::metrics::Caller;
@@ -258,7 +258,7 @@ async fn proxy(
     // Identify: once per request.
     let identified = snap.identifier.identify(Presenting {
         headers: req.headers(),
-        host: request_host(req.uri(), req.headers()),
+        uri: req.uri(),
         cert: conn.client_cert(),
     })?;
     let (client_idx, client) = (identified.index, identified.profile);

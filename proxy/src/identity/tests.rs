@@ -42,7 +42,7 @@ fn who(id: &Identifier, headers: &[(&'static str, &'static str)]) -> Result<Stri
     }
     id.identify(Presenting {
         headers: &h,
-        host: None,
+        uri: &http::Uri::default(),
         cert: None,
     })
     .map(|i| i.profile.name.to_string())
@@ -102,7 +102,7 @@ fn client_certificate_rules() {
         }
         id.identify(Presenting {
             headers: &h,
-            host: None,
+            uri: &http::Uri::default(),
             cert,
         })
         .map(|i| i.profile.name.to_string())
@@ -277,7 +277,7 @@ fn host_rules_match_the_name_the_request_is_for() {
         }
         id.identify(Presenting {
             headers: &h,
-            host: request_host(&uri, &h),
+            uri: &uri,
             cert: None,
         })
         .map(|i| i.profile.name.to_string())
@@ -305,6 +305,7 @@ fn host_rules_match_the_name_the_request_is_for() {
 
 #[test]
 fn request_host_drops_the_port_and_keeps_ipv6_brackets() {
+    use crate::host::request_host;
     let host = |uri: &str, header: Option<&'static str>| {
         let uri: http::Uri = uri.parse().expect("a URI");
         let mut h = HeaderMap::new();

@@ -26,6 +26,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::files::{Digested, Files};
 use crate::config::{ConfigPath, Problems};
+use crate::host::HostPattern;
 
 /// `[tls]`: serve HTTPS on the data-plane port.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
@@ -222,12 +223,8 @@ impl TlsConfig {
             }
             for (j, name) in entry.names.iter().enumerate() {
                 let name = name.to_ascii_lowercase();
-                let host = name.strip_prefix("*.").unwrap_or(&name);
-                if rustls::pki_types::DnsName::try_from(host).is_err() || host.contains('*') {
-                    problems.push(
-                        at.key("names").index(j),
-                        format!("`{name}` is not a host name or `*.` and a host name"),
-                    );
+                if let Err(e) = HostPattern::parse(&name) {
+                    problems.push(at.key("names").index(j), e);
                 } else if !seen.insert(name.clone()) {
                     problems.push(
                         at.key("names").index(j),
@@ -370,14 +367,9 @@ fn dns_names(der: &[u8]) -> Vec<String> {
 /// True if a certificate valid for `names` is valid for `name` (lowercase; `*.parent` in either
 /// covers one label under `parent`).
 fn covered_by(name: &str, names: &[String]) -> bool {
-    names.iter().any(|n| {
-        n == name
-            || n.strip_prefix("*.").is_some_and(|parent| {
-                name.split_once('.').is_some_and(|(label, rest)| {
-                    label != "*" && !label.is_empty() && rest == parent
-                })
-            })
-    })
+    names
+        .iter()
+        .any(|n| n == name || HostPattern::parse(n).is_ok_and(|p| p.matches(name)))
 }
 
 /// Picks the certificate for a handshake by the name the client asked for: an exact name,
