@@ -340,42 +340,33 @@ async fn handshake(
             m.tls_handshakes.with_label_values(&[result]).inc();
         }
     };
-    let deadline = tokio::time::Instant::now() + tls.handshake_timeout;
     // One byte, peeked: a ClientHello starts with a handshake record; anything else is
-    // probably a cleartext request, answered as one.
-    let mut first = [0u8; 1];
-    let peeked = tokio::select! {
-        r = tokio::time::timeout_at(deadline, stream.peek(&mut first)) => r,
-        () = shutdown.cancelled() => return Handshake::Failed,
+    // probably a cleartext request, answered as one. Peek and handshake share one timeout.
+    let steps = async {
+        let mut first = [0u8; 1];
+        if let Ok(1..) = stream.peek(&mut first).await
+            && first[0] != TLS_HANDSHAKE_RECORD
+        {
+            return Err(stream);
+        }
+        // A peek that failed fails the handshake too, counted as `io` below.
+        Ok(tokio_rustls::TlsAcceptor::from(config).accept(stream).await)
     };
-    match peeked {
-        Ok(Ok(1..)) if first[0] != TLS_HANDSHAKE_RECORD => {
-            count("cleartext");
-            return Handshake::Cleartext(stream);
-        }
-        Ok(Ok(_)) => {}
-        Ok(Err(_)) => {
-            count("io");
-            return Handshake::Failed;
-        }
-        Err(_) => {
-            count("timeout");
-            tracing::debug!("TLS handshake timed out");
-            return Handshake::Failed;
-        }
-    }
-    let accept = tokio_rustls::TlsAcceptor::from(config).accept(stream);
     let done = tokio::select! {
-        r = tokio::time::timeout_at(deadline, accept) => r,
+        r = tokio::time::timeout(tls.handshake_timeout, steps) => r,
         () = shutdown.cancelled() => return Handshake::Failed,
     };
     match done {
-        Ok(Ok(stream)) => {
+        Ok(Err(cleartext)) => {
+            count("cleartext");
+            Handshake::Cleartext(cleartext)
+        }
+        Ok(Ok(Ok(stream))) => {
             count("ok");
             let info = TlsInfo::of(stream.get_ref().1);
             Handshake::Done(Box::new(stream), info)
         }
-        Ok(Err(e)) => {
+        Ok(Ok(Err(e))) => {
             let reason = tls::failure_reason(&e);
             count(reason);
             tracing::debug!(reason, error = %e, "TLS handshake failed");

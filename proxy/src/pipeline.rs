@@ -102,8 +102,6 @@ pub(crate) struct ConnInfo {
     xff_element: HeaderValue,
     /// The peer as a `forwarded` element (RFC 7239): `for=192.0.2.1;proto=http`, IPv6 quoted.
     forwarded_element: String,
-    /// `x-forwarded-proto`: `https` on a TLS connection.
-    proto: HeaderValue,
     /// What the TLS handshake established, on a TLS connection.
     pub(crate) tls: Option<TlsInfo>,
 }
@@ -123,9 +121,13 @@ impl ConnInfo {
             xff_element: HeaderValue::from_str(&xff)
                 .expect("an IP address is a valid header value"),
             forwarded_element,
-            proto: HeaderValue::from_static(proto),
             tls: peer.tls,
         }
+    }
+
+    /// `x-forwarded-proto`: `https` on a TLS connection.
+    fn proto(&self) -> HeaderValue {
+        HeaderValue::from_static(if self.tls.is_some() { "https" } else { "http" })
     }
 
     /// The verified TLS client certificate of the connection, if any.
@@ -513,7 +515,7 @@ fn prepare_upstream_headers(
     if let Some(v) = xff {
         headers.insert(X_FORWARDED_FOR, v);
     }
-    headers.insert(X_FORWARDED_PROTO, conn.proto.clone());
+    headers.insert(X_FORWARDED_PROTO, conn.proto());
 
     let host_param = host.as_ref().map(|h| h.as_bytes());
     let forwarded = match headers.get(header::FORWARDED) {
@@ -614,7 +616,7 @@ mod tests {
         assert_eq!(v6.forwarded_element, "for=\"[2001:db8::1]\";proto=http");
         let tls = ConnInfo::new(peer("192.0.2.1:5000", Some(TlsInfo::default())));
         assert_eq!(tls.forwarded_element, "for=192.0.2.1;proto=https");
-        assert_eq!(tls.proto, "https");
+        assert_eq!(tls.proto(), "https");
 
         let prev = HeaderValue::from_static("for=198.51.100.2");
         let v = element_value(
