@@ -130,6 +130,22 @@ pub fn fill(template: &str, vars: &[(&str, &str)]) -> String {
     out
 }
 
+/// Writes `config` to `path` and loads it as `bff-proxy run` would (paths relative to the
+/// file); returns every problem it is refused with. Panics if it loads.
+pub fn config_file_problems(path: &std::path::Path, config: &str) -> String {
+    std::fs::write(path, config).expect("write config");
+    bff_proxy::Config::load(path)
+        .expect_err("the config should be refused")
+        .to_string()
+}
+
+/// Panics naming the first of `expected` that the problem text `text` does not mention.
+pub fn assert_mentions(text: &str, expected: &[&str]) {
+    for e in expected {
+        assert!(text.contains(e), "missing `{e}` in:\n{text}");
+    }
+}
+
 /// Lowercase hex SHA-256 of `key`: what the config stores for an API key.
 pub fn sha256_hex(key: &str) -> String {
     sha256_hex_bytes(key.as_bytes())

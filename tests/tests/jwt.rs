@@ -10,7 +10,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 
-use bff_proxy_tests::{TestProxy, Upstream, fill, get};
+use bff_proxy_tests::{TestProxy, Upstream, assert_mentions, config_file_problems, fill, get};
 
 const CONFIG: &str = r#"
 listen = "127.0.0.1:0"
@@ -418,22 +418,20 @@ path = "/"
 service = "echo"
 "#;
     let path = dir.path().join("bff.toml");
-    std::fs::write(&path, config).expect("write config");
-    let text = bff_proxy::Config::load(&path)
-        .expect_err("invalid")
-        .to_string();
-    for expected in [
-        "identity.jwt.jwks: the JWKS has no signing keys",
-        "identity.jwt.header: invalid header name `bad header`",
-        "identity.jwt.leeway: must be between",
-        "clients[0].identify[0]: `a..b` is not a claim path",
-        "clients[0].identify[1]: a rule looks at one of `header`, `client_cert` or `jwt_claim`",
-    ] {
-        assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
-    }
+    let text = config_file_problems(&path, config);
+    assert_mentions(
+        &text,
+        &[
+            "identity.jwt.jwks: the JWKS has no signing keys",
+            "identity.jwt.header: invalid header name `bad header`",
+            "identity.jwt.leeway: must be between",
+            "clients[0].identify[0]: `a..b` is not a claim path",
+            "clients[0].identify[1]: a rule looks at one of `header`, `client_cert` or `jwt_claim`",
+        ],
+    );
 
     // Without [identity.jwt], a claim rule could never see a verified token.
-    std::fs::write(
+    let text = config_file_problems(
         &path,
         r#"
 [services.echo]
@@ -446,13 +444,9 @@ id = "all"
 path = "/"
 service = "echo"
 "#,
-    )
-    .expect("write config");
-    let text = bff_proxy::Config::load(&path)
-        .expect_err("invalid")
-        .to_string();
-    assert!(
-        text.contains("clients[0].identify[0].jwt_claim: needs `[identity.jwt]`"),
-        "{text}"
+    );
+    assert_mentions(
+        &text,
+        &["clients[0].identify[0].jwt_claim: needs `[identity.jwt]`"],
     );
 }

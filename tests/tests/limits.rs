@@ -5,7 +5,8 @@
 use std::time::{Duration, Instant};
 
 use bff_proxy_tests::{
-    Gate, H1Conn, RawConn, Reply, TestProxy, Upstream, body, catch_all_config, get, raw, request,
+    Gate, H1Conn, RawConn, Reply, TestProxy, Upstream, assert_mentions, body, catch_all_config,
+    get, raw, request,
 };
 
 const LIMITS: &str = "max_request_body_bytes = 1024
@@ -289,11 +290,12 @@ fn rate_limit_settings_are_checked() {
     let text = bff_proxy::Config::from_toml(&config, "t")
         .expect_err("invalid")
         .to_string();
-    for expected in [
-        "clients[0].rate_limit.requests: must be between 1 and 1000000",
-        "clients[0].rate_limit.per: must be between",
-        "clients[0].rate_limit.burst: must be between 1 and 1000000",
-    ] {
-        assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
-    }
+    assert_mentions(
+        &text,
+        &[
+            "clients[0].rate_limit.requests: must be between 1 and 1000000",
+            "clients[0].rate_limit.per: must be between",
+            "clients[0].rate_limit.burst: must be between 1 and 1000000",
+        ],
+    );
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use bff_proxy_tests::tls::{Ca, TlsClient};
-use bff_proxy_tests::{RawConn, TestProxy, Upstream, fill};
+use bff_proxy_tests::{RawConn, TestProxy, Upstream, assert_mentions, config_file_problems, fill};
 
 /// Client certificates are optional unless `{client_cert}` says `client_cert = "required"`.
 const CONFIG: &str = r#"
@@ -530,21 +530,19 @@ path = "/"
 service = "echo"
 "#;
     let path = dir.path().join("bff.toml");
-    std::fs::write(&path, config).expect("write config");
-    let text = bff_proxy::Config::load(&path)
-        .expect_err("invalid")
-        .to_string();
-    for expected in [
-        "tls.sni[0].key: the key in",
-        "tls.sni[0].names[1]: `bad name` is not a host name",
-        "tls.sni[0].names[2]: `*.*.test` is not a host name",
-        "tls.sni[1].names[0]: `a.test` already has a certificate",
-        "tls.sni[2].cert: cannot read",
-        "tls.sni[3].names[1]: the certificate in",
-        "is not valid for `other.test` (its names: b.test)",
-    ] {
-        assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
-    }
+    let text = config_file_problems(&path, config);
+    assert_mentions(
+        &text,
+        &[
+            "tls.sni[0].key: the key in",
+            "tls.sni[0].names[1]: `bad name` is not a host name",
+            "tls.sni[0].names[2]: `*.*.test` is not a host name",
+            "tls.sni[1].names[0]: `a.test` already has a certificate",
+            "tls.sni[2].cert: cannot read",
+            "tls.sni[3].names[1]: the certificate in",
+            "is not valid for `other.test` (its names: b.test)",
+        ],
+    );
 }
 
 #[test]
@@ -577,58 +575,50 @@ path = "/"
 service = "echo"
 "#;
     let path = dir.path().join("bff.toml");
-    std::fs::write(&path, config).expect("write config");
-    let err = bff_proxy::Config::load(&path).expect_err("invalid");
-    let text = err.to_string();
-    for expected in [
-        "tls.min_version: unknown variant `1.1`, expected `1.2` or `1.3`",
-        "tls.client_crl: cannot read",
-        "tls.client_ca: cannot read",
-        "missing-ca.pem",
-    ] {
-        assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
-    }
+    let text = config_file_problems(&path, config);
+    assert_mentions(
+        &text,
+        &[
+            "tls.min_version: unknown variant `1.1`, expected `1.2` or `1.3`",
+            "tls.client_crl: cannot read",
+            "tls.client_ca: cannot read",
+            "missing-ca.pem",
+        ],
+    );
 
     // Fixed CA path and version: now the key mismatch shows (it needs all files readable).
     std::fs::write(dir.path().join("ca.pem"), ca.pem()).expect("write");
-    std::fs::write(
+    let text = config_file_problems(
         &path,
-        config
+        &config
             .replace("missing-ca.pem", "ca.pem")
             .replace("client_crl = \"missing.crl\"\n", "")
             .replace("\"1.1\"", "\"1.3\""),
-    )
-    .expect("write config");
-    let text = bff_proxy::Config::load(&path)
-        .expect_err("invalid")
-        .to_string();
-    assert!(
-        text.contains("tls.key: the key in") && text.contains("does not belong to the certificate"),
-        "{text}"
+    );
+    assert_mentions(
+        &text,
+        &["tls.key: the key in", "does not belong to the certificate"],
     );
 
     // Without `client_ca`, a certificate rule can never match, and `required` means nothing.
     std::fs::write(dir.path().join("server.key"), &a.key_pem).expect("write");
-    std::fs::write(
+    let text = config_file_problems(
         &path,
-        config
+        &config
             .replace(
                 "client_ca = \"missing-ca.pem\"",
                 "client_cert = \"required\"",
             )
             .replace("\"1.1\"", "\"1.2\""),
-    )
-    .expect("write config");
-    let text = bff_proxy::Config::load(&path)
-        .expect_err("invalid")
-        .to_string();
-    for expected in [
-        "tls.client_crl: goes with `tls.client_ca`",
-        "tls.client_cert: `required` needs `tls.client_ca`",
-        "clients[0].identify[0].client_cert: needs `[tls]` with `client_ca`",
-    ] {
-        assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
-    }
+    );
+    assert_mentions(
+        &text,
+        &[
+            "tls.client_crl: goes with `tls.client_ca`",
+            "tls.client_cert: `required` needs `tls.client_ca`",
+            "clients[0].identify[0].client_cert: needs `[tls]` with `client_ca`",
+        ],
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -783,17 +773,15 @@ path = "/"
 service = "plain"
 "#;
     let path = dir.path().join("bff.toml");
-    std::fs::write(&path, config).expect("write config");
-    let text = bff_proxy::Config::load(&path)
-        .expect_err("invalid")
-        .to_string();
-    for expected in [
-        "services.mixed.urls: mix of http:// and https:// URLs",
-        "services.plain.tls: applies to https:// URLs; this service has none",
-        "services.secure.tls.ca: cannot read",
-        "services.secure.tls.key: `cert` needs its `key`",
-        "services.secure.tls.server_name: `not a name` is not a DNS name or IP address",
-    ] {
-        assert!(text.contains(expected), "missing `{expected}` in:\n{text}");
-    }
+    let text = config_file_problems(&path, config);
+    assert_mentions(
+        &text,
+        &[
+            "services.mixed.urls: mix of http:// and https:// URLs",
+            "services.plain.tls: applies to https:// URLs; this service has none",
+            "services.secure.tls.ca: cannot read",
+            "services.secure.tls.key: `cert` needs its `key`",
+            "services.secure.tls.server_name: `not a name` is not a DNS name or IP address",
+        ],
+    );
 }
