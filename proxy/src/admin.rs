@@ -13,6 +13,8 @@
 //!   plugin was, the request id).
 //! - `GET /admin/reloads`: recent reloads with trigger, outcome, duration, errors, warnings.
 //! - `POST /admin/reload`: reload now; 200 with the record, 422 if it was rejected.
+//! - `POST /admin/cache/purge`: drop a service's stored responses, all of them or those whose
+//!   path starts with a prefix (`{"service": "catalog", "prefix": "/products/"}`).
 //!
 //! Mutations only by `POST`; every other method gets 405 with `Allow`. With
 //! `admin.token_sha256` set, everything but the two probes needs `Authorization: Bearer <token>`.
@@ -131,7 +133,7 @@ impl Admin {
 pub(crate) async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path();
     let allowed: &'static str = match path {
-        "/admin/reload" => "POST",
+        "/admin/reload" | "/admin/cache/purge" => "POST",
         "/healthz" | "/readyz" | "/metrics" | "/admin/config" | "/admin/plugins"
         | "/admin/reloads" => "GET, HEAD",
         _ => {
@@ -211,6 +213,7 @@ pub(crate) async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Bo
             StatusCode::OK,
             &serde_json::json!({ "reloads": reloader.history() }),
         ),
+        "/admin/cache/purge" => purge(&shared.live.load(), req).await,
         _ => {
             // POST /admin/reload: runs now (after any reload in progress) and reports.
             let record = reloader.reload(Trigger::Admin).await;
@@ -220,6 +223,59 @@ pub(crate) async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Bo
             };
             json(status, &serde_json::json!({ "reload": record }))
         }
+    }
+}
+
+/// `POST /admin/cache/purge` with `{"service": NAME, "prefix": "/path"}` (`prefix` optional).
+async fn purge(snapshot: &Snapshot, req: Request<Incoming>) -> Response<Body> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Purge {
+        service: String,
+        prefix: Option<String>,
+    }
+    const MAX_BODY: usize = 64 << 10;
+    let bytes = match http_body_util::BodyExt::collect(http_body_util::Limited::new(
+        req.into_body(),
+        MAX_BODY,
+    ))
+    .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                "the body must be a JSON object of at most 64 KiB",
+            );
+        }
+    };
+    let purge: Purge = match serde_json::from_slice(&bytes) {
+        Ok(p) => p,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                &format!("expected {{\"service\": NAME, \"prefix\": \"/path\"}}: {e}"),
+            );
+        }
+    };
+    match snapshot
+        .upstreams
+        .purge(&purge.service, purge.prefix.as_deref())
+    {
+        Some(purged) => {
+            tracing::info!(service = %purge.service, prefix = purge.prefix.as_deref().unwrap_or(""), purged, "cache purged");
+            json(StatusCode::OK, &serde_json::json!({ "purged": purged }))
+        }
+        None => error(
+            StatusCode::NOT_FOUND,
+            "no_cache",
+            &format!(
+                "no service `{}` with a cache in the live config",
+                purge.service.escape_debug()
+            ),
+        ),
     }
 }
 

@@ -34,7 +34,7 @@ pub use crate::plugins::{PluginLimits, PluginLimitsOverride, PluginsConfig};
 pub use crate::ratelimit::RateLimit;
 pub use crate::reload::ReloadConfig;
 pub use crate::router::{ChainStep, OnError, RouteConfig};
-pub use crate::upstream::{Protocol, ServiceConfig, UpstreamTlsConfig};
+pub use crate::upstream::{CacheConfig, Protocol, ServiceConfig, UpstreamTlsConfig};
 
 /// Default data-plane listen address.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";

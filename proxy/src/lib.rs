@@ -12,7 +12,7 @@
 //! | route | `router` | the client's route for the normalized path; path params, rewrite |
 //! | rate limit | `ratelimit` | whether the client is within its `rate_limit` |
 //! | plugins | `plugins` | the route's Wasm chain: request phase, (upstream), response phase |
-//! | upstream | `upstream` | which service URL; pooled, streamed, with timeouts, TLS to `https://` |
+//! | upstream | `upstream` | the service's response cache; which service URL; pooled, streamed, with timeouts, TLS to `https://` |
 //! | respond | `pipeline` + `error` | headers cleaned, errors as JSON with stable codes |
 //! | log | `observe` | metrics and the access log, once the response body is sent |
 //!

@@ -86,6 +86,13 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     register(registry, IntGauge::new(name, help).expect("valid metric"))
 }
 
+fn gauge_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    register(
+        registry,
+        IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+    )
+}
+
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     register(registry, IntCounter::new(name, help).expect("valid metric"))
 }
@@ -331,6 +338,9 @@ impl Caller {
 pub(crate) struct UpstreamFamilies {
     total: IntCounterVec,
     duration: HistogramVec,
+    cache_total: IntCounterVec,
+    cache_bytes: IntGaugeVec,
+    cache_entries: IntGaugeVec,
 }
 
 impl UpstreamFamilies {
@@ -349,6 +359,34 @@ impl UpstreamFamilies {
                 LATENCY_BUCKETS,
                 &["service", "caller"],
             ),
+            cache_total: counter_vec(
+                r,
+                "bff_upstream_cache_total",
+                "Calls to services with a response cache, by service and result (`hit`, `collapsed` onto another request's fetch, `revalidated` by a 304, `stale` served because the service failed, `miss`, `bypass` for requests the cache does not handle).",
+                &["service", "result"],
+            ),
+            cache_bytes: gauge_vec(
+                r,
+                "bff_upstream_cache_bytes",
+                "Memory held by a service's stored responses (bodies, headers, keys), against its `cache.max_bytes`.",
+                &["service"],
+            ),
+            cache_entries: gauge_vec(
+                r,
+                "bff_upstream_cache_entries",
+                "Responses stored in a service's cache.",
+                &["service"],
+            ),
+        }
+    }
+
+    /// The cache series of one service (every result pre-created, so they export at 0).
+    pub(crate) fn cache_series(&self, service: &str) -> CacheSeries {
+        CacheSeries {
+            results: crate::upstream::CACHE_OUTCOMES
+                .map(|r| self.cache_total.with_label_values(&[service, r])),
+            bytes: self.cache_bytes.with_label_values(&[service]),
+            entries: self.cache_entries.with_label_values(&[service]),
         }
     }
 
@@ -362,6 +400,25 @@ impl UpstreamFamilies {
             total: self.total.clone(),
             service: service.into(),
         }
+    }
+}
+
+/// The pre-resolved cache series of one upstream service.
+#[derive(Debug)]
+pub(crate) struct CacheSeries {
+    results: [IntCounter; 6],
+    bytes: IntGauge,
+    entries: IntGauge,
+}
+
+impl CacheSeries {
+    pub(crate) fn count(&self, outcome: crate::upstream::CacheOutcome) {
+        self.results[outcome as usize].inc();
+    }
+
+    pub(crate) fn resize(&self, bytes: u64, entries: usize) {
+        self.bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.entries.set(i64::try_from(entries).unwrap_or(i64::MAX));
     }
 }
 

@@ -50,7 +50,8 @@ impl Snapshot {
     /// Puts a snapshot together from a validated config and its loaded chains (by route
     /// index). What `current` (the live snapshot) built from equal settings is kept: its
     /// upstream pools (idle connections stay warm), its token verifier (its cache of verified
-    /// tokens stays) and its clients' rate limiters (no fresh burst on reload). Needs a Tokio runtime (upstream clients spawn their connection
+    /// tokens stays), the response cache of each service whose URLs and cache settings are
+    /// unchanged and its clients' rate limiters (no fresh burst on reload). Needs a Tokio runtime (upstream clients spawn their connection
     /// tasks on it).
     pub(crate) fn assemble(
         config: Config,
@@ -92,7 +93,11 @@ impl Snapshot {
             ),
             router: Router::build(&config, chains),
             upstreams: upstreams.unwrap_or_else(|| {
-                Arc::new(Upstreams::build(&config.services, &metrics.upstreams))
+                Arc::new(Upstreams::build(
+                    &config.services,
+                    &metrics.upstreams,
+                    current.map(|c| &*c.upstreams),
+                ))
             }),
             headers: HeaderNames::build(&config.headers),
             chain_timeout: config.plugins.chain_timeout,

@@ -4,15 +4,23 @@
 //! `https://` services connect with TLS ([`tls`]: rustls, the service's CAs or the system's,
 //! optionally the proxy's own certificate), in the pool's connect step or hyper-rustls's.
 //!
-//! Requests and responses stream through: nothing here buffers a body.
+//! A service with a `cache` section answers cacheable `GET`s from memory ([`cache`]), for the
+//! route's own call and plugins' `send`s alike.
+//!
+//! Requests and responses stream through: nothing here buffers a body (the cache keeps a copy
+//! of a storable response as it streams by).
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderValue, Request, Response, Uri, Version, header};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use http_body::{Body as _, Frame};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
@@ -22,8 +30,12 @@ use serde::Deserialize;
 
 use tracing::Instrument;
 
+mod cache;
 mod pool;
 pub(crate) mod tls;
+pub use cache::CacheConfig;
+use cache::{Cache, Lookup, RequestFacts};
+pub(crate) use cache::{OUTCOMES as CACHE_OUTCOMES, Outcome as CacheOutcome};
 use pool::Pool;
 pub use tls::UpstreamTlsConfig;
 
@@ -60,6 +72,8 @@ pub struct ServiceConfig {
     pub request_timeout: Duration,
     /// Idle keep-alive connections kept per URL.
     pub max_idle_connections: usize,
+    /// Keep the service's cacheable `GET` responses in memory (RFC 9111 shared cache).
+    pub cache: Option<CacheConfig>,
 }
 
 impl Default for ServiceConfig {
@@ -71,6 +85,7 @@ impl Default for ServiceConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             max_idle_connections: DEFAULT_MAX_IDLE,
+            cache: None,
         }
     }
 }
@@ -148,6 +163,9 @@ impl ServiceConfig {
         );
         if self.max_idle_connections > 10_000 {
             problems.push(at.key("max_idle_connections"), "must be at most 10000");
+        }
+        if let Some(cache) = &self.cache {
+            cache.validate(&at.key("cache"), problems);
         }
     }
 }
@@ -301,11 +319,15 @@ impl From<hyper_util::client::legacy::Error> for SendError {
 #[derive(Debug)]
 struct Service {
     name: Arc<str>,
+    /// The URLs it was built from: a service keeps its cache across reloads while these and
+    /// its cache settings stay the same.
+    urls: Vec<String>,
     endpoints: Vec<Endpoint>,
     next: AtomicUsize,
     transport: Transport,
     timeout: Duration,
     series: ServiceSeries,
+    cache: Option<Arc<Cache>>,
 }
 
 /// Whose upstream call it is: the call is counted in the caller's metrics and its request's
@@ -316,8 +338,61 @@ pub(crate) struct CallFor<'a> {
     pub(crate) stats: &'a Arc<RequestStats>,
 }
 
-/// An upstream response body, counted into its request's bytes from upstreams.
-pub(crate) type UpstreamBody = Counted<Incoming>;
+/// An upstream response body: from the wire (counted into its request's bytes from upstreams;
+/// recorded for the cache when storable), or a stored copy.
+#[derive(Debug)]
+pub(crate) enum UpstreamBody {
+    Wire(Counted<Incoming>),
+    /// Boxed: only a storable miss carries one.
+    Recorded(Counted<Incoming>, Box<cache::Recording>),
+    Stored(Option<Bytes>),
+}
+
+impl UpstreamBody {
+    fn stored(response: Response<Bytes>) -> Response<Self> {
+        response.map(|b| Self::Stored(Some(b)))
+    }
+}
+
+impl http_body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            Self::Wire(body) => Pin::new(body).poll_frame(cx),
+            Self::Recorded(body, recording) => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                recording.observe(&polled, body.is_end_stream());
+                polled
+            }
+            Self::Stored(data) => Poll::Ready(
+                data.take()
+                    .filter(|d| !d.is_empty())
+                    .map(|d| Ok(Frame::data(d))),
+            ),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::Wire(body) | Self::Recorded(body, _) => body.is_end_stream(),
+            Self::Stored(data) => data.as_ref().is_none_or(Bytes::is_empty),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            Self::Wire(body) | Self::Recorded(body, _) => body.size_hint(),
+            Self::Stored(data) => {
+                http_body::SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}
 
 /// Every upstream service of one snapshot.
 #[derive(Debug)]
@@ -326,15 +401,26 @@ pub(crate) struct Upstreams {
 }
 
 impl Upstreams {
-    /// Builds clients from validated service configs. Must run inside a Tokio runtime.
+    /// Builds clients from validated service configs. A service of `previous` with the same
+    /// URLs and cache settings lends its cache (its stored responses stay). Must run inside a
+    /// Tokio runtime.
     pub(crate) fn build<'a>(
         services: impl IntoIterator<Item = (&'a String, &'a ServiceConfig)>,
         metrics: &UpstreamFamilies,
+        previous: Option<&Upstreams>,
     ) -> Self {
         let services = services
             .into_iter()
             .map(|(name, cfg)| {
                 let name: Arc<str> = name.as_str().into();
+                let cache = cfg.cache.as_ref().map(|c| {
+                    previous
+                        .and_then(|p| p.services.get(&name))
+                        .filter(|old| old.urls == cfg.urls)
+                        .and_then(|old| old.cache.clone())
+                        .filter(|old| old.config() == c)
+                        .unwrap_or_else(|| Arc::new(Cache::new(c, metrics.cache_series(&name))))
+                });
                 let endpoints: Vec<Endpoint> = cfg
                     .urls
                     .iter()
@@ -402,11 +488,13 @@ impl Upstreams {
                 };
                 let service = Service {
                     name: name.clone(),
+                    urls: cfg.urls.clone(),
                     endpoints,
                     next: AtomicUsize::new(0),
                     transport,
                     timeout: cfg.request_timeout,
                     series: metrics.series(&name),
+                    cache,
                 };
                 (name, service)
             })
@@ -415,21 +503,202 @@ impl Upstreams {
     }
 
     /// Sends `req` to `service`. `path` is the upstream path (already rewritten) and `query` the
-    /// raw query string; the service's base URL is put in front.
+    /// raw query string; the service's base URL is put in front. A service with a cache may
+    /// answer from it.
     pub(crate) async fn send(
         &self,
         service: &str,
+        path: &str,
+        query: Option<&str>,
+        req: Request<Body>,
+        deadline: Duration,
+        by: CallFor<'_>,
+    ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let svc = self
+            .services
+            .get(service)
+            .expect("routes only name services of the same snapshot");
+        match &svc.cache {
+            Some(cache) => svc.send_cached(cache, path, query, req, deadline, by).await,
+            None => {
+                let resp = svc.exchange(path, query, req, deadline, by).await?;
+                Ok(resp.map(|b| UpstreamBody::Wire(by.counted(b))))
+            }
+        }
+    }
+
+    /// Drops the stored responses of `service` whose path starts with `prefix` (all of them
+    /// with `None`). `None` if the service does not exist or has no cache.
+    pub(crate) fn purge(&self, service: &str, prefix: Option<&str>) -> Option<usize> {
+        let cache = self.services.get(service)?.cache.as_ref()?;
+        Some(cache.purge(prefix))
+    }
+}
+
+impl CallFor<'_> {
+    /// A response body from the wire, counted into the request's bytes from upstreams.
+    fn counted(&self, body: Incoming) -> Counted<Incoming> {
+        Counted::new(body, self.stats.clone(), Direction::Upstream)
+    }
+}
+
+/// Appends our entry to a response's `cache-status`.
+fn append_cache_status(headers: &mut HeaderMap, fwd: &str, status: StatusCode, stored: bool) {
+    let stored = if stored { "; stored" } else { "" };
+    let value = format!(
+        "bff-proxy; fwd={fwd}; fwd-status={}{stored}",
+        status.as_u16()
+    );
+    headers.append(
+        cache::CACHE_STATUS.clone(),
+        HeaderValue::try_from(value).expect("ASCII"),
+    );
+}
+
+impl Service {
+    /// The cache's part of the upstream phase: answer from a stored copy, wait for another
+    /// request already fetching this one, revalidate a stale copy, or fetch and record.
+    async fn send_cached(
+        &self,
+        cache: &Arc<Cache>,
         path: &str,
         query: Option<&str>,
         mut req: Request<Body>,
         deadline: Duration,
         by: CallFor<'_>,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let eligible = req.method() == Method::GET
+            && req.body().is_end_stream()
+            && !req.headers().contains_key(header::RANGE);
+        if !eligible {
+            cache.count(CacheOutcome::Bypass);
+            let fwd = if req.method() == Method::GET {
+                "request"
+            } else {
+                "method"
+            };
+            let (mut parts, body) = self
+                .exchange(path, query, req, deadline, by)
+                .await?
+                .into_parts();
+            append_cache_status(&mut parts.headers, fwd, parts.status, false);
+            return Ok(Response::from_parts(
+                parts,
+                UpstreamBody::Wire(by.counted(body)),
+            ));
+        }
+        let started = Instant::now();
+        let key = cache.key(path, query, req.headers());
+        let mut stale = None;
+        let mut fwd = "uri-miss";
+        match cache.lookup(&key, req.headers(), started) {
+            Lookup::Fresh(entry) => {
+                return Ok(UpstreamBody::stored(cache.serve(
+                    &entry,
+                    req.headers(),
+                    CacheOutcome::Hit,
+                    started,
+                )));
+            }
+            Lookup::Stale(entry) => {
+                stale = Some(entry);
+                fwd = "stale";
+            }
+            Lookup::OtherVariant => fwd = "vary-miss",
+            Lookup::Missing => {}
+        }
+        let leader = match cache.lead(&key) {
+            Ok(leader) => Some(leader),
+            Err(mut done) => {
+                // Another request is fetching it: wait for that (within this call's deadline),
+                // then use what it stored, or fetch independently.
+                let waiting = by.stats.upstream_call();
+                let _ = tokio::time::timeout(deadline.min(self.timeout), done.changed()).await;
+                drop(waiting);
+                let now = Instant::now();
+                if let Lookup::Fresh(entry) = cache.lookup(&key, req.headers(), now) {
+                    return Ok(UpstreamBody::stored(cache.serve(
+                        &entry,
+                        req.headers(),
+                        CacheOutcome::Collapsed,
+                        now,
+                    )));
+                }
+                None
+            }
+        };
+        let remaining = deadline.saturating_sub(started.elapsed());
+        let facts = RequestFacts::of(req.headers());
+        let revalidating = stale.as_ref().filter(|e| e.has_validator());
+        if let Some(entry) = revalidating {
+            // Our own validators replace the caller's; the caller's are answered from the copy.
+            let headers = req.headers_mut();
+            headers.remove(header::IF_NONE_MATCH);
+            headers.remove(header::IF_MODIFIED_SINCE);
+            entry.add_validators(headers);
+        }
+        let result = self.exchange(path, query, req, remaining, by).await;
+        let now = Instant::now();
+        let on_error = |failed: bool| {
+            stale
+                .as_ref()
+                .filter(|e| failed && e.servable_on_error(now))
+                .map(|e| {
+                    UpstreamBody::stored(cache.serve(e, facts.headers(), CacheOutcome::Stale, now))
+                })
+        };
+        let resp = match result {
+            Ok(resp) => resp,
+            Err(e) => {
+                let failed = !matches!(e, UpstreamError::RequestBodyTooLarge);
+                return on_error(failed).ok_or(e);
+            }
+        };
+        if let Some(entry) = revalidating
+            && resp.status() == StatusCode::NOT_MODIFIED
+        {
+            let entry = cache.refresh(&key, entry, resp.headers(), &facts, now);
+            drop(leader);
+            return Ok(UpstreamBody::stored(cache.serve(
+                &entry,
+                facts.headers(),
+                CacheOutcome::Revalidated,
+                now,
+            )));
+        }
+        if matches!(resp.status().as_u16(), 500 | 502 | 503 | 504)
+            && let Some(served) = on_error(true)
+        {
+            return Ok(served);
+        }
+        cache.count(CacheOutcome::Miss);
+        let (mut parts, body) = resp.into_parts();
+        let recording = cache.admit(key, &parts, &facts, leader);
+        append_cache_status(&mut parts.headers, fwd, parts.status, recording.is_some());
+        let body = by.counted(body);
+        let body = match recording {
+            Some(mut recording) if body.is_end_stream() => {
+                recording.finish();
+                UpstreamBody::Wire(body)
+            }
+            Some(recording) => UpstreamBody::Recorded(body, recording),
+            None => UpstreamBody::Wire(body),
+        };
+        Ok(Response::from_parts(parts, body))
+    }
+
+    /// One exchange with the service (round-robin over its URLs), recorded in its metrics and
+    /// the request's upstream time.
+    async fn exchange(
+        &self,
+        path: &str,
+        query: Option<&str>,
+        mut req: Request<Body>,
+        deadline: Duration,
+        by: CallFor<'_>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
         let CallFor { caller, stats } = by;
-        let svc = self
-            .services
-            .get(service)
-            .expect("routes only name services of the same snapshot");
+        let svc = self;
         let n = svc.next.fetch_add(1, Ordering::Relaxed) % svc.endpoints.len();
         let ep = &svc.endpoints[n];
         let mut pq = String::with_capacity(
@@ -487,7 +756,7 @@ impl Upstreams {
                 service: svc.name.clone(),
                 timeout,
             }),
-            Ok(Ok(resp)) => Ok(resp.map(|b| Counted::new(b, stats.clone(), Direction::Upstream))),
+            Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) if caused_by_body_limit(&*e.source) => {
                 Err(UpstreamError::RequestBodyTooLarge)
             }

@@ -377,6 +377,32 @@ pub enum Reply {
     Stream(u64),
     /// Closes the connection without answering.
     Abort,
+    /// Answers `304` (with the inner reply's `etag` and `cache-control`) to a request whose
+    /// `if-none-match` names the inner [`Reply::Fixed`]'s `etag`; otherwise the inner reply.
+    Revalidates(Box<Reply>),
+    /// Whatever the [`Switch`] holds when the request arrives.
+    Switch(Switch),
+}
+
+/// A reply a test changes while the upstream runs (e.g. from a good answer to a `503`).
+#[derive(Debug, Clone)]
+pub struct Switch(Arc<Mutex<Reply>>);
+
+impl Switch {
+    /// Starts with `reply`.
+    pub fn new(reply: Reply) -> Self {
+        Self(Arc::new(Mutex::new(reply)))
+    }
+
+    /// Requests from now on get `reply`.
+    pub fn set(&self, reply: Reply) {
+        *lock(&self.0) = reply;
+    }
+
+    /// A [`Reply`] that answers whatever this switch holds.
+    pub fn reply(&self) -> Reply {
+        Reply::Switch(self.clone())
+    }
 }
 
 impl Reply {
@@ -406,6 +432,11 @@ impl Reply {
     /// This reply once `gate` opens.
     pub fn gated(self, gate: &Gate) -> Self {
         Self::Gated(gate.clone(), Box::new(self))
+    }
+
+    /// This [`Reply::Fixed`], answering `304` to a request that already has its `etag`.
+    pub fn revalidates(self) -> Self {
+        Self::Revalidates(Box::new(self))
     }
 }
 
@@ -677,6 +708,33 @@ async fn upstream_handle(
                 gate.wait().await;
                 *inner
             }
+            Reply::Switch(switch) => lock(&switch.0).clone(),
+            Reply::Revalidates(inner) => {
+                let Reply::Fixed { headers, .. } = &*inner else {
+                    panic!("Reply::revalidates needs Reply::Fixed, not {inner:?}");
+                };
+                let kept = |name: &str| {
+                    headers
+                        .iter()
+                        .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+                        .cloned()
+                        .collect::<Vec<_>>()
+                };
+                let etag = kept("etag");
+                let presented = req
+                    .headers()
+                    .get_all(http::header::IF_NONE_MATCH)
+                    .iter()
+                    .any(|v| etag.iter().any(|(_, e)| v.as_bytes() == e.as_bytes()));
+                if presented {
+                    break Reply::Fixed {
+                        status: 304,
+                        headers: [etag, kept("cache-control")].concat(),
+                        body: Bytes::new(),
+                    };
+                }
+                *inner
+            }
             other => break other,
         };
     };
@@ -735,7 +793,9 @@ async fn upstream_handle(
         }
         Reply::Stream(n) => Ok(Response::new(PatternBody::chunked(n).boxed())),
         Reply::Abort => Err("scripted abort".into()),
-        Reply::Delay(..) | Reply::Gated(..) => unreachable!("unwrapped above"),
+        Reply::Delay(..) | Reply::Gated(..) | Reply::Switch(..) | Reply::Revalidates(..) => {
+            unreachable!("unwrapped above")
+        }
     }
 }
 

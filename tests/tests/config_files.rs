@@ -44,6 +44,10 @@ fn full_toml_documents_every_section() {
             .any(|s| s.protocol == bff_proxy::config::Protocol::Http2),
         "an http2 service"
     );
+    assert!(
+        cfg.services.values().any(|s| s.cache.is_some()),
+        "a service with a response cache"
+    );
     let rules: Vec<_> = cfg.clients.iter().flat_map(|c| &c.identify).collect();
     assert!(
         rules.iter().any(|r| r.equals.is_some()),

@@ -194,6 +194,26 @@ async fn demo_serves_each_client_its_own_route() {
     assert_eq!(status, StatusCode::OK, "{product}");
     assert_eq!(product["id"], product_id);
     assert_eq!(product["name"], order["items"][0]["name"]);
+    // The catalog is cacheable and the demo caches it: the same request again is a hit.
+    let (again, body) = fetch(
+        &client,
+        addr,
+        &format!("/api/products/{product_id}"),
+        &[("x-api-key", PARTNER_API_KEY)],
+    )
+    .await;
+    let status = again
+        .headers
+        .get("cache-status")
+        .map(|v| v.to_str().expect("ASCII"));
+    assert!(
+        status.is_some_and(|s| s.starts_with("bff-proxy; hit")),
+        "{status:?}"
+    );
+    assert_eq!(
+        serde_json::from_slice::<Value>(&body).expect("JSON"),
+        product
+    );
     let (status, recs) = get(
         &client,
         addr,

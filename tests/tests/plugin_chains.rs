@@ -168,6 +168,55 @@ chain = [{ plugin = "probe", config = { name = "a" } }, { plugin = "probe", conf
     }
 }
 
+/// A plugin's `send`s share the service's response cache with the routes: two calls to a
+/// cacheable resource in one fan-out, and the same call in the next request, reach the service
+/// once; the plugin sees the stored copy with its `cache-status`.
+#[tokio::test]
+async fn plugin_sends_share_the_service_cache() {
+    let catalog = Upstream::builder("catalog")
+        .route(
+            "/products",
+            Reply::fixed(200, r#"{"products":[1,2]}"#).header("cache-control", "max-age=60"),
+        )
+        .start()
+        .await;
+    let routes = format!(
+        r#"
+[services.catalog]
+urls = ["{catalog}"]
+cache = {{}}
+
+[[routes]]
+id = "home"
+path = "/home"
+egress = ["catalog"]
+chain = [{{ plugin = "probe", config = {{ mode = "fanout", calls = [{{ service = "catalog", path = "/products" }}, {{ service = "catalog", path = "/products" }}] }} }}]
+"#,
+        catalog = catalog.url()
+    );
+    let up = Upstream::echo("up").await;
+    let proxy = TestProxy::start(&config(&up.url(), &routes)).await;
+    for _ in 0..2 {
+        let resp = get(proxy.addr(), "/home", &[]).await;
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        let results = &resp.json()["results"];
+        for r in results.as_array().expect("results") {
+            assert_eq!(
+                r["body"]["products"],
+                serde_json::json!([1, 2]),
+                "{results}"
+            );
+        }
+    }
+    assert_eq!(catalog.received().len(), 1, "one fetch for four sends");
+    let metrics = proxy.metrics().await;
+    assert!(
+        metrics.contains(r#"bff_upstream_cache_total{result="collapsed",service="catalog"} 1"#)
+            || metrics.contains(r#"bff_upstream_cache_total{result="hit",service="catalog"} 3"#),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn fan_out_respects_the_egress_list() {
     let up = Upstream::echo("up").await;

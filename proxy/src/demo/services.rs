@@ -7,7 +7,9 @@
 //! `u-1001` → orders `o-5001`, `o-5002` → products `p-2001`...). Unknown paths get a 404 JSON
 //! error, other methods a 405. Each response ends with a small `meta` object naming the service
 //! and the client the proxy identified (its `x-bff-client` header), which shows identity
-//! propagation; nothing else from the request is echoed.
+//! propagation; nothing else from the request is echoed. The catalog's documents are cacheable
+//! (`cache-control: public, max-age=30`, `vary: x-bff-client` since `meta` names the client),
+//! which the demo config's response cache for that service uses.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -275,7 +277,16 @@ fn respond<B>(data: &ServiceData, req: &Request<B>) -> Response<Full<Bytes>> {
         "{doc},\n  \"meta\": {{ \"served_by\": \"{}\", \"client\": {client} }}\n}}\n",
         data.name
     );
-    json_response(StatusCode::OK, body)
+    let mut resp = json_response(StatusCode::OK, body);
+    if data.name == "catalog" {
+        let headers = resp.headers_mut();
+        headers.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("public, max-age=30"),
+        );
+        headers.insert(header::VARY, HeaderValue::from_static(CLIENT_HEADER));
+    }
+    resp
 }
 
 fn json_string(s: &str) -> String {
