@@ -60,8 +60,11 @@ impl Snapshot {
         current: Option<&Snapshot>,
         metrics: &Metrics,
     ) -> Self {
+        let credentials = credential_headers(&config);
         let upstreams = current
-            .filter(|c| c.config.services == config.services)
+            .filter(|c| {
+                c.config.services == config.services && c.upstreams.credentials() == &*credentials
+            })
             .map(|c| c.upstreams.clone());
         let verifier = current
             .filter(|c| c.config.identity.jwt == config.identity.jwt)
@@ -97,6 +100,7 @@ impl Snapshot {
                     &config.services,
                     &metrics.upstreams,
                     current.map(|c| &*c.upstreams),
+                    credentials,
                 ))
             }),
             headers: HeaderNames::build(&config.headers),
@@ -107,6 +111,23 @@ impl Snapshot {
             config: Arc::new(config),
         }
     }
+}
+
+/// The request headers the proxy fills with a user's identity for upstreams (the JWT
+/// `claim_headers`, `x-forwarded-client-cert`): response caches treat them as credentials.
+fn credential_headers(config: &Config) -> Box<[http::HeaderName]> {
+    let claims = config
+        .identity
+        .jwt
+        .iter()
+        .flat_map(|j| j.claim_headers.keys())
+        .filter_map(|h| http::HeaderName::from_bytes(h.as_bytes()).ok());
+    let xfcc = config
+        .tls
+        .as_ref()
+        .filter(|t| t.forward_client_cert)
+        .map(|_| http::HeaderName::from_static("x-forwarded-client-cert"));
+    claims.chain(xfcc).collect()
 }
 
 /// State shared by every connection for the life of the process.

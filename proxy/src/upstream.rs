@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header};
+use http::{
+    HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version, header,
+};
 use http_body::{Body as _, Frame};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
@@ -398,6 +400,8 @@ impl http_body::Body for UpstreamBody {
 #[derive(Debug)]
 pub(crate) struct Upstreams {
     services: HashMap<Arc<str>, Service>,
+    /// Request headers the proxy fills with a user's identity (see [`cache`]).
+    credentials: Box<[HeaderName]>,
 }
 
 impl Upstreams {
@@ -408,6 +412,7 @@ impl Upstreams {
         services: impl IntoIterator<Item = (&'a String, &'a ServiceConfig)>,
         metrics: &UpstreamFamilies,
         previous: Option<&Upstreams>,
+        credentials: Box<[HeaderName]>,
     ) -> Self {
         let services = services
             .into_iter()
@@ -499,7 +504,16 @@ impl Upstreams {
                 (name, service)
             })
             .collect();
-        Self { services }
+        Self {
+            services,
+            credentials,
+        }
+    }
+
+    /// The identity headers it was built with: a snapshot reuses these upstreams only if its
+    /// own are the same.
+    pub(crate) fn credentials(&self) -> &[HeaderName] {
+        &self.credentials
     }
 
     /// Sends `req` to `service`. `path` is the upstream path (already rewritten) and `query` the
@@ -519,7 +533,11 @@ impl Upstreams {
             .get(service)
             .expect("routes only name services of the same snapshot");
         match &svc.cache {
-            Some(cache) => svc.send_cached(cache, path, query, req, deadline, by).await,
+            Some(cache) => {
+                let credentialed = cache.credentialed(req.headers(), &self.credentials);
+                svc.send_cached(path, query, req, deadline, by, credentialed)
+                    .await
+            }
             None => {
                 let resp = svc.exchange(path, query, req, deadline, by).await?;
                 Ok(resp.map(|b| UpstreamBody::Wire(by.counted(b))))
@@ -560,13 +578,17 @@ impl Service {
     /// request already fetching this one, revalidate a stale copy, or fetch and record.
     async fn send_cached(
         &self,
-        cache: &Arc<Cache>,
         path: &str,
         query: Option<&str>,
         mut req: Request<Body>,
         deadline: Duration,
         by: CallFor<'_>,
+        credentialed: bool,
     ) -> Result<Response<UpstreamBody>, UpstreamError> {
+        let cache = self
+            .cache
+            .as_ref()
+            .expect("only services with a cache are sent to this way");
         let eligible = req.method() == Method::GET
             && req.body().is_end_stream()
             && !req.headers().contains_key(header::RANGE);
@@ -591,7 +613,7 @@ impl Service {
         let key = cache.key(path, query, req.headers());
         let mut stale = None;
         let mut fwd = "uri-miss";
-        match cache.lookup(&key, req.headers(), started) {
+        match cache.lookup(&key, req.headers(), credentialed, started) {
             Lookup::Fresh(entry) => {
                 return Ok(UpstreamBody::stored(cache.serve(
                     &entry,
@@ -605,6 +627,7 @@ impl Service {
                 fwd = "stale";
             }
             Lookup::OtherVariant => fwd = "vary-miss",
+            Lookup::NotShared => fwd = "request",
             Lookup::Missing => {}
         }
         let leader = match cache.lead(&key) {
@@ -616,7 +639,7 @@ impl Service {
                 let _ = tokio::time::timeout(deadline.min(self.timeout), done.changed()).await;
                 drop(waiting);
                 let now = Instant::now();
-                if let Lookup::Fresh(entry) = cache.lookup(&key, req.headers(), now) {
+                if let Lookup::Fresh(entry) = cache.lookup(&key, req.headers(), credentialed, now) {
                     return Ok(UpstreamBody::stored(cache.serve(
                         &entry,
                         req.headers(),
@@ -628,7 +651,7 @@ impl Service {
             }
         };
         let remaining = deadline.saturating_sub(started.elapsed());
-        let facts = RequestFacts::of(req.headers());
+        let facts = RequestFacts::of(req.headers(), credentialed);
         let revalidating = stale.as_ref().filter(|e| e.has_validator());
         if let Some(entry) = revalidating {
             // Our own validators replace the caller's; the caller's are answered from the copy.

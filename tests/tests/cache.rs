@@ -174,6 +174,29 @@ async fn what_a_shared_cache_must_not_store_is_fetched_every_time() {
     }
     assert_eq!(requests_to(&up, "/personal"), 2);
     assert_eq!(requests_to(&up, "/shared"), 1);
+    // ...and only a shared copy may answer them: the copy an anonymous request stored is not
+    // given to a request with a session cookie, nor replaced by its answer.
+    get(proxy.addr(), "/personal", &[]).await;
+    let with_cookie = get(proxy.addr(), "/personal", &[("cookie", "session=u1")]).await;
+    assert_eq!(
+        with_cookie.header("cache-status"),
+        Some("bff-proxy; fwd=request; fwd-status=200")
+    );
+    let anonymous = get(proxy.addr(), "/personal", &[]).await;
+    assert!(
+        anonymous
+            .header("cache-status")
+            .expect("status")
+            .contains("hit")
+    );
+    assert_eq!(requests_to(&up, "/personal"), 4);
+    let shared = get(proxy.addr(), "/shared", &[("cookie", "session=u1")]).await;
+    assert!(
+        shared
+            .header("cache-status")
+            .expect("status")
+            .contains("hit")
+    );
 
     // Other methods, bodies and ranges pass through.
     let post = request(proxy.addr(), "POST", "/shared", &[], body("x")).await;
@@ -219,6 +242,21 @@ async fn vary_and_key_headers_keep_variants_apart() {
     }
     get(proxy.addr(), "/me", &[]).await;
     assert_eq!(requests_to(&up, "/me"), 3, "alice, bob and nobody");
+}
+
+/// A credential header named in `key_headers` keys the copies instead of blocking them: one
+/// copy per session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_in_key_headers_gets_copies_per_value() {
+    let up = Upstream::builder("main")
+        .route("/", fresh(60))
+        .start()
+        .await;
+    let proxy = start(&up, r#"key_headers = ["cookie"]"#).await;
+    for session in ["session=u1", "session=u2", "session=u1", "session=u2"] {
+        get(proxy.addr(), "/cart", &[("cookie", session)]).await;
+    }
+    assert_eq!(up.received().len(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,7 +10,9 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{Value, json};
 
-use bff_proxy_tests::{TestProxy, Upstream, assert_mentions, config_file_problems, fill, get};
+use bff_proxy_tests::{
+    Reply, TestProxy, Upstream, assert_mentions, config_file_problems, fill, get,
+};
 
 const CONFIG: &str = r#"
 listen = "127.0.0.1:0"
@@ -373,6 +375,49 @@ async fn verified_claims_become_upstream_headers_and_client_copies_never_do() {
         "{:?}",
         seen.headers
     );
+}
+
+/// The headers made from verified claims carry a user's identity: a service's response cache
+/// treats them like `authorization` (only answers marked shared are stored for such requests),
+/// even when the token itself is not forwarded.
+#[tokio::test]
+async fn claim_headers_are_credentials_to_the_response_cache() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let key = SigningKey::new("k1");
+    let up = Upstream::builder("echo")
+        .route(
+            "/me",
+            Reply::fixed(200, "{}").header("cache-control", "max-age=60"),
+        )
+        .route(
+            "/catalog",
+            Reply::fixed(200, "{}").header("cache-control", "public, max-age=60"),
+        )
+        .start()
+        .await;
+    let proxy = start(
+        dir.path(),
+        &[&key],
+        &up,
+        "forward = false\nclaim_headers = { \"x-user-id\" = \"sub\" }\n\n[services.echo.cache]",
+    )
+    .await;
+    let auth = bearer(&key.sign(&claims(json!({}))));
+    for _ in 0..2 {
+        for path in ["/me", "/catalog"] {
+            let resp = get(proxy.addr(), path, &[("authorization", &auth)]).await;
+            assert_eq!(resp.status, 200, "{}", resp.text());
+        }
+    }
+    let to = |path: &str| up.received().iter().filter(|r| r.uri == path).count();
+    assert!(
+        up.received()
+            .iter()
+            .all(|r| r.headers.get("authorization").is_none()),
+        "the token is not forwarded"
+    );
+    assert_eq!(to("/me"), 2, "a user's answer is never stored for everyone");
+    assert_eq!(to("/catalog"), 1, "a shared answer is");
 }
 
 #[tokio::test]

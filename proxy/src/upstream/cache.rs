@@ -14,11 +14,14 @@
 //! A shared cache by RFC 9111: only `GET`s without a body or `range`; a response is stored
 //! only if its status is cacheable by default, it has a freshness lifetime (`s-maxage`,
 //! `max-age`, `expires`, else the configured `default_ttl`) or a validator, and it has no
-//! `no-store`, `private`, `no-cache`, `set-cookie` or `vary: *`; a request with
-//! `authorization` only if the response says `public`, `s-maxage` or `must-revalidate`. One
-//! copy per key (path, query and the configured `key_headers`); a copy whose `vary` headers
-//! differ from the request's is a miss and is replaced. Client `cache-control` is ignored
-//! (as nginx does): the cache is the operator's, not something a client can bypass.
+//! `no-store`, `private`, `no-cache`, `set-cookie` or `vary: *`. A request that carries a
+//! user's credentials (`authorization`, `cookie`, and the identity headers the proxy adds: the
+//! JWT `claim_headers`, `x-forwarded-client-cert`) is answered from, and its answer stored as,
+//! only a copy the service marked shared (`public`, `s-maxage`, `must-revalidate`), unless
+//! that header is one of `key_headers` (then each value has its own copies). One copy per key
+//! (path, query and the configured `key_headers`); a copy whose `vary` headers differ from the
+//! request's is a miss and is replaced. Client `cache-control` is ignored (as nginx does): the
+//! cache is the operator's, not something a client can bypass.
 //!
 //! Memory is bounded by `max_bytes` (body, headers and key of every copy), evicted by
 //! quick_cache's S3-FIFO policy; copies past use are dropped when looked up.
@@ -181,6 +184,8 @@ pub(crate) struct Entry {
     stale_for: Duration,
     /// The request's values of the response's `vary` fields.
     vary: VaryValues,
+    /// The service said any user may get it (`public`, `s-maxage`, `must-revalidate`).
+    shared: bool,
     weight: u64,
 }
 
@@ -263,6 +268,8 @@ pub(crate) enum Lookup {
     Stale(Arc<Entry>),
     /// A copy for another `vary` variant.
     OtherVariant,
+    /// A copy the request's credentials may not be answered from.
+    NotShared,
     Missing,
 }
 
@@ -343,10 +350,28 @@ impl Cache {
         key.into()
     }
 
-    pub(crate) fn lookup(&self, key: &Key, request: &HeaderMap, now: Instant) -> Lookup {
+    /// Whether `request` carries credentials of one of `credentials` that are not part of
+    /// the key: then only shared copies may answer it and only shared answers be stored.
+    pub(crate) fn credentialed(&self, request: &HeaderMap, credentials: &[HeaderName]) -> bool {
+        [header::AUTHORIZATION, header::COOKIE]
+            .iter()
+            .chain(credentials)
+            .any(|h| request.contains_key(h) && !self.key_headers.contains(h))
+    }
+
+    pub(crate) fn lookup(
+        &self,
+        key: &Key,
+        request: &HeaderMap,
+        credentialed: bool,
+        now: Instant,
+    ) -> Lookup {
         let Some(entry) = self.store.get(key) else {
             return Lookup::Missing;
         };
+        if credentialed && !entry.shared {
+            return Lookup::NotShared;
+        }
         if !entry.matches_vary(request) {
             return Lookup::OtherVariant;
         }
@@ -407,6 +432,7 @@ impl Cache {
             fresh_for: policy.fresh_for,
             stale_for: policy.stale_for,
             vary,
+            shared: policy.shared,
             weight,
         };
         self.store.insert(key, Arc::new(entry));
@@ -444,6 +470,7 @@ impl Cache {
             fresh_for: policy.as_ref().map_or(Duration::ZERO, |p| p.fresh_for),
             stale_for: policy.as_ref().map_or(Duration::ZERO, |p| p.stale_for),
             vary: old.vary.clone(),
+            shared: policy.as_ref().is_some_and(|p| p.shared),
             weight: old.weight,
             headers,
         });
@@ -472,7 +499,8 @@ impl Cache {
         if cc.no_store || cc.private || cc.no_cache {
             return None;
         }
-        if request.authorized && !(cc.public || cc.s_maxage.is_some() || cc.must_revalidate) {
+        let shared = cc.public || cc.s_maxage.is_some() || cc.must_revalidate;
+        if request.credentialed && !shared {
             return None;
         }
         if headers.get_all(header::VARY).iter().any(|v| {
@@ -520,6 +548,7 @@ impl Cache {
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map_or(Duration::ZERO, Duration::from_secs);
         Some(Policy {
+            shared,
             received: now,
             initial_age,
             fresh_for,
@@ -698,16 +727,16 @@ fn cacheable_by_default(status: StatusCode) -> bool {
 /// What storing decisions need from the request once it has been sent.
 #[derive(Debug)]
 pub(crate) struct RequestFacts {
-    authorized: bool,
+    credentialed: bool,
     /// The request's headers as the caller sent them: the values the answer's `vary` names,
     /// and the caller's own conditionals.
     headers: HeaderMap,
 }
 
 impl RequestFacts {
-    pub(crate) fn of(headers: &HeaderMap) -> Self {
+    pub(crate) fn of(headers: &HeaderMap, credentialed: bool) -> Self {
         Self {
-            authorized: headers.contains_key(header::AUTHORIZATION),
+            credentialed,
             headers: headers.clone(),
         }
     }
@@ -720,6 +749,7 @@ impl RequestFacts {
 /// Freshness of a storable response.
 #[derive(Debug, Clone, Copy)]
 struct Policy {
+    shared: bool,
     received: Instant,
     initial_age: Duration,
     fresh_for: Duration,
