@@ -18,7 +18,7 @@ pub(crate) mod trace;
 
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -42,6 +42,8 @@ pub(crate) struct RequestStats {
     upstream_bytes: AtomicU64,
     /// Time plugins ran (their CPU-budget meter: waiting on upstream calls excluded).
     plugin_nanos: AtomicU64,
+    /// Upstream calls a service's response cache answered (no exchange with the service).
+    cached: AtomicU32,
     upstream: Mutex<UpstreamClock>,
 }
 
@@ -82,13 +84,24 @@ impl RequestStats {
 
     /// Marks an upstream call started; the returned guard marks it answered (or failed).
     pub(crate) fn upstream_call(self: &Arc<Self>) -> UpstreamCall {
+        self.upstream_wait(1)
+    }
+
+    /// Marks a wait for an upstream answer (counted as upstream time) that is not a call of
+    /// its own: a cache miss waiting for another request's fetch of the same resource.
+    pub(crate) fn upstream_wait(self: &Arc<Self>, calls: u32) -> UpstreamCall {
         let mut c = lock(&self.upstream);
         if c.outstanding == 0 {
             c.since = Some(Instant::now());
         }
         c.outstanding += 1;
-        c.calls += 1;
+        c.calls += calls;
         UpstreamCall(self.clone())
+    }
+
+    /// Counts an upstream call answered by a response cache.
+    pub(crate) fn served_from_cache(&self) {
+        self.cached.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Upstream wall time and number of calls so far.
@@ -286,6 +299,7 @@ impl Finish {
                 duration,
                 upstream,
                 upstream_calls,
+                cached: self.stats.cached.load(Ordering::Relaxed),
                 plugin: Duration::from_nanos(self.stats.plugin_nanos.load(Ordering::Relaxed)),
                 bytes_in: sample.bytes_in,
                 bytes_out: sample.bytes_out,

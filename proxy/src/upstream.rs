@@ -589,6 +589,10 @@ impl Service {
             .cache
             .as_ref()
             .expect("only services with a cache are sent to this way");
+        let stored = |response: Response<Bytes>| {
+            by.stats.served_from_cache();
+            UpstreamBody::stored(response)
+        };
         let eligible = req.method() == Method::GET
             && req.body().is_end_stream()
             && !req.headers().contains_key(header::RANGE);
@@ -615,7 +619,7 @@ impl Service {
         let mut fwd = "uri-miss";
         match cache.lookup(&key, req.headers(), credentialed, started) {
             Lookup::Fresh(entry) => {
-                return Ok(UpstreamBody::stored(cache.serve(
+                return Ok(stored(cache.serve(
                     &entry,
                     req.headers(),
                     CacheOutcome::Hit,
@@ -635,12 +639,12 @@ impl Service {
             Err(mut done) => {
                 // Another request is fetching it: wait for that (within this call's deadline),
                 // then use what it stored, or fetch independently.
-                let waiting = by.stats.upstream_call();
+                let waiting = by.stats.upstream_wait(0);
                 let _ = tokio::time::timeout(deadline.min(self.timeout), done.changed()).await;
                 drop(waiting);
                 let now = Instant::now();
                 if let Lookup::Fresh(entry) = cache.lookup(&key, req.headers(), credentialed, now) {
-                    return Ok(UpstreamBody::stored(cache.serve(
+                    return Ok(stored(cache.serve(
                         &entry,
                         req.headers(),
                         CacheOutcome::Collapsed,
@@ -666,9 +670,7 @@ impl Service {
             stale
                 .as_ref()
                 .filter(|e| failed && e.servable_on_error(now))
-                .map(|e| {
-                    UpstreamBody::stored(cache.serve(e, facts.headers(), CacheOutcome::Stale, now))
-                })
+                .map(|e| stored(cache.serve(e, facts.headers(), CacheOutcome::Stale, now)))
         };
         let resp = match result {
             Ok(resp) => resp,
@@ -682,7 +684,7 @@ impl Service {
         {
             let entry = cache.refresh(&key, entry, resp.headers(), &facts, now);
             drop(leader);
-            return Ok(UpstreamBody::stored(cache.serve(
+            return Ok(stored(cache.serve(
                 &entry,
                 facts.headers(),
                 CacheOutcome::Revalidated,

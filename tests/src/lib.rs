@@ -161,6 +161,25 @@ pub fn sha256_hex_bytes(bytes: &[u8]) -> String {
         })
 }
 
+/// The first `n` lines of the access log at `path`, once it has them (waits up to 10 s: the
+/// log is written by its own thread).
+pub async fn read_log_lines(path: &std::path::Path, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        if lines.len() >= n {
+            return lines;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {n} access log lines after 10 s:\n{text}",
+            lines.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A `http://127.0.0.1:PORT` URL on which nothing listens (bound, then released).
 pub fn closed_port_url() -> String {
     let listener = std::net::TcpListener::bind(LOOPBACK_0).expect("bind an ephemeral port");

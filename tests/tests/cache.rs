@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bff_proxy_tests::{
     Reply, Switch, TestProxy, Upstream, assert_mentions, body, catch_all_config,
-    config_file_problems, get, request,
+    config_file_problems, get, read_log_lines, request,
 };
 
 const BODY: &str = r#"{"products":[1,2,3]}"#;
@@ -102,6 +102,33 @@ async fn a_fresh_response_is_served_from_memory() {
             .await,
         2.0
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_tells_calls_the_cache_answered() {
+    let up = Upstream::builder("main")
+        .route("/products", fresh(60))
+        .start()
+        .await;
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let log = dir.path().join("access.log");
+    let config = format!(
+        "{}\n[access_log]\nformat = \"json\"\noutput = {:?}\n",
+        config(&up.url(), ""),
+        log.display().to_string()
+    );
+    let proxy = TestProxy::start(&config).await;
+    get(proxy.addr(), "/products", &[]).await;
+    get(proxy.addr(), "/products", &[]).await;
+    let lines = read_log_lines(&log, 2).await;
+    let field = |line: &str, name: &str| {
+        serde_json::from_str::<serde_json::Value>(line).expect("a JSON line")[name].clone()
+    };
+    assert_eq!(field(&lines[0], "upstream_calls"), 1, "{}", lines[0]);
+    assert_eq!(field(&lines[0], "cached"), 0, "{}", lines[0]);
+    assert_eq!(field(&lines[1], "upstream_calls"), 0, "{}", lines[1]);
+    assert_eq!(field(&lines[1], "cached"), 1, "{}", lines[1]);
+    assert_eq!(field(&lines[1], "upstream_bytes"), 0, "{}", lines[1]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

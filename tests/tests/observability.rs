@@ -3,11 +3,10 @@
 //! before the first load, and the admin token. Real proxy, real loopback sockets.
 
 use std::collections::BTreeSet;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use bff_proxy_tests::plugins::test_plugins;
-use bff_proxy_tests::{Reply, TestProxy, Upstream, body, get, request, sha256_hex};
+use bff_proxy_tests::{Reply, TestProxy, Upstream, body, get, read_log_lines, request, sha256_hex};
 
 const PARTNER_KEY: &str = "partner-key-9f2c";
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -469,7 +468,7 @@ async fn access_log_lines_have_every_field_and_no_secrets() {
         .await
         .assert_error(404, "route_not_found");
 
-    let lines = read_lines(&log, 3).await;
+    let lines = read_log_lines(&log, 3).await;
     let text = std::fs::read_to_string(&log).expect("read the log");
     for secret in ["secret-bearer-123", "secret-cookie-456", PARTNER_KEY] {
         assert!(
@@ -569,7 +568,7 @@ async fn text_access_log_escapes_what_the_client_sent() {
     )
     .await;
     assert_eq!(resp.status, 200);
-    let lines = read_lines(&log, 1).await;
+    let lines = read_log_lines(&log, 1).await;
     let line = &lines[0];
     assert!(line.contains(r#" request_id="id\"1" "#), "{line}");
     assert!(line.contains(r#" user_agent="a\x09b \"c\"""#), "{line}");
@@ -579,24 +578,6 @@ async fn text_access_log_escapes_what_the_client_sent() {
     );
     assert!(line.contains(" protocol=HTTP/1.1 tls=- "), "{line}");
     assert!(!line.contains('\t'));
-}
-
-/// Waits (bounded) until the log file has `n` lines; returns them.
-async fn read_lines(path: &Path, n: usize) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let lines: Vec<String> = text.lines().map(str::to_owned).collect();
-        if lines.len() >= n {
-            return lines;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} of {n} access log lines after 10 s:\n{text}",
-            lines.len()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -807,7 +788,7 @@ async fn a_client_that_leaves_early_is_logged_as_499() {
     up.wait_for_requests(1).await;
     drop(conn);
 
-    let lines = read_lines(&log, 1).await;
+    let lines = read_log_lines(&log, 1).await;
     let line: serde_json::Value = serde_json::from_str(&lines[0]).expect("a JSON line");
     assert_eq!(line["status"], 499, "{line}");
     assert_eq!(line["error"], "client_closed");

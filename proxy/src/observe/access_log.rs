@@ -269,6 +269,8 @@ pub(crate) struct Line<'a> {
     pub(crate) duration: Duration,
     pub(crate) upstream: Duration,
     pub(crate) upstream_calls: u32,
+    /// Upstream calls a response cache answered instead of the service.
+    pub(crate) cached: u32,
     pub(crate) plugin: Duration,
     pub(crate) bytes_in: u64,
     pub(crate) bytes_out: u64,
@@ -309,6 +311,7 @@ struct JsonLine<'a> {
     duration_ms: f64,
     upstream_ms: f64,
     upstream_calls: u32,
+    cached: u32,
     plugin_ms: f64,
     bytes_in: u64,
     bytes_out: u64,
@@ -341,6 +344,7 @@ impl Line<'_> {
                     duration_ms: millis(self.duration),
                     upstream_ms: millis(self.upstream),
                     upstream_calls: self.upstream_calls,
+                    cached: self.cached,
                     plugin_ms: millis(self.plugin),
                     bytes_in: self.bytes_in,
                     bytes_out: self.bytes_out,
@@ -365,12 +369,13 @@ impl Line<'_> {
                 quoted(&mut s, &path);
                 let _ = write!(
                     s,
-                    " status={} error={} duration_ms={:.3} upstream_ms={:.3} upstream_calls={} plugin_ms={:.3} bytes_in={} bytes_out={} upstream_bytes={} peer={} protocol={} tls={} user_agent=",
+                    " status={} error={} duration_ms={:.3} upstream_ms={:.3} upstream_calls={} cached={} plugin_ms={:.3} bytes_in={} bytes_out={} upstream_bytes={} peer={} protocol={} tls={} user_agent=",
                     self.status,
                     self.error.unwrap_or("-"),
                     millis(self.duration),
                     millis(self.upstream),
                     self.upstream_calls,
+                    self.cached,
                     millis(self.plugin),
                     self.bytes_in,
                     self.bytes_out,
@@ -431,6 +436,7 @@ mod tests {
             duration: Duration::from_micros(1500),
             upstream: Duration::from_micros(900),
             upstream_calls: 2,
+            cached: 1,
             plugin: Duration::from_micros(120),
             bytes_in: 0,
             bytes_out: 42,
@@ -451,9 +457,9 @@ mod tests {
             "{s}"
         );
         assert!(s.contains(" client=mobile route=- "), "{s}");
-        assert!(
-            s.contains(" duration_ms=1.500 upstream_ms=0.900 upstream_calls=2 plugin_ms=0.120 ")
-        );
+        assert!(s.contains(
+            " duration_ms=1.500 upstream_ms=0.900 upstream_calls=2 cached=1 plugin_ms=0.120 "
+        ));
         assert!(!s.contains('\u{1b}'));
     }
 
