@@ -13,6 +13,8 @@
 //!   plugin was, the request id).
 //! - `GET /admin/reloads`: recent reloads with trigger, outcome, duration, errors, warnings.
 //! - `POST /admin/reload`: reload now; 200 with the record, 422 if it was rejected.
+//! - `POST /admin/plugins/rollback`: serve a plugin's previous version again (`{"plugin": NAME}`),
+//!   while one is kept (`plugins.rollback.window` after a reload replaced it).
 //! - `POST /admin/cache/purge`: drop a service's stored responses, all of them or those whose
 //!   path starts with a prefix (`{"service": "catalog", "prefix": "/products/"}`).
 //!
@@ -35,7 +37,7 @@ use crate::body::{self, Body};
 use crate::config::{ConfigPath, Problems};
 use crate::metrics::Metrics;
 use crate::plugins::LoadedPlugin;
-use crate::reload::{Outcome, Reloader, Trigger, rfc3339};
+use crate::reload::{Outcome, Reloader, RollbackBy, RollbackError, Trigger, rfc3339};
 use crate::state::Snapshot;
 
 /// Default admin listen address: loopback.
@@ -133,7 +135,7 @@ impl Admin {
 pub(crate) async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path();
     let allowed: &'static str = match path {
-        "/admin/reload" | "/admin/cache/purge" => "POST",
+        "/admin/reload" | "/admin/cache/purge" | "/admin/plugins/rollback" => "POST",
         "/healthz" | "/readyz" | "/metrics" | "/admin/config" | "/admin/plugins"
         | "/admin/reloads" => "GET, HEAD",
         _ => {
@@ -214,6 +216,7 @@ pub(crate) async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Bo
             &serde_json::json!({ "reloads": reloader.history() }),
         ),
         "/admin/cache/purge" => purge(&shared.live.load(), req).await,
+        "/admin/plugins/rollback" => rollback(reloader, req).await,
         _ => {
             // POST /admin/reload: runs now (after any reload in progress) and reports.
             let record = reloader.reload(Trigger::Admin).await;
@@ -226,6 +229,63 @@ pub(crate) async fn handle(admin: &Admin, req: Request<Incoming>) -> Response<Bo
     }
 }
 
+/// Reads a small JSON request body into `T`, or the `400 invalid_body` answer.
+async fn json_body<T: serde::de::DeserializeOwned>(
+    req: Request<Incoming>,
+    expected: &str,
+) -> Result<T, Response<Body>> {
+    const MAX_BODY: usize = 64 << 10;
+    let bytes =
+        http_body_util::BodyExt::collect(http_body_util::Limited::new(req.into_body(), MAX_BODY))
+            .await
+            .map_err(|_| {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_body",
+                    "the body must be a JSON object of at most 64 KiB",
+                )
+            })?
+            .to_bytes();
+    serde_json::from_slice(&bytes).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "invalid_body",
+            &format!("expected {expected}: {e}"),
+        )
+    })
+}
+
+/// `POST /admin/plugins/rollback` with `{"plugin": NAME}`: 200 with the reload record, 404 for
+/// an unknown plugin, 409 when no previous version is kept, 422 if the reload failed.
+async fn rollback(reloader: &Reloader, req: Request<Incoming>) -> Response<Body> {
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Rollback {
+        plugin: String,
+    }
+    let ask: Rollback = match json_body(req, r#"{"plugin": NAME}"#).await {
+        Ok(a) => a,
+        Err(r) => return r,
+    };
+    let reason = "rolled back through the admin API".to_owned();
+    match reloader
+        .roll_back(&ask.plugin, reason, RollbackBy::Admin)
+        .await
+    {
+        Ok(record) => json(StatusCode::OK, &serde_json::json!({ "reload": record })),
+        Err(e) => {
+            let (status, code) = match &e {
+                RollbackError::UnknownPlugin(_) => (StatusCode::NOT_FOUND, "unknown_plugin"),
+                RollbackError::NoPrevious(_) => (StatusCode::CONFLICT, "no_previous_version"),
+                RollbackError::NotApplied(_) => {
+                    (StatusCode::UNPROCESSABLE_ENTITY, "rollback_failed")
+                }
+            };
+            error(status, code, &e.to_string())
+        }
+    }
+}
+
 /// `POST /admin/cache/purge` with `{"service": NAME, "prefix": "/path"}` (`prefix` optional).
 async fn purge(snapshot: &Snapshot, req: Request<Incoming>) -> Response<Body> {
     #[derive(Deserialize)]
@@ -234,31 +294,9 @@ async fn purge(snapshot: &Snapshot, req: Request<Incoming>) -> Response<Body> {
         service: String,
         prefix: Option<String>,
     }
-    const MAX_BODY: usize = 64 << 10;
-    let bytes = match http_body_util::BodyExt::collect(http_body_util::Limited::new(
-        req.into_body(),
-        MAX_BODY,
-    ))
-    .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_body",
-                "the body must be a JSON object of at most 64 KiB",
-            );
-        }
-    };
-    let purge: Purge = match serde_json::from_slice(&bytes) {
+    let purge: Purge = match json_body(req, r#"{"service": NAME, "prefix": "/path"}"#).await {
         Ok(p) => p,
-        Err(e) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_body",
-                &format!("expected {{\"service\": NAME, \"prefix\": \"/path\"}}: {e}"),
-            );
-        }
+        Err(r) => return r,
     };
     match snapshot
         .upstreams
@@ -311,6 +349,13 @@ fn plugins(snapshot: &Snapshot) -> serde_json::Value {
                 "status": status,
                 "last_error": last_error,
                 "last_failure": last_failure(p),
+                "calls": p.calls().0,
+                "failed_calls": p.calls().1,
+                "previous": e.previous.as_ref().map(|prev| serde_json::json!({
+                    "version": prev.plugin.short_version(),
+                    "sha256": prev.plugin.sha256,
+                    "replaced_at": rfc3339(prev.replaced_at_wall),
+                })),
             })
         })
         .collect();

@@ -683,6 +683,8 @@ pub(crate) struct ReloadFamilies {
     pub(crate) plugin_load_errors: IntCounterVec,
     /// `bff_plugins_loaded`: plugins in the live snapshot.
     pub(crate) plugins_loaded: IntGauge,
+    /// `bff_plugin_rollbacks_total{plugin, trigger}`: versions rolled back to the previous one.
+    pub(crate) rollbacks: IntCounterVec,
 }
 
 impl ReloadFamilies {
@@ -726,6 +728,12 @@ impl ReloadFamilies {
                 &["plugin"],
             ),
             plugins_loaded: gauge(r, "bff_plugins_loaded", "Plugins in the live snapshot."),
+            rollbacks: counter_vec(
+                r,
+                "bff_plugin_rollbacks_total",
+                "Plugin versions rolled back to the version they replaced, by plugin and trigger (`automatic`: the health watch; `admin`: POST /admin/plugins/rollback).",
+                &["plugin", "trigger"],
+            ),
         }
     }
 }

@@ -47,7 +47,7 @@ pub(crate) use self::chain::{Chain, ChainInput, FailureKind, PluginFailure, Scop
 pub use self::hop::Hop;
 pub use self::load::LoadError;
 pub(crate) use self::load::{
-    Catalog, CompileStats, Compiler, LoadIssue, LoadedPlugin, load_chains,
+    Catalog, CompileStats, Compiler, LoadIssue, LoadedPlugin, ProblemKind, Rollbacks, load_chains,
 };
 pub use self::runtime::{Runtime, RuntimeError};
 
@@ -111,6 +111,40 @@ pub struct PluginsConfig {
     pub sha256: std::collections::BTreeMap<String, String>,
     /// Refuse a config in which a plugin a route uses has no pin in `sha256`.
     pub require_sha256: bool,
+    /// Watching a new plugin version after it replaces another, and rolling back to that one
+    /// when the new version fails.
+    pub rollback: RollbackConfig,
+}
+
+/// `[plugins.rollback]`: for `window` after a reload replaces a plugin's serving version, the
+/// version it replaced is kept loaded; if the new version fails (error result, trap, panic,
+/// limit, invalid output) at least `max_failure_ratio` of at least `min_calls` hook calls, and
+/// at least twice as often as the old one did, the old version serves again and the new file
+/// is refused until it changes. `POST /admin/plugins/rollback` does the same on request.
+#[derive(Debug, Clone, Copy, PartialEq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RollbackConfig {
+    /// Roll back automatically (the admin endpoint works either way while a previous version
+    /// is kept).
+    pub automatic: bool,
+    /// How long after a swap the previous version is kept and the new one watched.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Hook calls of the new version before its failure ratio counts.
+    pub min_calls: u64,
+    /// Failed share of the new version's calls that rolls it back (0 to 1).
+    pub max_failure_ratio: f64,
+}
+
+impl Default for RollbackConfig {
+    fn default() -> Self {
+        Self {
+            automatic: true,
+            window: Duration::from_secs(300),
+            min_calls: 20,
+            max_failure_ratio: 0.25,
+        }
+    }
 }
 
 impl Default for PluginsConfig {
@@ -129,6 +163,7 @@ impl Default for PluginsConfig {
             reuse: ReuseConfig::default(),
             sha256: std::collections::BTreeMap::new(),
             require_sha256: false,
+            rollback: RollbackConfig::default(),
         }
     }
 }
@@ -339,6 +374,24 @@ impl PluginsConfig {
             &at.key("reuse").key("max_uses"),
             problems,
         );
+        check_duration(
+            self.rollback.window,
+            Duration::from_secs(1)..=Duration::from_secs(7 * 24 * 3600),
+            &at.key("rollback").key("window"),
+            problems,
+        );
+        check_range(
+            self.rollback.min_calls,
+            1..=1_000_000,
+            &at.key("rollback").key("min_calls"),
+            problems,
+        );
+        if !(self.rollback.max_failure_ratio > 0.0 && self.rollback.max_failure_ratio <= 1.0) {
+            problems.push(
+                at.key("rollback").key("max_failure_ratio"),
+                "must be above 0 and at most 1",
+            );
+        }
         if let Some(h) = &self.version_header
             && http::HeaderName::try_from(h.as_str()).is_err()
         {

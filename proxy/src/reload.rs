@@ -15,8 +15,16 @@
 //! runtime's pool, compilers and compile cache: `PluginsConfig::restart_only_changes`) need a
 //! restart; a reload that changes them applies the rest and says so in its warnings. Each
 //! reload is kept in a bounded history (`GET /admin/reloads`) and counted in the metrics.
+//!
+//! Rollbacks are reloads too ([`Reloader::roll_back`]): told to refuse a plugin's serving
+//! version, the load serves the version it replaced again. [`watch_plugin_health`] asks for one
+//! when a new version fails far more than the one it replaced (`plugins.rollback`); the admin
+//! API asks for one on request.
 
+mod health;
 mod watch;
+
+pub(crate) use health::watch_plugin_health;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,7 +35,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{Config, ConfigPath, Problems, check_duration, check_range};
 use crate::metrics::Metrics;
-use crate::plugins::{Catalog, CompileStats, Compiler, LoadError, LoadIssue, Runtime, load_chains};
+use crate::plugins::{
+    Catalog, CompileStats, Compiler, LoadError, LoadIssue, ProblemKind, Rollbacks, Runtime,
+    load_chains,
+};
 use crate::server::StartError;
 use crate::state::{Shared, Snapshot};
 
@@ -81,6 +92,8 @@ pub(crate) enum Trigger {
     Watch,
     Signal,
     Admin,
+    /// A plugin version rolled back (by the health watch or the admin API).
+    Rollback,
 }
 
 /// How a reload ended.
@@ -161,6 +174,7 @@ async fn build(
     state: &mut State,
     mut config: Config,
     current: Option<&Snapshot>,
+    rollbacks: &Rollbacks,
     metrics: &Metrics,
 ) -> Result<Built, LoadError> {
     let mut warnings = Vec::new();
@@ -243,7 +257,7 @@ async fn build(
         // A file that does not load while younger than this may still be being written: it
         // is retried, not reported (a genuinely bad file is reported once it is this old).
         let settle = (config.reload.debounce * 4).max(SETTLE_MIN);
-        Some(load_chains(runtime, &config, previous, compiler, settle).await?)
+        Some(load_chains(runtime, &config, previous, rollbacks, compiler, settle).await?)
     } else {
         None
     };
@@ -284,6 +298,39 @@ pub(crate) struct Reloader {
     next_id: AtomicU64,
     /// When the first load started: files changed after that may not be in the snapshot.
     first_load_at: SystemTime,
+    /// Rollbacks asked for, applied by the next reload.
+    rollbacks: Mutex<Rollbacks>,
+}
+
+/// Why a rollback could not be done.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum RollbackError {
+    #[error("no plugin `{0}` is loaded")]
+    UnknownPlugin(String),
+    #[error(
+        "plugin `{0}` has no previous version to roll back to (none replaced within `plugins.rollback.window`)"
+    )]
+    NoPrevious(String),
+    #[error("the rollback reload did not apply: {}", .0.errors.join("; "))]
+    NotApplied(Box<ReloadRecord>),
+}
+
+/// Who asked for a rollback (the `trigger` label of `bff_plugin_rollbacks_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RollbackBy {
+    /// The health watch (`plugins.rollback.automatic`).
+    Automatic,
+    /// `POST /admin/plugins/rollback`.
+    Admin,
+}
+
+impl RollbackBy {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Automatic => "automatic",
+            Self::Admin => "admin",
+        }
+    }
 }
 
 /// The first load, before anything is bound: the same path as every reload, but a failure
@@ -295,7 +342,7 @@ pub(crate) async fn first_load(
     let started = Instant::now();
     let at = SystemTime::now();
     let mut state = State { runtime: None };
-    let built = match build(&mut state, config.clone(), None, metrics).await {
+    let built = match build(&mut state, config.clone(), None, &Rollbacks::new(), metrics).await {
         Ok(b) => b,
         Err(e) => {
             metrics.reloads.total.with_label_values(&["rejected"]).inc();
@@ -345,6 +392,7 @@ impl Reloader {
             history: Mutex::new(history),
             next_id: AtomicU64::new(2),
             first_load_at: first.started,
+            rollbacks: Mutex::new(Rollbacks::new()),
         }
     }
 
@@ -354,6 +402,55 @@ impl Reloader {
 
     pub(crate) fn first_load_at(&self) -> SystemTime {
         self.first_load_at
+    }
+
+    /// Rolls `plugin` back to the version its serving one replaced (a reload told to refuse
+    /// the serving version's file), and says why in the catalog and the log.
+    pub(crate) async fn roll_back(
+        &self,
+        plugin: &str,
+        reason: String,
+        by: RollbackBy,
+    ) -> Result<ReloadRecord, RollbackError> {
+        let live = self.shared.live.load_full();
+        let entry = live
+            .catalog
+            .entries
+            .get(plugin)
+            .ok_or_else(|| RollbackError::UnknownPlugin(plugin.to_owned()))?;
+        let previous = entry
+            .previous
+            .as_ref()
+            .ok_or_else(|| RollbackError::NoPrevious(plugin.to_owned()))?;
+        let (from, to) = (
+            entry.serving.short_version().to_owned(),
+            previous.plugin.short_version().to_owned(),
+        );
+        lock(&self.rollbacks).insert(
+            plugin.to_owned(),
+            (entry.serving.sha256.clone(), reason.clone()),
+        );
+        drop(live);
+        let record = self.reload(Trigger::Rollback).await;
+        let applied = self
+            .shared
+            .live
+            .load()
+            .catalog
+            .entries
+            .get(plugin)
+            .is_some_and(|e| e.serving.short_version() == to);
+        if !applied {
+            tracing::error!(plugin, from, to, errors = %record.errors.join("; "), "plugin rollback failed; the serving version is kept");
+            return Err(RollbackError::NotApplied(Box::new(record)));
+        }
+        self.metrics
+            .reloads
+            .rollbacks
+            .with_label_values(&[plugin, by.as_str()])
+            .inc();
+        tracing::warn!(plugin, from, to, by = by.as_str(), reason = %reason, "plugin version rolled back");
+        Ok(record)
     }
 
     /// Recent reloads, oldest first.
@@ -378,10 +475,17 @@ impl Reloader {
             }
             None => Ok((*current.config).clone()),
         };
+        let rollbacks = std::mem::take(&mut *lock(&self.rollbacks));
         let built = match config {
-            Ok(config) => build(&mut state, config, Some(&current), &self.metrics)
-                .await
-                .map_err(|e| (e.problems, e.retry)),
+            Ok(config) => build(
+                &mut state,
+                config,
+                Some(&current),
+                &rollbacks,
+                &self.metrics,
+            )
+            .await
+            .map_err(|e| (e.problems, e.retry)),
             Err(errors) => Err((errors, false)),
         };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -400,7 +504,11 @@ impl Reloader {
         };
         match built {
             Ok(built) => {
-                for issue in built.issues.iter().filter(|i| i.new) {
+                for issue in built
+                    .issues
+                    .iter()
+                    .filter(|i| i.new && i.problem.kind != ProblemKind::RolledBack)
+                {
                     let file = built
                         .snapshot
                         .catalog

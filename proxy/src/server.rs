@@ -314,6 +314,11 @@ impl Proxy {
         // File changes and SIGHUP become reloads until shutdown begins.
         let stop_reloads = CancellationToken::new();
         let watcher = tokio::spawn(crate::reload::watch(reloader.clone(), stop_reloads.clone()));
+        // New plugin versions that fail far more than the ones they replaced are rolled back.
+        let health = tokio::spawn(crate::reload::watch_plugin_health(
+            reloader.clone(),
+            stop_reloads.clone(),
+        ));
         shared.ready.store(true, Ordering::Release);
         // Logged only once `/readyz` answers 200, so whoever waits for this line can rely on it.
         tracing::info!(listen = %listen, admin = %admin.addr, "proxy ready");
@@ -322,6 +327,7 @@ impl Proxy {
         shared.ready.store(false, Ordering::Release);
         stop_reloads.cancel();
         let _ = watcher.await;
+        let _ = health.await;
         tracing::info!(
             connections = tracker.len(),
             drain_timeout = ?server.drain_timeout,

@@ -993,3 +993,168 @@ async fn optional_version_header_and_admin_methods() {
         assert!(metrics.contains(name), "{name} missing from:\n{metrics}");
     }
 }
+
+/// A route `/v` running `probe` in `fail-on-version` mode: the build tagged `bad` fails every
+/// request, the others answer with their version; `rollback` holds `[plugins.rollback]` keys.
+fn failing_version_route(upstream: &str, bad: char, rollback: &str) -> String {
+    format!(
+        r#"
+[identity]
+default_client = "web"
+
+[services.up]
+urls = ["{upstream}"]
+
+[[clients]]
+name = "web"
+identify = [{{ header = "x-client", equals = "web" }}]
+
+[[routes]]
+id = "v"
+path = "/v"
+service = "up"
+chain = [{{ plugin = "probe", config = {{ mode = "fail-on-version", version = "{bad}" }} }}]
+
+[plugins.rollback]
+{rollback}
+"#,
+        bad = version_string(bad)
+    )
+}
+
+async fn rollback_count(proxy: &TestProxy, trigger: &str) -> f64 {
+    proxy
+        .metric(&format!(
+            r#"bff_plugin_rollbacks_total{{plugin="probe",trigger="{trigger}"}}"#
+        ))
+        .await
+}
+
+/// Ops ship a version that fails every request: the health watch notices within seconds and
+/// serves the version it replaced again, without anyone touching the files. The bad file stays
+/// refused (a reload does not bring it back) until a new file replaces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_new_version_is_rolled_back_automatically() {
+    let up = Upstream::echo("up").await;
+    let setup = Setup::new();
+    write_atomic(&setup.plugin("probe"), &probe_version('A'));
+    setup.write_config(&failing_version_route(
+        &up.url(),
+        'B',
+        "min_calls = 5\nmax_failure_ratio = 0.5",
+    ));
+    let proxy = TestProxy::start_file(&setup.config()).await;
+    for _ in 0..10 {
+        assert!(serves(&proxy, 'A').await);
+    }
+
+    let bad = probe_version('B');
+    write_atomic(&setup.plugin("probe"), &bad);
+    eventually("version B serves (and fails)", || async {
+        version_at(&proxy)
+            .await
+            .is_err_and(|e| e.contains("plugin_error"))
+    })
+    .await;
+    // Requests keep coming; the failing version gives way to A.
+    eventually("version A serves again", || serves(&proxy, 'A')).await;
+
+    let entry = plugin_entry(&proxy, "probe").await.expect("probe loaded");
+    assert_eq!(entry["status"], "rolled_back", "{entry}");
+    assert_eq!(
+        entry["last_error"]["file_sha256"],
+        sha256_hex_bytes(&bad),
+        "{entry}"
+    );
+    let why = entry["last_error"]["message"].as_str().expect("a reason");
+    assert!(
+        why.contains("failed") && why.contains("the previous version 0%"),
+        "{why}"
+    );
+    assert!(entry["previous"].is_null(), "{entry}");
+    assert_eq!(rollback_count(&proxy, "automatic").await, 1.0);
+    let reloads = proxy.admin_json("/admin/reloads").await;
+    assert!(
+        reloads["reloads"]
+            .as_array()
+            .expect("reloads")
+            .iter()
+            .any(|r| r["trigger"] == "rollback" && r["outcome"] == "applied"),
+        "{reloads}"
+    );
+
+    // The bad file is still there: a reload keeps refusing it.
+    let (status, record) = proxy.reload().await;
+    assert_eq!(status, 200, "{record}");
+    assert!(serves(&proxy, 'A').await);
+    assert_eq!(
+        plugin_entry(&proxy, "probe").await.expect("probe")["status"],
+        "rolled_back"
+    );
+
+    // A new file is a new version: it serves, with A kept as its previous.
+    write_atomic(&setup.plugin("probe"), &probe_version('C'));
+    eventually("version C serves", || serves(&proxy, 'C')).await;
+    let entry = plugin_entry(&proxy, "probe").await.expect("probe loaded");
+    assert_eq!(entry["status"], "ok", "{entry}");
+    assert_eq!(
+        entry["previous"]["sha256"],
+        sha256_hex_bytes(&probe_version('A'))
+    );
+}
+
+/// With `automatic = false` a failing version keeps serving; `POST /admin/plugins/rollback`
+/// serves the previous one on request, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_rolls_back_on_request() {
+    let up = Upstream::echo("up").await;
+    let setup = Setup::new();
+    write_atomic(&setup.plugin("probe"), &probe_version('A'));
+    setup.write_config(&failing_version_route(
+        &up.url(),
+        'B',
+        "automatic = false\nmin_calls = 5",
+    ));
+    let proxy = TestProxy::start_file(&setup.config()).await;
+    let rollback = |plugin: &'static str| {
+        request(
+            proxy.admin_addr(),
+            "POST",
+            "/admin/plugins/rollback",
+            &[],
+            bff_proxy_tests::body(format!(r#"{{"plugin": "{plugin}"}}"#)),
+        )
+    };
+    // Nothing replaced yet: nothing to roll back to.
+    let resp = rollback("probe").await;
+    assert_eq!(resp.status, 409, "{}", resp.text());
+    assert_eq!(resp.json()["error"]["code"], "no_previous_version");
+    let resp = rollback("nope").await;
+    assert_eq!(resp.status, 404, "{}", resp.text());
+
+    write_atomic(&setup.plugin("probe"), &probe_version('B'));
+    eventually("version B serves (and fails)", || async {
+        version_at(&proxy).await.is_err()
+    })
+    .await;
+    for _ in 0..20 {
+        assert!(version_at(&proxy).await.is_err());
+    }
+    // Past a health check or two: still B.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(version_at(&proxy).await.is_err());
+    assert_eq!(rollback_count(&proxy, "automatic").await, 0.0);
+
+    let resp = rollback("probe").await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(resp.json()["reload"]["trigger"], "rollback");
+    assert!(serves(&proxy, 'A').await);
+    let entry = plugin_entry(&proxy, "probe").await.expect("probe loaded");
+    assert_eq!(entry["status"], "rolled_back", "{entry}");
+    assert_eq!(
+        entry["last_error"]["message"],
+        "rolled back through the admin API"
+    );
+    assert_eq!(rollback_count(&proxy, "admin").await, 1.0);
+    assert_eq!(rollback("probe").await.status, 409, "only one step back");
+}

@@ -675,6 +675,7 @@ impl Chain {
             Err(e) => {
                 let kind = instantiation_failure(&store, &e);
                 step.series.count(phase, kind.label());
+                step.plugin.count_call(true);
                 self.skip_or_fail(step, scope, phase, kind).map(|()| None)
             }
         }
@@ -775,6 +776,7 @@ async fn call<T>(
     let cpu = live.store.data().meter.used();
     stats.add_plugin_time(cpu);
     let outcome = result.as_ref().err().map_or("ok", FailureKind::label);
+    step.plugin.count_call(result.is_err());
     step.series.record(
         phase,
         outcome,

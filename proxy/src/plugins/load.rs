@@ -13,9 +13,15 @@
 //! or rejects a use's config, the serving version is kept (if it still accepts the new config),
 //! and the problem is recorded in the [`Catalog`] for `/admin/plugins`. Only a plugin with no
 //! serving version, or one the new config breaks, fails the load; every problem is collected.
+//!
+//! When a load replaces a serving version, the catalog keeps the replaced one as `previous`
+//! for `plugins.rollback.window`: a rollback (the reloader's health watch, or the admin API)
+//! is a load told to refuse the new version's hash ([`Rollbacks`]), which then serves the
+//! previous version again and records the refusal (`rolled_back`) until the file changes.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -61,6 +67,10 @@ pub(crate) struct LoadedPlugin {
     pub(crate) loaded_at: SystemTime,
     /// Its last failed use on a request, for `GET /admin/plugins`.
     pub(crate) last_failure: Mutex<Option<LastFailure>>,
+    /// Hook calls on requests (instantiations that failed included), and how many failed:
+    /// what the rollback watch compares between a new version and the one it replaced.
+    calls: AtomicU64,
+    failed: AtomicU64,
 }
 
 /// A plugin's last failed use: what a plugin author looks at first (`GET /admin/plugins`).
@@ -98,6 +108,22 @@ impl LoadedPlugin {
     /// The short form of the version used in logs and headers.
     pub(crate) fn short_version(&self) -> &str {
         &self.sha256[..12]
+    }
+
+    /// Counts one hook call on a request (or a failed instantiation for one).
+    pub(crate) fn count_call(&self, failed: bool) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if failed {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Hook calls so far and how many failed.
+    pub(crate) fn calls(&self) -> (u64, u64) {
+        (
+            self.calls.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
     }
 
     /// The code new instances are made from.
@@ -154,6 +180,8 @@ impl Catalog {
 pub(crate) struct CatalogEntry {
     /// The version serving requests.
     pub(crate) serving: Arc<LoadedPlugin>,
+    /// The version `serving` replaced, kept for `plugins.rollback.window` after the swap.
+    pub(crate) previous: Option<Previous>,
     pub(crate) file: PathBuf,
     /// The newest problem with this plugin's file, if the file on disk is not what serves.
     pub(crate) problem: Option<FileProblem>,
@@ -162,6 +190,18 @@ pub(crate) struct CatalogEntry {
     /// Clients those routes serve (`*` for a route serving every client).
     pub(crate) clients: Vec<String>,
 }
+
+/// A version replaced by a reload, kept loaded so that a rollback to it is instant.
+#[derive(Debug, Clone)]
+pub(crate) struct Previous {
+    pub(crate) plugin: Arc<LoadedPlugin>,
+    /// When it stopped serving.
+    pub(crate) replaced_at: std::time::Instant,
+    pub(crate) replaced_at_wall: SystemTime,
+}
+
+/// Rollbacks a load must apply: plugin name → (SHA-256 of the version to refuse, why).
+pub(crate) type Rollbacks = HashMap<String, (String, String)>;
 
 /// Why the plugin file on disk is not the version serving.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,6 +220,9 @@ pub(crate) enum ProblemKind {
     Missing,
     /// The file was read but refused (invalid, incompatible, or rejects its config).
     Rejected,
+    /// The file is a version that was rolled back (it failed after it replaced the previous
+    /// one, or an operator asked): refused until the file changes.
+    RolledBack,
 }
 
 impl ProblemKind {
@@ -187,6 +230,7 @@ impl ProblemKind {
         match self {
             Self::Missing => "file_missing",
             Self::Rejected => "rejected",
+            Self::RolledBack => "rolled_back",
         }
     }
 }
@@ -445,10 +489,11 @@ pub(crate) async fn load_chains(
     runtime: &Arc<Runtime>,
     config: &Config,
     previous: &Catalog,
+    rollbacks: &Rollbacks,
     compiler: &mut Compiler,
     settle: Duration,
 ) -> Result<Loaded, LoadError> {
-    let loaded = load_all(runtime, config, previous, compiler, settle).await;
+    let loaded = load_all(runtime, config, previous, rollbacks, compiler, settle).await;
     // A rejected load's plugins serve nothing; a later load using the same file (its baseline
     // component is kept in memory) queues the tier-up then.
     let due = std::mem::take(&mut compiler.tier_ups_due);
@@ -464,6 +509,7 @@ async fn load_all(
     runtime: &Arc<Runtime>,
     config: &Config,
     previous: &Catalog,
+    rollbacks: &Rollbacks,
     compiler: &mut Compiler,
     settle: Duration,
 ) -> Result<Loaded, LoadError> {
@@ -492,8 +538,26 @@ async fn load_all(
     for (name, uses) in &uses {
         let file = config.plugins.dir.join(format!("{name}.wasm"));
         let prev = previous.entries.get(*name);
-        let (resolution, changing) =
-            resolve(runtime, config, name, &file, uses, prev, compiler, settle).await;
+        let rollback = rollbacks.get(*name).cloned().or_else(|| {
+            // A rolled-back version stays refused while the file is that version.
+            let p = prev?.problem.as_ref()?;
+            (p.kind == ProblemKind::RolledBack).then_some(())?;
+            Some((p.sha256.clone()?, p.message.clone()))
+        });
+        let (resolution, changing) = resolve(
+            runtime,
+            config,
+            name,
+            Target {
+                file: &file,
+                uses,
+                prev,
+                rollback: rollback.as_ref(),
+            },
+            compiler,
+            settle,
+        )
+        .await;
         retry |= changing;
         match resolution {
             Resolution::Ready {
@@ -549,10 +613,29 @@ async fn load_all(
                         }
                     }
                 }
+                // A new version keeps the one it replaced (not when it is the previous one
+                // coming back); an unchanged one keeps its previous until the window ends.
+                let now = std::time::Instant::now();
+                let kept_previous = match prev {
+                    Some(p) if p.serving.sha256 != plugin.sha256 => p
+                        .previous
+                        .as_ref()
+                        .is_none_or(|old| old.plugin.sha256 != plugin.sha256)
+                        .then(|| Previous {
+                            plugin: p.serving.clone(),
+                            replaced_at: now,
+                            replaced_at_wall: SystemTime::now(),
+                        }),
+                    Some(p) => p.previous.clone().filter(|old| {
+                        now.duration_since(old.replaced_at) < config.plugins.rollback.window
+                    }),
+                    None => None,
+                };
                 catalog.entries.insert(
                     name,
                     CatalogEntry {
                         serving: plugin,
+                        previous: kept_previous,
                         file,
                         problem,
                         routes,
@@ -625,19 +708,31 @@ async fn load_all(
     })
 }
 
+/// One plugin name to load: its file, its uses, what served it before, and the version to
+/// refuse if it is being rolled back (hash, why).
+struct Target<'a> {
+    file: &'a Path,
+    uses: &'a [Use],
+    prev: Option<&'a CatalogEntry>,
+    rollback: Option<&'a (String, String)>,
+}
+
 /// Loads one plugin name for all its uses. Returns the resolution and whether its file was
 /// (possibly) still being written.
-#[allow(clippy::too_many_arguments)]
 async fn resolve(
     runtime: &Runtime,
     config: &Config,
     name: &str,
-    file: &Path,
-    uses: &[Use],
-    prev: Option<&CatalogEntry>,
+    target: Target<'_>,
     compiler: &mut Compiler,
     settle: Duration,
 ) -> (Resolution, bool) {
+    let Target {
+        file,
+        uses,
+        prev,
+        rollback,
+    } = target;
     let path = file.to_path_buf();
     let state = tokio::task::spawn_blocking(move || read_file(&path, settle))
         .await
@@ -651,6 +746,10 @@ async fn resolve(
     let mut changing = false;
     let pin = config.plugins.pin(name);
     let candidate: Result<Arc<LoadedPlugin>, FileProblem> = match state {
+        FileState::Read { sha256, .. } if rollback.is_some_and(|(sha, _)| *sha == sha256) => {
+            let why = rollback.map(|(_, why)| why.clone()).unwrap_or_default();
+            Err(problem(ProblemKind::RolledBack, why, Some(sha256)))
+        }
         FileState::Read { sha256, .. } if pin.as_ref().is_some_and(|p| *p != sha256) => {
             Err(problem(
                 ProblemKind::Rejected,
@@ -700,9 +799,13 @@ async fn resolve(
             u.route, u.step, config.routes[u.route].id
         )
     };
-    // A pinned plugin keeps serving an earlier version only if that is the pinned build.
+    // A pinned plugin keeps serving an earlier version only if that is the pinned build. A
+    // rollback of the serving version falls back to the one it replaced.
     let prev_serving = prev
-        .map(|p| p.serving.clone())
+        .map(|p| match (rollback, &p.previous) {
+            (Some((sha, _)), Some(old)) if p.serving.sha256 == *sha => old.plugin.clone(),
+            _ => p.serving.clone(),
+        })
         .filter(|p| pin.as_ref().is_none_or(|pin| *pin == p.sha256));
     let resolution = match candidate {
         Ok(plugin) => match init_all(runtime, &plugin, uses, &label).await {
@@ -790,6 +893,8 @@ async fn compile(
         }),
         loaded_at: SystemTime::now(),
         last_failure: Mutex::new(None),
+        calls: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
     });
     if tier == Tier::Baseline {
         compiler.tier_ups_due.push((plugin.clone(), bytes));

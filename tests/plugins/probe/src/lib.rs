@@ -214,7 +214,12 @@ impl exports::bff::plugin::hooks::Guest for Probe {
                     &json!({ "first": first.ok(), "second": second.err() }),
                 )))
             }
-            "version" | "reject-on-version" => {
+            // A regression to roll back: the build with the configured version fails every
+            // request; other builds behave like `version`.
+            "fail-on-version" if cfg["version"].as_str() == Some(version().as_str()) => Err(
+                err(ErrorKind::Internal, &format!("version {} fails", version())),
+            ),
+            "version" | "reject-on-version" | "fail-on-version" => {
                 // Both phases report the version that ran them: a request served half by one
                 // version and half by another would show two different values.
                 req.headers.push(("x-probe-version".into(), version()));
@@ -280,7 +285,7 @@ impl exports::bff::plugin::hooks::Guest for Probe {
         let cfg = config();
         let me = name(&cfg);
         let response_mode = match mode(&cfg) {
-            "version" | "reject-on-version" => "version",
+            "version" | "reject-on-version" | "fail-on-version" => "version",
             _ => cfg["response_mode"].as_str().unwrap_or("tag"),
         };
         match response_mode {

@@ -1,0 +1,126 @@
+//! The plugin health watch: beside the request path, once a second, it compares each plugin
+//! version that replaced another within `plugins.rollback.window` with the version it
+//! replaced, and rolls back one that fails far more ([`Reloader::roll_back`]).
+//!
+//! A new version is rolled back when, over at least `min_calls` hook calls on requests, the
+//! share that failed (error result, trap, panic, CPU/memory/time limit, invalid output) is at
+//! least `max_failure_ratio` and at least twice the previous version's share over its own
+//! serving life: a failure rate both versions share (an upstream outage failing both) is not
+//! the new version's fault. Pinned plugins are never rolled back automatically: only the pinned
+//! build may run.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::{Reloader, RollbackBy};
+use crate::plugins::RollbackConfig;
+
+/// How often versions are compared.
+const PERIOD: Duration = Duration::from_secs(1);
+
+/// Runs until `stop` is cancelled.
+pub(crate) async fn watch_plugin_health(reloader: Arc<Reloader>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(PERIOD);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        for (plugin, reason) in regressions(&reloader) {
+            // Failure is logged by `roll_back`; the watch tries again next tick while the
+            // version still qualifies.
+            let _ = reloader
+                .roll_back(&plugin, reason, RollbackBy::Automatic)
+                .await;
+        }
+    }
+}
+
+/// The plugins of the live snapshot whose serving version should be rolled back, and why.
+fn regressions(reloader: &Reloader) -> Vec<(String, String)> {
+    let live = reloader.shared().live.load();
+    let config = &live.config.plugins;
+    if !config.rollback.automatic {
+        return Vec::new();
+    }
+    live.catalog
+        .entries
+        .iter()
+        .filter(|(name, _)| config.pin(name).is_none())
+        .filter_map(|(name, entry)| {
+            let previous = entry.previous.as_ref()?;
+            let since = previous.replaced_at.elapsed();
+            if since >= config.rollback.window {
+                return None;
+            }
+            let reason = verdict(
+                &config.rollback,
+                entry.serving.calls(),
+                previous.plugin.calls(),
+            )?;
+            Some((
+                name.to_string(),
+                format!(
+                    "version {} {reason} within {}s of replacing version {}",
+                    entry.serving.short_version(),
+                    since.as_secs(),
+                    previous.plugin.short_version()
+                ),
+            ))
+        })
+        .collect()
+}
+
+/// Whether a new version with `(calls, failed)` should give way to the previous version with
+/// its own `(calls, failed)`; the reason if so.
+fn verdict(config: &RollbackConfig, new: (u64, u64), old: (u64, u64)) -> Option<String> {
+    let ratio = |(calls, failed): (u64, u64)| {
+        if calls == 0 {
+            0.0
+        } else {
+            failed as f64 / calls as f64
+        }
+    };
+    let (calls, failed) = new;
+    let (new_ratio, old_ratio) = (ratio(new), ratio(old));
+    (calls >= config.min_calls
+        && new_ratio >= config.max_failure_ratio
+        && new_ratio >= 2.0 * old_ratio)
+        .then(|| {
+            format!(
+                "failed {failed} of {calls} calls ({:.0}%, the previous version {:.0}%)",
+                new_ratio * 100.0,
+                old_ratio * 100.0
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_version_is_rolled_back_only_when_it_fails_clearly_more() {
+        let config = RollbackConfig {
+            automatic: true,
+            window: Duration::from_secs(60),
+            min_calls: 10,
+            max_failure_ratio: 0.25,
+        };
+        // Too few calls to judge.
+        assert!(verdict(&config, (9, 9), (100, 0)).is_none());
+        // Fails often, the old one never did.
+        let why = verdict(&config, (10, 3), (100, 0)).expect("rolled back");
+        assert!(why.contains("failed 3 of 10 calls (30%"), "{why}");
+        // Below the threshold.
+        assert!(verdict(&config, (100, 24), (100, 0)).is_none());
+        // Both fail alike: not the new version's fault.
+        assert!(verdict(&config, (100, 50), (100, 30)).is_none());
+        assert!(verdict(&config, (100, 60), (100, 30)).is_some());
+        // An old version that never served counts as never failing.
+        assert!(verdict(&config, (10, 10), (0, 0)).is_some());
+    }
+}
