@@ -255,21 +255,24 @@ async fn json_body<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// `POST /admin/plugins/rollback` with `{"plugin": NAME}`: 200 with the reload record, 404 for
-/// an unknown plugin, 409 when no previous version is kept, 422 if the reload failed.
+/// `POST /admin/plugins/rollback` with `{"plugin": NAME}` (or `"canary": true` to stop its
+/// canary): 200 with the reload record, 404 for an unknown plugin, 409 when no previous version
+/// is kept (or no canary serves), 422 if the reload failed.
 async fn rollback(reloader: &Reloader, req: Request<Incoming>) -> Response<Body> {
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
     struct Rollback {
         plugin: String,
+        #[serde(default)]
+        canary: bool,
     }
-    let ask: Rollback = match json_body(req, r#"{"plugin": NAME}"#).await {
+    let ask: Rollback = match json_body(req, r#"{"plugin": NAME, "canary": false}"#).await {
         Ok(a) => a,
         Err(r) => return r,
     };
     let reason = "rolled back through the admin API".to_owned();
     match reloader
-        .roll_back(&ask.plugin, reason, RollbackBy::Admin)
+        .roll_back(&ask.plugin, ask.canary, reason, RollbackBy::Admin)
         .await
     {
         Ok(record) => json(StatusCode::OK, &serde_json::json!({ "reload": record })),
@@ -277,6 +280,7 @@ async fn rollback(reloader: &Reloader, req: Request<Incoming>) -> Response<Body>
             let (status, code) = match &e {
                 RollbackError::UnknownPlugin(_) => (StatusCode::NOT_FOUND, "unknown_plugin"),
                 RollbackError::NoPrevious(_) => (StatusCode::CONFLICT, "no_previous_version"),
+                RollbackError::NoCanary(_) => (StatusCode::CONFLICT, "no_canary"),
                 RollbackError::NotApplied(_) => {
                     (StatusCode::UNPROCESSABLE_ENTITY, "rollback_failed")
                 }
@@ -351,6 +355,7 @@ fn plugins(snapshot: &Snapshot) -> serde_json::Value {
                 "last_failure": last_failure(p),
                 "calls": p.calls().0,
                 "failed_calls": p.calls().1,
+                "canary": e.canary.as_ref().map(|c| canary(c, snapshot.config.plugins.canary.get(&**name))),
                 "previous": e.previous.as_ref().map(|prev| serde_json::json!({
                     "version": prev.plugin.short_version(),
                     "sha256": prev.plugin.sha256,
@@ -360,6 +365,37 @@ fn plugins(snapshot: &Snapshot) -> serde_json::Value {
         })
         .collect();
     serde_json::json!({ "plugins": list })
+}
+
+/// A plugin's canary in `GET /admin/plugins`.
+fn canary(
+    c: &crate::plugins::CanaryEntry,
+    config: Option<&crate::plugins::CanaryConfig>,
+) -> serde_json::Value {
+    let (status, last_error) = match &c.problem {
+        None => ("ok", serde_json::Value::Null),
+        Some(problem) => (
+            problem.kind.as_str(),
+            serde_json::json!({
+                "message": problem.message,
+                "file_sha256": problem.sha256,
+                "since": rfc3339(problem.since),
+            }),
+        ),
+    };
+    let p = c.plugin.as_ref();
+    serde_json::json!({
+        "file": c.file.display().to_string(),
+        "version": p.map(|p| p.short_version()),
+        "sha256": p.map(|p| &p.sha256),
+        "percent": config.map(|c| c.percent),
+        "clients": config.map(|c| &c.clients),
+        "status": status,
+        "last_error": last_error,
+        "calls": p.map(|p| p.calls().0),
+        "failed_calls": p.map(|p| p.calls().1),
+        "last_failure": p.map(|p| last_failure(p)),
+    })
 }
 
 /// The serving version's last failed use on a request, or `null`.

@@ -683,7 +683,7 @@ pub(crate) struct ReloadFamilies {
     pub(crate) plugin_load_errors: IntCounterVec,
     /// `bff_plugins_loaded`: plugins in the live snapshot.
     pub(crate) plugins_loaded: IntGauge,
-    /// `bff_plugin_rollbacks_total{plugin, trigger}`: versions rolled back to the previous one.
+    /// `bff_plugin_rollbacks_total{plugin, slot, trigger}`: versions rolled back.
     pub(crate) rollbacks: IntCounterVec,
 }
 
@@ -731,8 +731,8 @@ impl ReloadFamilies {
             rollbacks: counter_vec(
                 r,
                 "bff_plugin_rollbacks_total",
-                "Plugin versions rolled back to the version they replaced, by plugin and trigger (`automatic`: the health watch; `admin`: POST /admin/plugins/rollback).",
-                &["plugin", "trigger"],
+                "Plugin versions rolled back, by plugin, slot (`serving`: back to the version it replaced; `canary`: the candidate stopped) and trigger (`automatic`: the health watch; `admin`: POST /admin/plugins/rollback).",
+                &["plugin", "slot", "trigger"],
             ),
         }
     }

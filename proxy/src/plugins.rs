@@ -47,7 +47,8 @@ pub(crate) use self::chain::{Chain, ChainInput, FailureKind, PluginFailure, Scop
 pub use self::hop::Hop;
 pub use self::load::LoadError;
 pub(crate) use self::load::{
-    Catalog, CompileStats, Compiler, LoadIssue, LoadedPlugin, ProblemKind, Rollbacks, load_chains,
+    CanaryEntry, Catalog, CompileStats, Compiler, LoadIssue, LoadedPlugin, ProblemKind, Rollbacks,
+    load_chains,
 };
 pub use self::runtime::{Runtime, RuntimeError};
 
@@ -114,6 +115,54 @@ pub struct PluginsConfig {
     /// Watching a new plugin version after it replaces another, and rolling back to that one
     /// when the new version fails.
     pub rollback: RollbackConfig,
+    /// Candidate versions: plugin name → a second file that serves a share of the requests.
+    pub canary: std::collections::BTreeMap<String, CanaryConfig>,
+}
+
+/// `[plugins.canary.NAME]`: a candidate version of plugin NAME, loaded beside the serving one,
+/// that serves `percent` of the requests of `clients` on every route using NAME. A request is
+/// in the canary cohort for all of its chain, or not at all; the cohort is chosen by a hash of
+/// `sticky_header`'s value (the same user, the same version) or else of the request id. A
+/// candidate that does not load serves nothing (the serving version takes every request), and
+/// the rollback watch stops a candidate that fails far more than the serving version.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanaryConfig {
+    /// The candidate's file name in `plugins.dir` (e.g. `voice-next.wasm`).
+    pub file: String,
+    /// Share of the requests in scope the candidate serves, 0 to 100.
+    pub percent: u8,
+    /// Clients whose requests are in scope; empty: every client's.
+    #[serde(default)]
+    pub clients: Vec<String>,
+    /// Request header whose value picks the cohort (a user id from `claim_headers`, say);
+    /// requests without it are picked by their request id.
+    #[serde(default)]
+    pub sticky_header: Option<String>,
+}
+
+impl CanaryConfig {
+    fn validate(&self, name: &str, at: &ConfigPath, problems: &mut Problems) {
+        let file = &self.file;
+        if !file.ends_with(".wasm")
+            || file.contains(['/', '\\'])
+            || file.starts_with('.')
+            || *file == format!("{name}.wasm")
+        {
+            problems.push(
+                at.key("file"),
+                format!(
+                    "must be a `.wasm` file name in `plugins.dir` other than `{name}.wasm` (no directories)"
+                ),
+            );
+        }
+        check_range(self.percent, 0..=100, &at.key("percent"), problems);
+        if let Some(h) = &self.sticky_header
+            && http::HeaderName::try_from(h.as_str()).is_err()
+        {
+            problems.push(at.key("sticky_header"), "is not a valid header name");
+        }
+    }
 }
 
 /// `[plugins.rollback]`: for `window` after a reload replaces a plugin's serving version, the
@@ -164,6 +213,7 @@ impl Default for PluginsConfig {
             sha256: std::collections::BTreeMap::new(),
             require_sha256: false,
             rollback: RollbackConfig::default(),
+            canary: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -391,6 +441,9 @@ impl PluginsConfig {
                 at.key("rollback").key("max_failure_ratio"),
                 "must be above 0 and at most 1",
             );
+        }
+        for (name, canary) in &self.canary {
+            canary.validate(name, &at.key("canary").key(name), problems);
         }
         if let Some(h) = &self.version_header
             && http::HeaderName::try_from(h.as_str()).is_err()

@@ -122,6 +122,9 @@ impl Outcome {
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct PluginChange {
     pub(crate) plugin: String,
+    /// The change is to the plugin's canary (`plugins.canary`), not its serving version.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) canary: bool,
     /// The version that served before (`null`: newly loaded).
     pub(crate) from: Option<String>,
     /// The version serving now (`null`: unloaded).
@@ -272,12 +275,18 @@ async fn build(
         ),
     };
     for issue in &issues {
-        warnings.push(format!(
-            "plugin `{}`: {} (version {} keeps serving)",
-            issue.plugin,
-            issue.problem.message,
-            catalog.entries[&issue.plugin].serving.short_version()
-        ));
+        let serving = catalog.entries[&issue.plugin].serving.short_version();
+        warnings.push(if issue.canary {
+            format!(
+                "plugin `{}` canary: {} (version {serving} serves every request)",
+                issue.plugin, issue.problem.message
+            )
+        } else {
+            format!(
+                "plugin `{}`: {} (version {serving} keeps serving)",
+                issue.plugin, issue.problem.message
+            )
+        });
     }
     Ok(Built {
         snapshot: Snapshot::assemble(config, chains, catalog, current, metrics),
@@ -311,6 +320,8 @@ pub(crate) enum RollbackError {
         "plugin `{0}` has no previous version to roll back to (none replaced within `plugins.rollback.window`)"
     )]
     NoPrevious(String),
+    #[error("plugin `{0}` has no canary serving")]
+    NoCanary(String),
     #[error("the rollback reload did not apply: {}", .0.errors.join("; "))]
     NotApplied(Box<ReloadRecord>),
 }
@@ -404,11 +415,13 @@ impl Reloader {
         self.first_load_at
     }
 
-    /// Rolls `plugin` back to the version its serving one replaced (a reload told to refuse
-    /// the serving version's file), and says why in the catalog and the log.
+    /// Rolls `plugin` back: its serving version to the version that one replaced, or (with
+    /// `canary`) its canary off so the serving version takes every request. A reload told to
+    /// refuse that version's file; the catalog and the log say why.
     pub(crate) async fn roll_back(
         &self,
         plugin: &str,
+        canary: bool,
         reason: String,
         by: RollbackBy,
     ) -> Result<ReloadRecord, RollbackError> {
@@ -418,17 +431,27 @@ impl Reloader {
             .entries
             .get(plugin)
             .ok_or_else(|| RollbackError::UnknownPlugin(plugin.to_owned()))?;
-        let previous = entry
-            .previous
-            .as_ref()
-            .ok_or_else(|| RollbackError::NoPrevious(plugin.to_owned()))?;
+        let (refused, to) = if canary {
+            let candidate = entry
+                .canary
+                .as_ref()
+                .and_then(|c| c.plugin.as_ref())
+                .ok_or_else(|| RollbackError::NoCanary(plugin.to_owned()))?;
+            (candidate.clone(), entry.serving.clone())
+        } else {
+            let previous = entry
+                .previous
+                .as_ref()
+                .ok_or_else(|| RollbackError::NoPrevious(plugin.to_owned()))?;
+            (entry.serving.clone(), previous.plugin.clone())
+        };
         let (from, to) = (
-            entry.serving.short_version().to_owned(),
-            previous.plugin.short_version().to_owned(),
+            refused.short_version().to_owned(),
+            to.short_version().to_owned(),
         );
         lock(&self.rollbacks).insert(
-            plugin.to_owned(),
-            (entry.serving.sha256.clone(), reason.clone()),
+            (plugin.to_owned(), canary),
+            (refused.sha256.clone(), reason.clone()),
         );
         drop(live);
         let record = self.reload(Trigger::Rollback).await;
@@ -439,17 +462,22 @@ impl Reloader {
             .catalog
             .entries
             .get(plugin)
-            .is_some_and(|e| e.serving.short_version() == to);
+            .is_some_and(|e| match &e.canary {
+                _ if !canary => e.serving.short_version() == to,
+                Some(c) => c.plugin.is_none(),
+                None => true,
+            });
+        let slot = if canary { "canary" } else { "serving" };
         if !applied {
-            tracing::error!(plugin, from, to, errors = %record.errors.join("; "), "plugin rollback failed; the serving version is kept");
+            tracing::error!(plugin, slot, from, to, errors = %record.errors.join("; "), "plugin rollback failed; the serving version is kept");
             return Err(RollbackError::NotApplied(Box::new(record)));
         }
         self.metrics
             .reloads
             .rollbacks
-            .with_label_values(&[plugin, by.as_str()])
+            .with_label_values(&[plugin, slot, by.as_str()])
             .inc();
-        tracing::warn!(plugin, from, to, by = by.as_str(), reason = %reason, "plugin version rolled back");
+        tracing::warn!(plugin, slot, from, to, by = by.as_str(), reason = %reason, "plugin version rolled back");
         Ok(record)
     }
 
@@ -509,14 +537,15 @@ impl Reloader {
                     .iter()
                     .filter(|i| i.new && i.problem.kind != ProblemKind::RolledBack)
                 {
-                    let file = built
-                        .snapshot
-                        .catalog
-                        .entries
-                        .get(&issue.plugin)
-                        .map(|e| e.file.display().to_string());
+                    let file = built.snapshot.catalog.entries.get(&issue.plugin).map(|e| {
+                        match (&e.canary, issue.canary) {
+                            (Some(c), true) => c.file.display().to_string(),
+                            _ => e.file.display().to_string(),
+                        }
+                    });
                     tracing::error!(
                         plugin = %issue.plugin,
+                        canary = issue.canary,
                         file = file.as_deref().unwrap_or_default(),
                         problem = issue.problem.kind.as_str(),
                         reason = %issue.problem.message,
@@ -541,9 +570,22 @@ impl Reloader {
                 } else {
                     record.outcome = Outcome::Applied;
                     self.shared.live.store(Arc::new(built.snapshot));
-                    // Versions no longer served stop being exported.
+                    // Versions no longer served (as serving version or canary) stop being
+                    // exported.
+                    let live = self.shared.live.load();
+                    let still_used = |plugin: &str, version: &str| {
+                        live.catalog.entries.get(plugin).is_some_and(|e| {
+                            e.serving.short_version() == version
+                                || e.canary
+                                    .as_ref()
+                                    .and_then(|c| c.plugin.as_ref())
+                                    .is_some_and(|p| p.short_version() == version)
+                        })
+                    };
                     for c in &record.plugins {
-                        if let Some(old) = &c.from {
+                        if let Some(old) = &c.from
+                            && !still_used(&c.plugin, old)
+                        {
                             self.metrics.plugins.forget(&c.plugin, old);
                         }
                     }
@@ -582,7 +624,7 @@ impl Reloader {
                 trigger = ?r.trigger,
                 duration_ms = r.duration_ms,
                 config_changed = r.config_changed,
-                plugins = %r.plugins.iter().map(|p| format!("{}:{}", p.plugin, p.to.as_deref().unwrap_or("unloaded"))).collect::<Vec<_>>().join(","),
+                plugins = %r.plugins.iter().map(|p| format!("{}{}:{}", p.plugin, if p.canary { "(canary)" } else { "" }, p.to.as_deref().unwrap_or("unloaded"))).collect::<Vec<_>>().join(","),
                 warnings = r.warnings.len(),
                 "reload applied"
             ),
@@ -627,12 +669,18 @@ fn observe(metrics: &Metrics, r: &ReloadRecord, live: &Snapshot) {
         .set(i64::try_from(live.catalog.entries.len()).unwrap_or(i64::MAX));
 }
 
-/// Which plugins' serving versions differ between two catalogs.
+/// Which plugins' serving (and canary) versions differ between two catalogs.
 fn changes(old: &Catalog, new: &Catalog) -> Vec<PluginChange> {
     let version = |c: &Catalog, name: &str| {
         c.entries
             .get(name)
             .map(|e| e.serving.short_version().to_owned())
+    };
+    let canary = |c: &Catalog, name: &str| {
+        c.entries
+            .get(name)
+            .and_then(|e| e.canary.as_ref()?.plugin.as_ref())
+            .map(|p| p.short_version().to_owned())
     };
     let mut names: Vec<&str> = old
         .entries
@@ -644,13 +692,18 @@ fn changes(old: &Catalog, new: &Catalog) -> Vec<PluginChange> {
     names.dedup();
     names
         .into_iter()
-        .filter_map(|name| {
-            let (from, to) = (version(old, name), version(new, name));
-            (from != to).then(|| PluginChange {
-                plugin: name.to_owned(),
-                from,
-                to,
-            })
+        .flat_map(|name| {
+            let serving = (version(old, name), version(new, name));
+            let candidate = (canary(old, name), canary(new, name));
+            [(false, serving), (true, candidate)]
+                .into_iter()
+                .filter(|(_, (from, to))| from != to)
+                .map(|(canary, (from, to))| PluginChange {
+                    plugin: name.to_owned(),
+                    canary,
+                    from,
+                    to,
+                })
         })
         .collect()
 }

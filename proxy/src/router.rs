@@ -532,6 +532,65 @@ pub(crate) fn validate(
         }
     }
     validate_pins(routes, &config.plugins, at, problems);
+    validate_canaries(routes, config, at, problems);
+}
+
+/// Canaries name plugins the routes use and clients that exist; a chain runs at most one
+/// plugin with a canary (a request is in one cohort for its whole chain); a pinned plugin can
+/// have no canary (only the pinned build may run).
+fn validate_canaries(
+    routes: &[RouteConfig],
+    config: &Config,
+    at: &ConfigPath,
+    problems: &mut Problems,
+) {
+    let canaries = ConfigPath::root().key("plugins").key("canary");
+    for (name, canary) in &config.plugins.canary {
+        if !routes
+            .iter()
+            .any(|r| r.chain.iter().any(|s| s.plugin == *name))
+        {
+            problems.push(
+                canaries.key(name),
+                format!("no route's chain uses plugin `{name}`"),
+            );
+        }
+        if config.plugins.sha256.contains_key(name) {
+            problems.push(
+                canaries.key(name),
+                format!(
+                    "plugin `{name}` is pinned in `plugins.sha256`: only the pinned build may run"
+                ),
+            );
+        }
+        for (k, client) in canary.clients.iter().enumerate() {
+            if !config.clients.iter().any(|c| c.name == *client) {
+                problems.push(
+                    canaries.key(name).key("clients").index(k),
+                    format!("unknown client `{client}`"),
+                );
+            }
+        }
+    }
+    for (i, r) in routes.iter().enumerate() {
+        let mut with_canary: Vec<&str> = r
+            .chain
+            .iter()
+            .map(|s| s.plugin.as_str())
+            .filter(|p| config.plugins.canary.contains_key(*p))
+            .collect();
+        with_canary.sort_unstable();
+        with_canary.dedup();
+        if with_canary.len() > 1 {
+            problems.push(
+                at.index(i).key("chain"),
+                format!(
+                    "plugins `{}` all have a canary: a chain runs at most one plugin with a canary",
+                    with_canary.join("`, `")
+                ),
+            );
+        }
+    }
 }
 
 /// Pins name plugins the routes use (a typo would pin nothing), and with `require_sha256` every

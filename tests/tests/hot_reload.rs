@@ -1025,7 +1025,7 @@ chain = [{{ plugin = "probe", config = {{ mode = "fail-on-version", version = "{
 async fn rollback_count(proxy: &TestProxy, trigger: &str) -> f64 {
     proxy
         .metric(&format!(
-            r#"bff_plugin_rollbacks_total{{plugin="probe",trigger="{trigger}"}}"#
+            r#"bff_plugin_rollbacks_total{{plugin="probe",slot="serving",trigger="{trigger}"}}"#
         ))
         .await
 }
@@ -1068,7 +1068,7 @@ async fn a_failing_new_version_is_rolled_back_automatically() {
     );
     let why = entry["last_error"]["message"].as_str().expect("a reason");
     assert!(
-        why.contains("failed") && why.contains("the previous version 0%"),
+        why.contains("failed") && why.contains("against 0%"),
         "{why}"
     );
     assert!(entry["previous"].is_null(), "{entry}");
@@ -1157,4 +1157,194 @@ async fn the_admin_api_rolls_back_on_request() {
     );
     assert_eq!(rollback_count(&proxy, "admin").await, 1.0);
     assert_eq!(rollback("probe").await.status, 409, "only one step back");
+}
+
+/// A route `/v` for clients `web` and `beta` (`x-client: beta`) running `probe` in
+/// `fail-on-version` mode (the build tagged `bad` fails), with `canary` as
+/// `[plugins.canary.probe]` and `rollback` as `[plugins.rollback]`.
+fn canary_route(upstream: &str, bad: char, canary: &str, rollback: &str) -> String {
+    format!(
+        r#"
+[identity]
+default_client = "web"
+
+[services.up]
+urls = ["{upstream}"]
+
+[[clients]]
+name = "beta"
+identify = [{{ header = "x-client", equals = "beta" }}]
+
+[[clients]]
+name = "web"
+identify = [{{ header = "x-client", equals = "web" }}]
+
+[[routes]]
+id = "v"
+path = "/v"
+service = "up"
+chain = [{{ plugin = "probe", config = {{ mode = "fail-on-version", version = "{bad}" }} }}]
+
+[plugins.canary.probe]
+file = "probe-next.wasm"
+{canary}
+
+[plugins.rollback]
+{rollback}
+"#,
+        bad = version_string(bad)
+    )
+}
+
+/// The version that answered `/v` for a request with `headers` (an error text if it failed).
+async fn version_with(proxy: &TestProxy, headers: &[(&str, &str)]) -> String {
+    let resp = get(proxy.addr(), "/v", headers).await;
+    if resp.status != 200 {
+        return resp.status.as_u16().to_string();
+    }
+    resp.header("x-probe-version").unwrap_or("none").to_owned()
+}
+
+/// A canary serves its share of requests beside the serving version: the clients it names,
+/// a percentage picked per user by a sticky header, and nothing at all when its file is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_serves_its_cohort_beside_the_serving_version() {
+    let up = Upstream::echo("up").await;
+    let setup = Setup::new();
+    write_atomic(&setup.plugin("probe"), &probe_version('A'));
+    write_atomic(&setup.plugin("probe-next"), &probe_version('B'));
+    setup.write_config(&canary_route(
+        &up.url(),
+        'Z',
+        "percent = 100\nclients = [\"beta\"]",
+        "",
+    ));
+    let proxy = TestProxy::start_file(&setup.config()).await;
+    let (a, b) = (version_string('A'), version_string('B'));
+    for _ in 0..5 {
+        assert_eq!(version_with(&proxy, &[("x-client", "web")]).await, a);
+        assert_eq!(version_with(&proxy, &[("x-client", "beta")]).await, b);
+    }
+    let entry = plugin_entry(&proxy, "probe").await.expect("probe loaded");
+    assert_eq!(
+        entry["version"],
+        &sha256_hex_bytes(&probe_version('A'))[..12]
+    );
+    assert_eq!(entry["canary"]["status"], "ok", "{entry}");
+    assert_eq!(
+        entry["canary"]["sha256"],
+        sha256_hex_bytes(&probe_version('B'))
+    );
+    assert_eq!(entry["canary"]["calls"], 10, "{entry}");
+
+    // Half of everyone, by user: a user always gets the same version.
+    setup.write_config(&canary_route(
+        &up.url(),
+        'Z',
+        "percent = 50\nsticky_header = \"x-user\"",
+        "",
+    ));
+    let (status, record) = proxy.reload().await;
+    assert_eq!(status, 200, "{record}");
+    let mut seen = std::collections::BTreeMap::new();
+    for user in 0..40 {
+        let user = format!("user-{user}");
+        let first = version_with(&proxy, &[("x-user", &user)]).await;
+        for _ in 0..2 {
+            assert_eq!(
+                version_with(&proxy, &[("x-user", &user)]).await,
+                first,
+                "{user}"
+            );
+        }
+        *seen.entry(first).or_insert(0) += 1;
+    }
+    assert_eq!(
+        seen.keys().cloned().collect::<Vec<_>>(),
+        vec![a.clone(), b.clone()],
+        "{seen:?}"
+    );
+
+    // The candidate file gone: the serving version takes every request.
+    std::fs::remove_file(setup.plugin("probe-next")).expect("remove the canary");
+    let (status, record) = proxy.reload().await;
+    assert_eq!(status, 200, "{record}");
+    assert!(
+        record["warnings"].to_string().contains("canary"),
+        "{record}"
+    );
+    for user in 0..10 {
+        let user = format!("user-{user}");
+        assert_eq!(version_with(&proxy, &[("x-user", &user)]).await, a);
+    }
+    let entry = plugin_entry(&proxy, "probe").await.expect("probe loaded");
+    assert_eq!(entry["canary"]["status"], "file_missing", "{entry}");
+}
+
+/// A canary that fails far more than the serving version is stopped by the health watch; the
+/// admin API can stop one too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_canary_is_stopped() {
+    let up = Upstream::echo("up").await;
+    let setup = Setup::new();
+    write_atomic(&setup.plugin("probe"), &probe_version('A'));
+    write_atomic(&setup.plugin("probe-next"), &probe_version('B'));
+    setup.write_config(&canary_route(
+        &up.url(),
+        'B',
+        "percent = 100\nclients = [\"beta\"]",
+        "min_calls = 5",
+    ));
+    let proxy = TestProxy::start_file(&setup.config()).await;
+    let a = version_string('A');
+    for _ in 0..5 {
+        assert_eq!(version_with(&proxy, &[("x-client", "web")]).await, a);
+    }
+    assert_eq!(version_with(&proxy, &[("x-client", "beta")]).await, "502");
+    eventually("the canary is stopped", || async {
+        version_with(&proxy, &[("x-client", "beta")]).await == a
+    })
+    .await;
+    let entry = plugin_entry(&proxy, "probe").await.expect("probe loaded");
+    assert_eq!(entry["canary"]["status"], "rolled_back", "{entry}");
+    assert!(
+        entry["canary"]["last_error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("canary version")),
+        "{entry}"
+    );
+    assert_eq!(
+        proxy
+            .metric(
+                r#"bff_plugin_rollbacks_total{plugin="probe",slot="canary",trigger="automatic"}"#
+            )
+            .await,
+        1.0
+    );
+    // Stays stopped across reloads while the file is that build.
+    let (status, _) = proxy.reload().await;
+    assert_eq!(status, 200);
+    assert_eq!(version_with(&proxy, &[("x-client", "beta")]).await, a);
+
+    // A new candidate serves again; the admin API stops it on request.
+    write_atomic(&setup.plugin("probe-next"), &probe_version('C'));
+    eventually("the new canary serves", || async {
+        version_with(&proxy, &[("x-client", "beta")]).await == version_string('C')
+    })
+    .await;
+    let stop = || {
+        request(
+            proxy.admin_addr(),
+            "POST",
+            "/admin/plugins/rollback",
+            &[],
+            bff_proxy_tests::body(r#"{"plugin": "probe", "canary": true}"#),
+        )
+    };
+    let resp = stop().await;
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    assert_eq!(version_with(&proxy, &[("x-client", "beta")]).await, a);
+    let resp = stop().await;
+    assert_eq!(resp.status, 409, "{}", resp.text());
+    assert_eq!(resp.json()["error"]["code"], "no_canary");
 }

@@ -333,3 +333,54 @@ fn plugin_pins_are_hashes_of_plugins_in_use_and_can_be_required() {
         "{required:?}"
     );
 }
+
+#[test]
+fn canaries_name_used_unpinned_plugins_known_clients_and_one_per_chain() {
+    let with =
+        |chain: &str, plugins: &str| format!("{MINIMAL}chain = [{chain}]\n\n[plugins]\n{plugins}");
+    let fields = r#"{ plugin = "fields" }"#;
+    let good = r#"canary = { fields = { file = "fields-next.wasm", percent = 10, clients = ["web"], sticky_header = "x-user-id" } }"#;
+    assert_eq!(problems(&with(fields, good)), Vec::<String>::new());
+    let bad = problems(&with(
+        fields,
+        r#"canary = { fields = { file = "../fields.wasm", percent = 101, clients = ["tv"], sticky_header = "x user" }, voice = { file = "voice-2.wasm", percent = 5 } }"#,
+    ));
+    for expected in [
+        "plugins.canary.fields.file: must be a `.wasm` file name in `plugins.dir` other than `fields.wasm`",
+        "plugins.canary.fields.percent: must be between 0 and 100",
+        "plugins.canary.fields.sticky_header: is not a valid header name",
+        "plugins.canary.fields.clients[0]: unknown client `tv`",
+        "plugins.canary.voice: no route's chain uses plugin `voice`",
+    ] {
+        assert!(
+            bad.iter().any(|p| p.contains(expected)),
+            "{expected}: {bad:?}"
+        );
+    }
+    assert_eq!(bad.len(), 5, "{bad:?}");
+    let same_file = problems(&with(
+        fields,
+        r#"canary = { fields = { file = "fields.wasm", percent = 10 } }"#,
+    ));
+    assert_eq!(same_file.len(), 1, "{same_file:?}");
+    let pinned = problems(&with(
+        fields,
+        &format!(
+            "sha256 = {{ fields = \"{}\" }}\ncanary = {{ fields = {{ file = \"f2.wasm\", percent = 10 }} }}",
+            "a".repeat(64)
+        ),
+    ));
+    assert!(
+        pinned[0].contains("plugins.canary.fields: plugin `fields` is pinned"),
+        "{pinned:?}"
+    );
+    let two = problems(&with(
+        r#"{ plugin = "fields" }, { plugin = "voice" }"#,
+        r#"canary = { fields = { file = "f2.wasm", percent = 10 }, voice = { file = "v2.wasm", percent = 10 } }"#,
+    ));
+    assert_eq!(two.len(), 1, "{two:?}");
+    assert!(
+        two[0].contains("routes[0].chain: plugins `fields`, `voice` all have a canary"),
+        "{two:?}"
+    );
+}

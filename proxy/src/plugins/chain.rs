@@ -60,6 +60,54 @@ pub(crate) struct Chain {
     runtime: Arc<Runtime>,
     /// `[plugins] version_header` and its value (`name=version` of each step), when set.
     versions: Option<(http::HeaderName, HeaderValue)>,
+    /// The same chain with a plugin's candidate version, for the requests in its cohort.
+    canary: Option<Canary>,
+}
+
+/// A chain's canary cohort (`plugins.canary`): which requests run `chain`, the chain with the
+/// candidate version of `plugin`.
+#[derive(Debug)]
+pub(crate) struct Canary {
+    chain: Arc<Chain>,
+    plugin: Arc<str>,
+    percent: u8,
+    clients: Box<[String]>,
+    sticky_header: Option<http::HeaderName>,
+}
+
+impl Canary {
+    pub(crate) fn new(chain: Arc<Chain>, plugin: &str, config: &super::CanaryConfig) -> Self {
+        Self {
+            chain,
+            plugin: plugin.into(),
+            percent: config.percent,
+            clients: config.clients.clone().into_boxed_slice(),
+            sticky_header: config
+                .sticky_header
+                .as_deref()
+                .and_then(|h| http::HeaderName::try_from(h).ok()),
+        }
+    }
+
+    /// Whether this request is in the cohort: a client in scope, and a hash of the sticky
+    /// header's value (else of the request id) among the first `percent` of 100 buckets.
+    fn picks(&self, client: &str, headers: &HeaderMap, request_id: &str) -> bool {
+        use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+        if self.percent == 0
+            || !(self.clients.is_empty() || self.clients.iter().any(|c| c == client))
+        {
+            return false;
+        }
+        let key = self
+            .sticky_header
+            .as_ref()
+            .and_then(|h| headers.get(h))
+            .map_or(request_id.as_bytes(), HeaderValue::as_bytes);
+        // A fixed-key hash: the same key lands in the same bucket on every process.
+        let bucket =
+            BuildHasherDefault::<DefaultHasher>::default().hash_one((&*self.plugin, key)) % 100;
+        bucket < u64::from(self.percent)
+    }
 }
 
 /// Why a plugin call failed. Each has its own error code (see `error.rs`).
@@ -368,12 +416,27 @@ impl Chain {
             egress,
             runtime,
             versions,
+            canary: None,
         }
+    }
+
+    /// Sends the requests `canary` picks to its chain.
+    pub(crate) fn set_canary(&mut self, canary: Canary) {
+        self.canary = Some(canary);
     }
 
     /// Runs the chain and the upstream call. Errors are fail-closed plugin failures, upstream
     /// failures and request-body limits, each mapped to a response by `error.rs`.
     pub(crate) async fn run(&self, input: ChainInput) -> Result<Response<Body>, ProxyError> {
+        if let Some(canary) = &self.canary
+            && canary.picks(
+                &input.ctx.client,
+                &input.parts.headers,
+                &input.ctx.request_id,
+            )
+        {
+            return Box::pin(canary.chain.run(input)).await;
+        }
         let timeout = input.chain_timeout;
         let mut resp = match tokio::time::timeout(timeout, self.run_inner(input)).await {
             Ok(r) => r?,

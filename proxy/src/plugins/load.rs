@@ -168,8 +168,12 @@ impl Catalog {
         self.entries.len() == other.entries.len()
             && self.entries.iter().all(|(name, e)| {
                 other.entries.get(name).is_some_and(|o| {
-                    o.problem.as_ref().map(|p| (p.kind, &p.message, &p.sha256))
-                        == e.problem.as_ref().map(|p| (p.kind, &p.message, &p.sha256))
+                    let key = |p: &FileProblem| (p.kind, p.message.clone(), p.sha256.clone());
+                    let canary = |e: &CatalogEntry| {
+                        e.canary.as_ref().and_then(|c| c.problem.as_ref()).map(key)
+                    };
+                    o.problem.as_ref().map(key) == e.problem.as_ref().map(key)
+                        && canary(o) == canary(e)
                 })
             })
     }
@@ -182,6 +186,8 @@ pub(crate) struct CatalogEntry {
     pub(crate) serving: Arc<LoadedPlugin>,
     /// The version `serving` replaced, kept for `plugins.rollback.window` after the swap.
     pub(crate) previous: Option<Previous>,
+    /// The candidate version of `plugins.canary`, if one is configured.
+    pub(crate) canary: Option<CanaryEntry>,
     pub(crate) file: PathBuf,
     /// The newest problem with this plugin's file, if the file on disk is not what serves.
     pub(crate) problem: Option<FileProblem>,
@@ -200,8 +206,19 @@ pub(crate) struct Previous {
     pub(crate) replaced_at_wall: SystemTime,
 }
 
-/// Rollbacks a load must apply: plugin name → (SHA-256 of the version to refuse, why).
-pub(crate) type Rollbacks = HashMap<String, (String, String)>;
+/// Rollbacks a load must apply: (plugin name, whether it is the canary) → (SHA-256 of the
+/// version to refuse, why).
+pub(crate) type Rollbacks = HashMap<(String, bool), (String, String)>;
+
+/// A plugin's canary (`plugins.canary`): the candidate version and what became of its file.
+#[derive(Debug, Clone)]
+pub(crate) struct CanaryEntry {
+    /// The candidate, serving its share, if its file loaded.
+    pub(crate) plugin: Option<Arc<LoadedPlugin>>,
+    pub(crate) file: PathBuf,
+    /// Why the file is not serving, if it is not.
+    pub(crate) problem: Option<FileProblem>,
+}
 
 /// Why the plugin file on disk is not the version serving.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -270,6 +287,8 @@ pub(crate) struct CompileStats {
 #[derive(Debug, Clone)]
 pub(crate) struct LoadIssue {
     pub(crate) plugin: Arc<str>,
+    /// The plugin's canary file (then the serving version takes every request).
+    pub(crate) canary: bool,
     pub(crate) problem: FileProblem,
     /// False when the same file was already reported by an earlier load (log and count once).
     pub(crate) new: bool,
@@ -387,7 +406,11 @@ impl Compiler {
         let serving: std::collections::HashSet<&str> = catalog
             .entries
             .values()
-            .map(|e| e.serving.sha256.as_str())
+            .flat_map(|e| {
+                let canary = e.canary.as_ref().and_then(|c| c.plugin.as_ref());
+                std::iter::once(&e.serving).chain(canary)
+            })
+            .map(|p| p.sha256.as_str())
             .collect();
         let mut spares: Vec<(u64, String)> = self
             .memory
@@ -535,15 +558,21 @@ async fn load_all(
     // Per (route, step): the use, its plugin and its capabilities.
     let mut ready: HashMap<(usize, usize), (&Use, Arc<LoadedPlugin>, types::Capabilities)> =
         HashMap::new();
+    // Per (route, step) of a plugin with a loaded canary: the candidate and its capabilities.
+    let mut canary_ready: HashMap<(usize, usize), (Arc<LoadedPlugin>, types::Capabilities)> =
+        HashMap::new();
     for (name, uses) in &uses {
         let file = config.plugins.dir.join(format!("{name}.wasm"));
         let prev = previous.entries.get(*name);
-        let rollback = rollbacks.get(*name).cloned().or_else(|| {
-            // A rolled-back version stays refused while the file is that version.
-            let p = prev?.problem.as_ref()?;
-            (p.kind == ProblemKind::RolledBack).then_some(())?;
-            Some((p.sha256.clone()?, p.message.clone()))
-        });
+        let rollback = rollbacks
+            .get(&(name.to_string(), false))
+            .cloned()
+            .or_else(|| {
+                // A rolled-back version stays refused while the file is that version.
+                let p = prev?.problem.as_ref()?;
+                (p.kind == ProblemKind::RolledBack).then_some(())?;
+                Some((p.sha256.clone()?, p.message.clone()))
+            });
         let (resolution, changing) = resolve(
             runtime,
             config,
@@ -577,6 +606,7 @@ async fn load_all(
                         .is_some_and(|old| old.sha256 == p.sha256 && old.message == p.message);
                     issues.push(LoadIssue {
                         plugin: name.clone(),
+                        canary: false,
                         problem: p.clone(),
                         new: !seen,
                     });
@@ -631,11 +661,46 @@ async fn load_all(
                     }),
                     None => None,
                 };
+                let canary = match config.plugins.canary.get(&*name) {
+                    Some(c) => {
+                        let prev_canary = prev.and_then(|e| e.canary.as_ref());
+                        let refused = rollbacks.get(&(name.to_string(), true));
+                        let (entry, loaded) = load_canary(
+                            runtime,
+                            config,
+                            &name,
+                            c,
+                            (uses, prev_canary, refused),
+                            compiler,
+                            settle,
+                        )
+                        .await;
+                        if let Some(p) = &entry.problem {
+                            let seen = prev_canary
+                                .and_then(|c| c.problem.as_ref())
+                                .is_some_and(|old| old.since == p.since);
+                            issues.push(LoadIssue {
+                                plugin: name.clone(),
+                                canary: true,
+                                problem: p.clone(),
+                                new: !seen,
+                            });
+                        }
+                        if let (Some(plugin), Some(caps)) = (&entry.plugin, loaded) {
+                            for (u, c) in uses.iter().zip(caps) {
+                                canary_ready.insert((u.route, u.step), (plugin.clone(), c));
+                            }
+                        }
+                        Some(entry)
+                    }
+                    None => None,
+                };
                 catalog.entries.insert(
                     name,
                     CatalogEntry {
                         serving: plugin,
                         previous: kept_previous,
+                        canary,
                         file,
                         problem,
                         routes,
@@ -663,40 +728,71 @@ async fn load_all(
             chains.push(None);
             continue;
         }
-        let steps = r
-            .chain
-            .iter()
-            .enumerate()
-            .map(|(j, use_)| {
-                let (u, plugin, caps) = ready
-                    .remove(&(i, j))
-                    .expect("every use of a loaded plugin was initialized");
-                let series = series
-                    .entry(plugin.sha256.clone())
-                    .or_insert_with(|| {
-                        Arc::new(runtime.metrics.series(&plugin.name, plugin.short_version()))
-                    })
-                    .clone();
-                Step {
-                    plugin,
-                    config_json: u.config_json.clone(),
-                    on_error: use_.on_error,
-                    limits: u.limits,
-                    caps,
-                    series,
-                    reuse: (use_.instances == super::Instances::Reused).then(|| {
-                        IdlePool::new(config.plugins.reuse, runtime.metrics.instances_idle.clone())
-                    }),
-                }
+        let mut step = |j: usize, plugin: Arc<LoadedPlugin>, caps: types::Capabilities| {
+            let use_ = &r.chain[j];
+            let u = ready
+                .get(&(i, j))
+                .expect("every use of a loaded plugin was initialized")
+                .0;
+            let series = series
+                .entry(plugin.sha256.clone())
+                .or_insert_with(|| {
+                    Arc::new(runtime.metrics.series(&plugin.name, plugin.short_version()))
+                })
+                .clone();
+            Step {
+                plugin,
+                config_json: u.config_json.clone(),
+                on_error: use_.on_error,
+                limits: u.limits,
+                caps,
+                series,
+                reuse: (use_.instances == super::Instances::Reused).then(|| {
+                    IdlePool::new(config.plugins.reuse, runtime.metrics.instances_idle.clone())
+                }),
+            }
+        };
+        let stable: Vec<Step> = (0..r.chain.len())
+            .map(|j| {
+                let (_, plugin, caps) = &ready[&(i, j)];
+                step(j, plugin.clone(), *caps)
             })
             .collect();
-        chains.push(Some(Arc::new(Chain::new(
-            r.id.as_str().into(),
-            steps,
-            r.egress.iter().map(|s| Arc::from(s.as_str())).collect(),
-            runtime.clone(),
-            version_header.clone(),
-        ))));
+        // The chain as the canary cohort runs it: the candidate where the plugin has one.
+        let candidate: Option<(Vec<Step>, &str)> = (0..r.chain.len())
+            .find(|j| canary_ready.contains_key(&(i, *j)))
+            .map(|with| {
+                let steps = (0..r.chain.len())
+                    .map(|j| match canary_ready.get(&(i, j)) {
+                        Some((plugin, caps)) => step(j, plugin.clone(), *caps),
+                        None => {
+                            let (_, plugin, caps) = &ready[&(i, j)];
+                            step(j, plugin.clone(), *caps)
+                        }
+                    })
+                    .collect();
+                (steps, r.chain[with].plugin.as_str())
+            });
+        let egress: Arc<[Arc<str>]> = r.egress.iter().map(|s| Arc::from(s.as_str())).collect();
+        let new_chain = |steps| {
+            Chain::new(
+                r.id.as_str().into(),
+                steps,
+                egress.clone(),
+                runtime.clone(),
+                version_header.clone(),
+            )
+        };
+        let mut chain = new_chain(stable);
+        if let Some((steps, plugin)) = candidate {
+            let c = &config.plugins.canary[plugin];
+            chain.set_canary(super::chain::Canary::new(
+                Arc::new(new_chain(steps)),
+                plugin,
+                c,
+            ));
+        }
+        chains.push(Some(Arc::new(chain)));
     }
     compiler.retain(&catalog);
     Ok(Loaded {
@@ -793,12 +889,7 @@ async fn resolve(
         }
         FileState::Unreadable(e) => Err(problem(ProblemKind::Rejected, e, None)),
     };
-    let label = |u: &Use| {
-        format!(
-            "routes[{}].chain[{}] (route `{}`, plugin `{name}`)",
-            u.route, u.step, config.routes[u.route].id
-        )
-    };
+    let label = |u: &Use| use_label(config, name, u);
     // A pinned plugin keeps serving an earlier version only if that is the pinned build. A
     // rollback of the serving version falls back to the one it replaced.
     let prev_serving = prev
@@ -844,6 +935,108 @@ async fn resolve(
         },
     };
     (resolution, changing)
+}
+
+/// Where a use is, for problems: `routes[i].chain[j] (route `id`, plugin `name`)`.
+fn use_label(config: &Config, name: &str, u: &Use) -> String {
+    format!(
+        "routes[{}].chain[{}] (route `{}`, plugin `{name}`)",
+        u.route, u.step, config.routes[u.route].id
+    )
+}
+
+/// Loads the canary file of plugin `name` for all its uses: the entry for the catalog, and
+/// each use's capabilities when it loaded. A candidate that fails any step (or is being rolled
+/// back) serves nothing; the problem is recorded. `context` holds the uses, the canary entry of
+/// the live catalog (its candidate is reused while the file is unchanged) and a rollback asked
+/// for it.
+async fn load_canary(
+    runtime: &Runtime,
+    config: &Config,
+    name: &str,
+    canary: &super::CanaryConfig,
+    context: (&[Use], Option<&CanaryEntry>, Option<&(String, String)>),
+    compiler: &mut Compiler,
+    settle: Duration,
+) -> (CanaryEntry, Option<Vec<types::Capabilities>>) {
+    let (uses, prev, refused) = context;
+    let file = config.plugins.dir.join(&canary.file);
+    let path = file.clone();
+    let state = tokio::task::spawn_blocking(move || read_file(&path, settle))
+        .await
+        .unwrap_or_else(|e| FileState::Unreadable(format!("reading was interrupted: {e}")));
+    let problem = |kind, message: String, sha256: Option<String>| FileProblem {
+        kind,
+        message,
+        sha256,
+        since: SystemTime::now(),
+    };
+    let refused = refused.cloned().or_else(|| {
+        let p = prev?.problem.as_ref()?;
+        (p.kind == ProblemKind::RolledBack).then_some(())?;
+        Some((p.sha256.clone()?, p.message.clone()))
+    });
+    let candidate = match state {
+        FileState::Read { sha256, .. } if refused.as_ref().is_some_and(|(s, _)| *s == sha256) => {
+            let why = refused.map(|(_, why)| why).unwrap_or_default();
+            Err(problem(ProblemKind::RolledBack, why, Some(sha256)))
+        }
+        FileState::Read { bytes, sha256, .. } => {
+            match prev
+                .and_then(|p| p.plugin.as_ref())
+                .filter(|p| p.sha256 == sha256)
+            {
+                Some(p) => Ok(p.clone()),
+                None => compile(runtime, compiler, name, &file, bytes, &sha256)
+                    .await
+                    .map_err(|e| problem(ProblemKind::Rejected, e, Some(sha256))),
+            }
+        }
+        FileState::Missing => Err(problem(
+            ProblemKind::Missing,
+            format!("{} does not exist", file.display()),
+            None,
+        )),
+        FileState::Changing => Err(problem(
+            ProblemKind::Rejected,
+            format!(
+                "{} changed while it was read (still being written?)",
+                file.display()
+            ),
+            None,
+        )),
+        FileState::Unreadable(e) => Err(problem(ProblemKind::Rejected, e, None)),
+    };
+    let label = |u: &Use| use_label(config, name, u);
+    let (plugin, caps, issue) = match candidate {
+        Ok(plugin) => match init_all(runtime, &plugin, uses, &label).await {
+            Ok(caps) => (Some(plugin), Some(caps), None),
+            Err(problems) => {
+                let sha = Some(plugin.sha256.clone());
+                (
+                    None,
+                    None,
+                    Some(problem(ProblemKind::Rejected, problems.join("; "), sha)),
+                )
+            }
+        },
+        Err(p) => (None, None, Some(p)),
+    };
+    // An unchanged problem keeps the time it was first seen.
+    let issue = match (issue, prev.and_then(|p| p.problem.as_ref())) {
+        (Some(p), Some(old)) if old.sha256 == p.sha256 && old.message == p.message => {
+            Some(old.clone())
+        }
+        (p, _) => p,
+    };
+    (
+        CanaryEntry {
+            plugin,
+            file,
+            problem: issue,
+        },
+        caps,
+    )
 }
 
 /// Initializes every use; all problems, or each use's capabilities.

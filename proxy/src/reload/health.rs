@@ -7,7 +7,8 @@
 //! least `max_failure_ratio` and at least twice the previous version's share over its own
 //! serving life: a failure rate both versions share (an upstream outage failing both) is not
 //! the new version's fault. Pinned plugins are never rolled back automatically: only the pinned
-//! build may run.
+//! build may run. A canary (`plugins.canary`) is judged the same way against the serving
+//! version, for as long as it serves; rolling it back stops it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,23 +30,38 @@ pub(crate) async fn watch_plugin_health(reloader: Arc<Reloader>, stop: Cancellat
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        for (plugin, reason) in regressions(&reloader) {
+        for (plugin, canary, reason) in regressions(&reloader) {
             // Failure is logged by `roll_back`; the watch tries again next tick while the
             // version still qualifies.
             let _ = reloader
-                .roll_back(&plugin, reason, RollbackBy::Automatic)
+                .roll_back(&plugin, canary, reason, RollbackBy::Automatic)
                 .await;
         }
     }
 }
 
-/// The plugins of the live snapshot whose serving version should be rolled back, and why.
-fn regressions(reloader: &Reloader) -> Vec<(String, String)> {
+/// The plugins of the live snapshot whose serving version (`false`) or canary (`true`) should
+/// be rolled back, and why.
+fn regressions(reloader: &Reloader) -> Vec<(String, bool, String)> {
     let live = reloader.shared().live.load();
     let config = &live.config.plugins;
     if !config.rollback.automatic {
         return Vec::new();
     }
+    // A canary is compared with the serving version for as long as it serves.
+    let canaries = live.catalog.entries.iter().filter_map(|(name, entry)| {
+        let candidate = entry.canary.as_ref()?.plugin.as_ref()?;
+        let reason = verdict(&config.rollback, candidate.calls(), entry.serving.calls())?;
+        Some((
+            name.to_string(),
+            true,
+            format!(
+                "canary version {} {reason} of serving version {}",
+                candidate.short_version(),
+                entry.serving.short_version()
+            ),
+        ))
+    });
     live.catalog
         .entries
         .iter()
@@ -63,6 +79,7 @@ fn regressions(reloader: &Reloader) -> Vec<(String, String)> {
             )?;
             Some((
                 name.to_string(),
+                false,
                 format!(
                     "version {} {reason} within {}s of replacing version {}",
                     entry.serving.short_version(),
@@ -71,6 +88,7 @@ fn regressions(reloader: &Reloader) -> Vec<(String, String)> {
                 ),
             ))
         })
+        .chain(canaries)
         .collect()
 }
 
@@ -91,7 +109,7 @@ fn verdict(config: &RollbackConfig, new: (u64, u64), old: (u64, u64)) -> Option<
         && new_ratio >= 2.0 * old_ratio)
         .then(|| {
             format!(
-                "failed {failed} of {calls} calls ({:.0}%, the previous version {:.0}%)",
+                "failed {failed} of {calls} calls ({:.0}%, against {:.0}%)",
                 new_ratio * 100.0,
                 old_ratio * 100.0
             )
@@ -114,7 +132,10 @@ mod tests {
         assert!(verdict(&config, (9, 9), (100, 0)).is_none());
         // Fails often, the old one never did.
         let why = verdict(&config, (10, 3), (100, 0)).expect("rolled back");
-        assert!(why.contains("failed 3 of 10 calls (30%"), "{why}");
+        assert!(
+            why.contains("failed 3 of 10 calls (30%, against 0%)"),
+            "{why}"
+        );
         // Below the threshold.
         assert!(verdict(&config, (100, 24), (100, 0)).is_none());
         // Both fail alike: not the new version's fault.
