@@ -10,6 +10,7 @@
 //! build may run. A canary (`plugins.canary`) is judged the same way against the serving
 //! version, for as long as it serves; rolling it back stops it.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,24 +26,33 @@ const PERIOD: Duration = Duration::from_secs(1);
 pub(crate) async fn watch_plugin_health(reloader: Arc<Reloader>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(PERIOD);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Rollbacks that failed (logged by `roll_back`), by plugin, slot and version: not tried
+    // again every second.
+    let mut failed: HashSet<(String, bool, String)> = HashSet::new();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             _ = tick.tick() => {}
         }
-        for (plugin, canary, reason) in regressions(&reloader) {
-            // Failure is logged by `roll_back`; the watch tries again next tick while the
-            // version still qualifies.
-            let _ = reloader
-                .roll_back(&plugin, canary, reason, RollbackBy::Automatic)
-                .await;
+        for (plugin, canary, version, reason) in regressions(&reloader) {
+            let attempt = (plugin, canary, version);
+            if failed.contains(&attempt) {
+                continue;
+            }
+            if reloader
+                .roll_back(&attempt.0, canary, reason, RollbackBy::Automatic)
+                .await
+                .is_err()
+            {
+                failed.insert(attempt);
+            }
         }
     }
 }
 
 /// The plugins of the live snapshot whose serving version (`false`) or canary (`true`) should
-/// be rolled back, and why.
-fn regressions(reloader: &Reloader) -> Vec<(String, bool, String)> {
+/// be rolled back: plugin, slot, the version's SHA-256, and why.
+fn regressions(reloader: &Reloader) -> Vec<(String, bool, String, String)> {
     let live = reloader.shared().live.load();
     let config = &live.config.plugins;
     if !config.rollback.automatic {
@@ -55,6 +65,7 @@ fn regressions(reloader: &Reloader) -> Vec<(String, bool, String)> {
         Some((
             name.to_string(),
             true,
+            candidate.sha256.clone(),
             format!(
                 "canary version {} {reason} of serving version {}",
                 candidate.short_version(),
@@ -80,6 +91,7 @@ fn regressions(reloader: &Reloader) -> Vec<(String, bool, String)> {
             Some((
                 name.to_string(),
                 false,
+                entry.serving.sha256.clone(),
                 format!(
                     "version {} {reason} within {}s of replacing version {}",
                     entry.serving.short_version(),
