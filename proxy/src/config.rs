@@ -66,6 +66,8 @@ pub struct Config {
     pub reload: ReloadConfig,
     /// One line per request.
     pub access_log: AccessLogConfig,
+    /// Span export to an OpenTelemetry collector (none when absent).
+    pub tracing: Option<crate::observe::otel::TracingConfig>,
     /// The file this config was loaded from, if any: reloads read it again.
     pub source: Option<std::path::PathBuf>,
 }
@@ -87,6 +89,7 @@ impl Default for Config {
             plugins: PluginsConfig::default(),
             reload: ReloadConfig::default(),
             access_log: AccessLogConfig::default(),
+            tracing: None,
             source: None,
         }
     }
@@ -166,6 +169,9 @@ impl Config {
         self.plugins.validate(&root.key("plugins"), problems);
         self.reload.validate(&root.key("reload"), problems);
         self.access_log.validate(&root.key("access_log"), problems);
+        if let Some(t) = &self.tracing {
+            t.validate(&root.key("tracing"), problems);
+        }
         crate::router::validate(&self.routes, self, &root.key("routes"), problems);
     }
 

@@ -11,9 +11,11 @@
 //! - [`Finish`]: what the log phase needs, carried inside the response body ([`Logged`]) so the
 //!   request is recorded once its last byte is sent (or the client goes away), with its real
 //!   duration and size.
-//! - `access_log`: the access log line and its writer; `trace`: W3C `traceparent`.
+//! - `access_log`: the access log line and its writer; `trace`: W3C `traceparent`; `otel`:
+//!   span export to an OpenTelemetry collector (`[tracing]`).
 
 pub(crate) mod access_log;
+pub(crate) mod otel;
 pub(crate) mod trace;
 
 use std::net::IpAddr;
@@ -44,6 +46,8 @@ pub(crate) struct RequestStats {
     plugin_nanos: AtomicU64,
     /// Upstream calls a service's response cache answered (no exchange with the service).
     cached: AtomicU32,
+    /// The request's span, with `[tracing]`: its upstream and plugin calls are its children.
+    otel: Option<otel::RequestSpan>,
     upstream: Mutex<UpstreamClock>,
 }
 
@@ -97,6 +101,11 @@ impl RequestStats {
         c.outstanding += 1;
         c.calls += calls;
         UpstreamCall(self.clone())
+    }
+
+    /// The request's span, when spans are exported.
+    pub(crate) fn span(&self) -> Option<&otel::RequestSpan> {
+        self.otel.as_ref()
     }
 
     /// Counts an upstream call answered by a response cache.
@@ -225,16 +234,27 @@ impl Finish {
         shared: Arc<Shared>,
         snapshot: Arc<Snapshot>,
         request_id: HeaderValue,
-        trace: trace::TraceContext,
+        mut trace: trace::TraceContext,
         req: &http::Request<hyper::body::Incoming>,
         peer: IpAddr,
         tls: Option<&'static str>,
     ) -> Self {
         shared.metrics.requests.in_flight.inc();
+        // With `[tracing]`: the request's span, the client's span its parent; upstream calls
+        // carry its ids from now on.
+        let span = shared.tracing.as_ref().map(|t| {
+            let parent = trace.client_traceparent().and_then(otel::remote_parent);
+            let span = t.request_span(req.method(), parent);
+            trace.adopt(otel::traceparent(&span.span_context()));
+            span
+        });
         Self {
             shared,
             snapshot,
-            stats: Arc::default(),
+            stats: Arc::new(RequestStats {
+                otel: span,
+                ..RequestStats::default()
+            }),
             started: Instant::now(),
             request_id,
             trace,
@@ -279,6 +299,30 @@ impl Finish {
         };
         if let Some(code) = error {
             metrics.requests.error(code);
+        }
+        if let Some(span) = self.stats.span() {
+            use opentelemetry::KeyValue;
+            let mut attributes = vec![
+                KeyValue::new(
+                    "url.path",
+                    self.path
+                        .clone()
+                        .unwrap_or_else(|| self.raw_path.path().to_owned()),
+                ),
+                KeyValue::new("client.address", self.peer.to_string()),
+                KeyValue::new("network.protocol.name", "http"),
+                KeyValue::new(
+                    "bff.request_id",
+                    self.request_id.to_str().unwrap_or_default().to_owned(),
+                ),
+            ];
+            if let Some((_, client)) = &self.client {
+                attributes.push(KeyValue::new("bff.client", client.to_string()));
+            }
+            if let Some((_, route)) = &self.route {
+                attributes.push(KeyValue::new("bff.route", route.to_string()));
+            }
+            span.finish(status, attributes, error);
         }
         let settings = &self.snapshot.access_log;
         if settings.enabled {

@@ -276,6 +276,9 @@ async fn proxy(
     }
     let (route, params) = snap.router.find(client_idx, req.method(), &path)?;
     tracing::Span::current().record("route", &*route.id);
+    if let Some(span) = ctx.stats.span() {
+        span.routed(ctx.method.as_str(), &route.id);
+    }
     ctx.route = Some((route.index, route.id.clone()));
     ctx.service = route.service.clone();
     // Rate limit: before any plugin instance or upstream call is spent on the request.

@@ -191,6 +191,7 @@ async fn build(
                 old.access_log.output != config.access_log.output,
                 "access_log.output",
             ),
+            (old.tracing != config.tracing, "tracing"),
         ] {
             if changed {
                 warnings.push(format!("`{what}` changed: it takes effect after a restart"));

@@ -44,6 +44,9 @@ pub enum StartError {
     /// Plugins the config uses could not be loaded or initialized.
     #[error(transparent)]
     Plugins(#[from] crate::plugins::LoadError),
+    /// Span export (`[tracing]`) could not be set up.
+    #[error("cannot export spans: {0}")]
+    Tracing(String),
     /// The access log output could not be opened.
     #[error("cannot open the access log `{output}`")]
     AccessLog {
@@ -174,7 +177,19 @@ impl Starting {
                 output: config.access_log.output.clone(),
                 source,
             })?;
-        let shared = Arc::new(Shared::new(&config, snapshot, metrics.clone(), access_log));
+        let tracing = config
+            .tracing
+            .as_ref()
+            .map(crate::observe::otel::Tracing::start)
+            .transpose()
+            .map_err(StartError::Tracing)?;
+        let shared = Arc::new(Shared::new(
+            &config,
+            snapshot,
+            metrics.clone(),
+            access_log,
+            tracing,
+        ));
         let reloader = Arc::new(Reloader::new(shared.clone(), metrics, first));
         admin.state.loaded(reloader.clone());
         Ok(Proxy {
@@ -348,6 +363,9 @@ impl Proxy {
             tracker.wait().await;
         } else {
             tracing::info!("drained");
+        }
+        if let Some(t) = &shared.tracing {
+            t.shutdown().await;
         }
         admin.stop().await;
     }

@@ -145,6 +145,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     /// The access log writer (its output is bound at startup).
     pub(crate) access_log: AccessLog,
+    /// Span export (`[tracing]`, bound at startup).
+    pub(crate) tracing: Option<crate::observe::otel::Tracing>,
 }
 
 impl Shared {
@@ -153,6 +155,7 @@ impl Shared {
         snapshot: Snapshot,
         metrics: Arc<Metrics>,
         access_log: AccessLog,
+        tracing: Option<crate::observe::otel::Tracing>,
     ) -> Self {
         Self {
             live: ArcSwap::from_pointee(snapshot),
@@ -161,6 +164,7 @@ impl Shared {
             ready: AtomicBool::new(false),
             metrics,
             access_log,
+            tracing,
         }
     }
 }

@@ -740,6 +740,24 @@ impl Service {
 
         let timeout = deadline.min(svc.timeout);
         let span = tracing::debug_span!("upstream", service = %svc.name, caller = caller.as_str());
+        // With `[tracing]`: a client span, whose id the service sees as its parent.
+        let otel = stats.span().map(|s| {
+            use opentelemetry::KeyValue;
+            let child = s.child(
+                format!("{} {}", req.method(), svc.name),
+                opentelemetry::trace::SpanKind::Client,
+                vec![
+                    KeyValue::new("http.request.method", req.method().as_str().to_owned()),
+                    KeyValue::new("server.address", ep.authority.host().to_owned()),
+                    KeyValue::new("url.path", pq.path().to_owned()),
+                    KeyValue::new("bff.service", svc.name.to_string()),
+                    KeyValue::new("bff.caller", caller.as_str()),
+                ],
+            );
+            req.headers_mut()
+                .insert(crate::observe::trace::TRACEPARENT, child.traceparent());
+            child
+        });
         let call = stats.upstream_call();
         let started = std::time::Instant::now();
         let exchange = async {
@@ -776,6 +794,18 @@ impl Service {
             Ok(Err(_)) => Err("error"),
         };
         svc.series.record(caller, outcome, started.elapsed());
+        if let Some(span) = otel {
+            match outcome {
+                Ok(status) => span.end(
+                    vec![opentelemetry::KeyValue::new(
+                        "http.response.status_code",
+                        i64::from(status),
+                    )],
+                    (status >= 500).then_some("server_error"),
+                ),
+                Err(failure) => span.end(Vec::new(), Some(failure)),
+            }
+        }
         match result {
             Err(_) => Err(UpstreamError::Timeout {
                 service: svc.name.clone(),

@@ -27,6 +27,7 @@ const TOP_LEVEL_KEYS: &[&str] = &[
     "plugins",
     "reload",
     "access_log",
+    "tracing",
 ];
 
 /// Why a config could not be used.
@@ -176,6 +177,9 @@ pub(super) fn load(
     section!("access_log", access_log);
     if let Some(v) = table.remove("tls") {
         config.tls = decode(v, &root.key("tls"), &mut problems);
+    }
+    if let Some(v) = table.remove("tracing") {
+        config.tracing = decode(v, &root.key("tracing"), &mut problems);
     }
     if let Some(v) = table.remove("services") {
         config.services = decode_map(v, &root.key("services"), &mut problems);

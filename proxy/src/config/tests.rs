@@ -64,7 +64,7 @@ service = "users"
         problems(text),
         [
             "2:1 listen: must differ from the admin listener (`admin.listen` = 127.0.0.1:9901)",
-            "3:1 typo: unknown field `typo`, expected one of `listen`, `admin`, `server`, `tls`, `headers`, `identity`, `services`, `clients`, `routes`, `plugins`, `reload`, `access_log`",
+            "3:1 typo: unknown field `typo`, expected one of `listen`, `admin`, `server`, `tls`, `headers`, `identity`, `services`, `clients`, `routes`, `plugins`, `reload`, `access_log`, `tracing`",
             "6:1 services.users.urls: a service needs at least one URL",
             "7:1 services.users.request_timeout: invalid value: string \"soon\", expected a duration",
             "10:1 clients[0].name: names start with a lowercase letter and use only lowercase letters, digits, `-` and `_` (at most 64 characters)",

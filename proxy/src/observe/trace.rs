@@ -1,8 +1,9 @@
 //! W3C Trace Context (`traceparent`, `tracestate`) for the request path.
 //!
-//! The proxy records no spans of its own to a tracing backend, so it passes a valid incoming
+//! Without `[tracing]` the proxy records no spans of its own, so it passes a valid incoming
 //! `traceparent` through unchanged: the upstream's span stays the child of the caller's, and no
-//! trace gets a parent that was never exported. A request without one (or with an invalid one)
+//! trace gets a parent that was never exported. With it, the request's span ([`super::otel`])
+//! is [adopted](TraceContext::adopt): upstream calls carry its ids instead. A request without one (or with an invalid one)
 //! starts a trace: every upstream call of the request, plugin fan-out included, carries the same
 //! new trace id, which the access log records next to the request id (when the proxy generated
 //! the request id, the new trace id is that same value).
@@ -20,6 +21,8 @@ pub(crate) struct TraceContext {
     /// The client sent a `tracestate` that must not go upstream (it belongs to a trace
     /// context we did not accept).
     strip_tracestate: bool,
+    /// The `traceparent` is the client's.
+    from_client: bool,
 }
 
 impl TraceContext {
@@ -35,6 +38,7 @@ impl TraceContext {
             return Self {
                 traceparent: v.clone(),
                 strip_tracestate: false,
+                from_client: true,
             };
         }
         let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-00";
@@ -54,7 +58,18 @@ impl TraceContext {
         Self {
             traceparent: HeaderValue::from_bytes(&buf).expect("hex is a valid header value"),
             strip_tracestate: headers.contains_key(TRACESTATE),
+            from_client: false,
         }
+    }
+
+    /// The client's `traceparent`, if it sent a valid one: the parent of the request's span.
+    pub(crate) fn client_traceparent(&self) -> Option<&HeaderValue> {
+        self.from_client.then_some(&self.traceparent)
+    }
+
+    /// Makes the request's own span (`traceparent` for it) the parent of its upstream calls.
+    pub(crate) fn adopt(&mut self, traceparent: HeaderValue) {
+        self.traceparent = traceparent;
     }
 
     /// The 32-hex trace id.

@@ -834,11 +834,36 @@ async fn call<T>(
         version = step.plugin.short_version(),
         phase = phase.as_str(),
     );
+    // With `[tracing]`: an internal span per hook call.
+    let otel = stats.span().map(|s| {
+        use opentelemetry::KeyValue;
+        s.child(
+            format!("plugin {} {}", step.plugin.name, phase.as_str()),
+            opentelemetry::trace::SpanKind::Internal,
+            vec![
+                KeyValue::new("bff.plugin", step.plugin.name.to_string()),
+                KeyValue::new("bff.plugin.version", step.plugin.short_version().to_owned()),
+                KeyValue::new("bff.plugin.phase", phase.as_str()),
+            ],
+        )
+    });
     let started = Instant::now();
     let result = hook(&mut *live).instrument(span).await;
     let cpu = live.store.data().meter.used();
     stats.add_plugin_time(cpu);
     let outcome = result.as_ref().err().map_or("ok", FailureKind::label);
+    if let Some(span) = otel {
+        span.end(
+            vec![
+                opentelemetry::KeyValue::new("bff.plugin.outcome", outcome),
+                opentelemetry::KeyValue::new(
+                    "bff.plugin.cpu_us",
+                    i64::try_from(cpu.as_micros()).unwrap_or(i64::MAX),
+                ),
+            ],
+            result.is_err().then_some(outcome),
+        );
+    }
     step.plugin.count_call(result.is_err());
     step.series.record(
         phase,
