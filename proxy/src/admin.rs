@@ -329,17 +329,7 @@ fn plugins(snapshot: &Snapshot) -> serde_json::Value {
         .iter()
         .map(|(name, e)| {
             let p = &e.serving;
-            let (status, last_error) = match &e.problem {
-                None => ("ok", serde_json::Value::Null),
-                Some(problem) => (
-                    problem.kind.as_str(),
-                    serde_json::json!({
-                        "message": problem.message,
-                        "file_sha256": problem.sha256,
-                        "since": rfc3339(problem.since),
-                    }),
-                ),
-            };
+            let (status, last_error) = file_status(e.problem.as_ref());
             serde_json::json!({
                 "name": &**name,
                 "version": p.short_version(),
@@ -367,12 +357,9 @@ fn plugins(snapshot: &Snapshot) -> serde_json::Value {
     serde_json::json!({ "plugins": list })
 }
 
-/// A plugin's canary in `GET /admin/plugins`.
-fn canary(
-    c: &crate::plugins::CanaryEntry,
-    config: Option<&crate::plugins::CanaryConfig>,
-) -> serde_json::Value {
-    let (status, last_error) = match &c.problem {
+/// A plugin file's `status` and `last_error` in `GET /admin/plugins`.
+fn file_status(problem: Option<&crate::plugins::FileProblem>) -> (&'static str, serde_json::Value) {
+    match problem {
         None => ("ok", serde_json::Value::Null),
         Some(problem) => (
             problem.kind.as_str(),
@@ -382,7 +369,15 @@ fn canary(
                 "since": rfc3339(problem.since),
             }),
         ),
-    };
+    }
+}
+
+/// A plugin's canary in `GET /admin/plugins`.
+fn canary(
+    c: &crate::plugins::CanaryEntry,
+    config: Option<&crate::plugins::CanaryConfig>,
+) -> serde_json::Value {
+    let (status, last_error) = file_status(c.problem.as_ref());
     let p = c.plugin.as_ref();
     serde_json::json!({
         "file": c.file.display().to_string(),

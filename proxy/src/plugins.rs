@@ -47,8 +47,8 @@ pub(crate) use self::chain::{Chain, ChainInput, FailureKind, PluginFailure, Scop
 pub use self::hop::Hop;
 pub use self::load::LoadError;
 pub(crate) use self::load::{
-    CanaryEntry, Catalog, CompileStats, Compiler, LoadIssue, LoadedPlugin, ProblemKind, Rollbacks,
-    load_chains,
+    CanaryEntry, Catalog, CompileStats, Compiler, FileProblem, LoadIssue, LoadedPlugin,
+    ProblemKind, Rollbacks, load_chains,
 };
 pub use self::runtime::{Runtime, RuntimeError};
 

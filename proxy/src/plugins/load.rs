@@ -459,6 +459,45 @@ enum FileState {
     Unreadable(String),
 }
 
+impl FileState {
+    /// Why a file that was not read (missing, changing, unreadable) cannot serve.
+    fn problem(self, file: &Path) -> FileProblem {
+        let (kind, message) = match self {
+            Self::Read { .. } => unreachable!("a file that was read has no problem of its own"),
+            Self::Missing => (
+                ProblemKind::Missing,
+                format!("{} does not exist", file.display()),
+            ),
+            Self::Changing => (
+                ProblemKind::Rejected,
+                format!(
+                    "{} changed while it was read (still being written?)",
+                    file.display()
+                ),
+            ),
+            Self::Unreadable(e) => (ProblemKind::Rejected, e),
+        };
+        FileProblem::new(kind, message, None)
+    }
+}
+
+impl FileProblem {
+    fn new(kind: ProblemKind, message: String, sha256: Option<String>) -> Self {
+        Self {
+            kind,
+            message,
+            sha256,
+            since: SystemTime::now(),
+        }
+    }
+
+    /// The version a recorded rollback refuses (hash, why), if this problem is one.
+    fn rolled_back(&self) -> Option<(String, String)> {
+        (self.kind == ProblemKind::RolledBack).then_some(())?;
+        Some((self.sha256.clone()?, self.message.clone()))
+    }
+}
+
 /// Reads a plugin file, refusing one that changes while it is read.
 fn read_file(path: &Path, settle: Duration) -> FileState {
     let stat = |p: &Path| std::fs::metadata(p).map(|m| (m.len(), m.modified().ok()));
@@ -564,15 +603,11 @@ async fn load_all(
     for (name, uses) in &uses {
         let file = config.plugins.dir.join(format!("{name}.wasm"));
         let prev = previous.entries.get(*name);
+        // A rolled-back version stays refused while the file is that version.
         let rollback = rollbacks
             .get(&(name.to_string(), false))
             .cloned()
-            .or_else(|| {
-                // A rolled-back version stays refused while the file is that version.
-                let p = prev?.problem.as_ref()?;
-                (p.kind == ProblemKind::RolledBack).then_some(())?;
-                Some((p.sha256.clone()?, p.message.clone()))
-            });
+            .or_else(|| prev?.problem.as_ref()?.rolled_back());
         let (resolution, changing) = resolve(
             runtime,
             config,
@@ -833,21 +868,15 @@ async fn resolve(
     let state = tokio::task::spawn_blocking(move || read_file(&path, settle))
         .await
         .unwrap_or_else(|e| FileState::Unreadable(format!("reading was interrupted: {e}")));
-    let problem = |kind, message: String, sha256: Option<String>| FileProblem {
-        kind,
-        message,
-        sha256,
-        since: SystemTime::now(),
-    };
     let mut changing = false;
     let pin = config.plugins.pin(name);
     let candidate: Result<Arc<LoadedPlugin>, FileProblem> = match state {
         FileState::Read { sha256, .. } if rollback.is_some_and(|(sha, _)| *sha == sha256) => {
             let why = rollback.map(|(_, why)| why.clone()).unwrap_or_default();
-            Err(problem(ProblemKind::RolledBack, why, Some(sha256)))
+            Err(FileProblem::new(ProblemKind::RolledBack, why, Some(sha256)))
         }
         FileState::Read { sha256, .. } if pin.as_ref().is_some_and(|p| *p != sha256) => {
-            Err(problem(
+            Err(FileProblem::new(
                 ProblemKind::Rejected,
                 format!(
                     "{} has SHA-256 {sha256}, not the one `plugins.sha256.{name}` pins ({})",
@@ -867,27 +896,14 @@ async fn resolve(
                 Ok(p) => Ok(p),
                 Err(e) => {
                     changing = young;
-                    Err(problem(ProblemKind::Rejected, e, Some(sha256)))
+                    Err(FileProblem::new(ProblemKind::Rejected, e, Some(sha256)))
                 }
             },
         },
-        FileState::Missing => Err(problem(
-            ProblemKind::Missing,
-            format!("{} does not exist", file.display()),
-            None,
-        )),
-        FileState::Changing => {
-            changing = true;
-            Err(problem(
-                ProblemKind::Rejected,
-                format!(
-                    "{} changed while it was read (still being written?)",
-                    file.display()
-                ),
-                None,
-            ))
+        other => {
+            changing = matches!(other, FileState::Changing);
+            Err(other.problem(file))
         }
-        FileState::Unreadable(e) => Err(problem(ProblemKind::Rejected, e, None)),
     };
     let label = |u: &Use| use_label(config, name, u);
     // A pinned plugin keeps serving an earlier version only if that is the pinned build. A
@@ -911,7 +927,7 @@ async fn resolve(
                     Ok(caps) => Resolution::Ready {
                         plugin: old,
                         caps,
-                        issue: Some(problem(
+                        issue: Some(FileProblem::new(
                             ProblemKind::Rejected,
                             problems.join("; "),
                             Some(plugin.sha256.clone()),
@@ -965,21 +981,13 @@ async fn load_canary(
     let state = tokio::task::spawn_blocking(move || read_file(&path, settle))
         .await
         .unwrap_or_else(|e| FileState::Unreadable(format!("reading was interrupted: {e}")));
-    let problem = |kind, message: String, sha256: Option<String>| FileProblem {
-        kind,
-        message,
-        sha256,
-        since: SystemTime::now(),
-    };
-    let refused = refused.cloned().or_else(|| {
-        let p = prev?.problem.as_ref()?;
-        (p.kind == ProblemKind::RolledBack).then_some(())?;
-        Some((p.sha256.clone()?, p.message.clone()))
-    });
+    let refused = refused
+        .cloned()
+        .or_else(|| prev?.problem.as_ref()?.rolled_back());
     let candidate = match state {
         FileState::Read { sha256, .. } if refused.as_ref().is_some_and(|(s, _)| *s == sha256) => {
             let why = refused.map(|(_, why)| why).unwrap_or_default();
-            Err(problem(ProblemKind::RolledBack, why, Some(sha256)))
+            Err(FileProblem::new(ProblemKind::RolledBack, why, Some(sha256)))
         }
         FileState::Read { bytes, sha256, .. } => {
             match prev
@@ -989,23 +997,10 @@ async fn load_canary(
                 Some(p) => Ok(p.clone()),
                 None => compile(runtime, compiler, name, &file, bytes, &sha256)
                     .await
-                    .map_err(|e| problem(ProblemKind::Rejected, e, Some(sha256))),
+                    .map_err(|e| FileProblem::new(ProblemKind::Rejected, e, Some(sha256))),
             }
         }
-        FileState::Missing => Err(problem(
-            ProblemKind::Missing,
-            format!("{} does not exist", file.display()),
-            None,
-        )),
-        FileState::Changing => Err(problem(
-            ProblemKind::Rejected,
-            format!(
-                "{} changed while it was read (still being written?)",
-                file.display()
-            ),
-            None,
-        )),
-        FileState::Unreadable(e) => Err(problem(ProblemKind::Rejected, e, None)),
+        other => Err(other.problem(&file)),
     };
     let label = |u: &Use| use_label(config, name, u);
     let (plugin, caps, issue) = match candidate {
@@ -1016,7 +1011,11 @@ async fn load_canary(
                 (
                     None,
                     None,
-                    Some(problem(ProblemKind::Rejected, problems.join("; "), sha)),
+                    Some(FileProblem::new(
+                        ProblemKind::Rejected,
+                        problems.join("; "),
+                        sha,
+                    )),
                 )
             }
         },
