@@ -85,6 +85,26 @@ impl BffProxy {
         Self::start_config(&text, workers, pin)
     }
 
+    /// Starts bff-proxy with `edit` applied to the bench config ([`config_toml`]: in front of
+    /// `upstream`, `worker_threads` workers, an upstream pool of `pool`), its threads named
+    /// `threads` (see [`BffProxy::start_named`]), pinned to `pin` if given. Returns it with
+    /// its admin listener's address.
+    pub fn start_edited(
+        upstream: SocketAddr,
+        worker_threads: usize,
+        pool: usize,
+        pin: Option<&str>,
+        threads: &str,
+        edit: impl FnOnce(String) -> String,
+    ) -> anyhow::Result<(Self, SocketAddr)> {
+        let workers = worker_threads.max(1);
+        let admin_port = crate::free_port().context("finding a port for the admin listener")?;
+        let text = edit(config_toml(upstream, admin_port, workers, pool));
+        let proxy = Self::start_named(&text, workers, pin, threads, threads)
+            .with_context(|| format!("starting bff-proxy ({threads})"))?;
+        Ok((proxy, SocketAddr::from(([127, 0, 0, 1], admin_port))))
+    }
+
     /// Starts bff-proxy with the config `text` (its `server.worker_threads` should be
     /// `worker_threads`), pinned to the CPU list `pin` if given.
     pub fn start_config(

@@ -11,10 +11,12 @@
 //! - [`load`]: `wrk` when installed, else a built-in closed-loop generator,
 //! - [`report`]: tables, verdicts, JSON.
 //!
-//! The other benchmarks: [`plugins`] (what Wasm plugins cost), [`reload`] (hot reload) and
-//! [`security`] (what TLS termination and JWT identification cost).
+//! The other benchmarks: [`plugins`] (what Wasm plugins cost), [`reload`] (hot reload),
+//! [`security`] (what TLS termination and JWT identification cost) and [`cache`] (what the
+//! response cache saves).
 
 pub mod bff;
+pub mod cache;
 pub mod cpu;
 pub mod hyper_min;
 pub mod load;
@@ -252,7 +254,7 @@ fn is_switch(flag: &str) -> bool {
     )
 }
 
-fn parse_secs(s: &str) -> anyhow::Result<Duration> {
+pub(crate) fn parse_secs(s: &str) -> anyhow::Result<Duration> {
     let s = s.trim();
     let d = if let Some(ms) = s.strip_suffix("ms") {
         Duration::from_millis(ms.parse()?)
@@ -262,7 +264,7 @@ fn parse_secs(s: &str) -> anyhow::Result<Duration> {
     Ok(d)
 }
 
-fn parse_count(s: &str) -> anyhow::Result<usize> {
+pub(crate) fn parse_count(s: &str) -> anyhow::Result<usize> {
     let n: usize = s
         .trim()
         .parse()
@@ -545,6 +547,37 @@ pub(crate) fn http_get_ok(addr: SocketAddr, path: &str, timeout: Duration) -> bo
         Ok(head.starts_with(b"HTTP/1.1 2") || head.starts_with(b"HTTP/1.0 2"))
     };
     attempt().unwrap_or(false)
+}
+
+/// `GET path` on a fresh connection: the head and body of a 200 response.
+pub(crate) fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(String, String)> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: bench\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)?;
+    let text = String::from_utf8_lossy(&resp);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+    Ok((head.to_owned(), body.to_owned()))
+}
+
+/// `GET path` on a fresh connection; the value of `header` in a 200 response.
+pub(crate) fn http_get_header(
+    addr: SocketAddr,
+    path: &str,
+    header: &str,
+) -> anyhow::Result<Option<String>> {
+    let (head, _) = http_get(addr, path)?;
+    Ok(head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.trim()
+            .eq_ignore_ascii_case(header)
+            .then(|| v.trim().to_owned())
+    }))
 }
 
 /// A port that was free a moment ago on 127.0.0.1 (for listeners configured by port number).

@@ -8,6 +8,9 @@
 //! The built-in generator can also take a [`ClientShape`] ([`run_shaped`], for the security
 //! bench): TLS on every connection, a header whose value rotates per request (bearer tokens),
 //! or a new connection for every request.
+//!
+//! [`Burst`] is the opposite of a steady load: N connections opened up front, each sending one
+//! request at the same moment (the cache bench's collapsed misses).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -487,6 +490,129 @@ where
         let _ = conn.await;
     });
     Ok((sender, task))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bursts
+
+/// `n` keep-alive HTTP/1.1 connections, opened up front and kept open, on which [`Burst::fire`]
+/// sends one `GET` per connection at the same moment.
+pub struct Burst {
+    rt: tokio::runtime::Runtime,
+    senders: Vec<SendRequest<Empty<Bytes>>>,
+    host: String,
+}
+
+impl std::fmt::Debug for Burst {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Burst")
+            .field("connections", &self.senders.len())
+            .field("host", &self.host)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One request of a burst.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BurstAnswer {
+    /// Response status.
+    pub status: u16,
+    /// From just before the request was written to the last byte of its body.
+    pub latency: Duration,
+    /// Body bytes read.
+    pub body_bytes: usize,
+    /// The value of the header [`Burst::fire`] was asked to keep, if the response had it.
+    pub header: Option<String>,
+}
+
+impl Burst {
+    /// Opens `n` connections to `addr`, from one generator thread pinned to `pin` if given.
+    pub fn open(addr: SocketAddr, n: usize, pin: Option<&str>) -> anyhow::Result<Self> {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder
+            .worker_threads(1)
+            .thread_name(THREAD_PREFIX)
+            .enable_all();
+        crate::pin::runtime(&mut builder, pin);
+        let rt = builder.build().context("building the burst runtime")?;
+        let senders = rt.block_on(async {
+            let mut senders = Vec::with_capacity(n);
+            for _ in 0..n.max(1) {
+                let (sender, _conn) = tokio::time::timeout(REQUEST_TIMEOUT, connect(addr, None))
+                    .await
+                    .with_context(|| format!("connecting to {addr} took over {REQUEST_TIMEOUT:?}"))?
+                    .with_context(|| format!("connecting to {addr}"))?;
+                senders.push(sender);
+            }
+            anyhow::Ok(senders)
+        })?;
+        Ok(Self {
+            rt,
+            senders,
+            host: addr.to_string(),
+        })
+    }
+
+    /// Sends `GET path` on every connection at once (each waits until all are ready, then
+    /// writes its request) and returns every answer, keeping the value of `keep` from each.
+    /// Fails if any request errs or takes over 5 s.
+    pub fn fire(&mut self, path: &str, keep: &HeaderName) -> anyhow::Result<Vec<BurstAnswer>> {
+        let senders = std::mem::take(&mut self.senders);
+        let start = Arc::new(tokio::sync::Barrier::new(senders.len()));
+        let host = self.host.clone();
+        let (senders, answers) = self.rt.block_on(async {
+            let tasks: Vec<_> = senders
+                .into_iter()
+                .map(|mut sender| {
+                    let req = Request::get(path)
+                        .header(header::HOST, host.as_str())
+                        .body(Empty::<Bytes>::new());
+                    let start = start.clone();
+                    let keep = keep.clone();
+                    tokio::spawn(async move {
+                        let exchange = async {
+                            let req = req?;
+                            sender.ready().await?;
+                            start.wait().await;
+                            let sent = Instant::now();
+                            let resp = sender.send_request(req).await?;
+                            let status = resp.status().as_u16();
+                            let header = resp
+                                .headers()
+                                .get(&keep)
+                                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+                            let body = resp.into_body().collect().await?.to_bytes();
+                            anyhow::Ok(BurstAnswer {
+                                status,
+                                latency: sent.elapsed(),
+                                body_bytes: body.len(),
+                                header,
+                            })
+                        };
+                        let answer = tokio::time::timeout(REQUEST_TIMEOUT, exchange)
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err(anyhow::anyhow!("no answer within {REQUEST_TIMEOUT:?}"))
+                            });
+                        (sender, answer)
+                    })
+                })
+                .collect();
+            let mut senders = Vec::with_capacity(tasks.len());
+            let mut answers = Vec::with_capacity(tasks.len());
+            for task in tasks {
+                let (sender, answer) = task.await.context("a burst request task panicked")?;
+                senders.push(sender);
+                answers.push(answer);
+            }
+            anyhow::Ok((senders, answers))
+        })?;
+        self.senders = senders;
+        answers
+            .into_iter()
+            .collect::<anyhow::Result<_>>()
+            .with_context(|| format!("a request of the burst GET {path}"))
+    }
 }
 
 #[cfg(test)]

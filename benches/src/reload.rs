@@ -12,7 +12,7 @@
 //! Distinct versions of one plugin are made by appending a custom section (a valid component
 //! with another SHA-256), so nothing but the file's identity changes.
 
-use std::io::{Read as _, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -217,33 +217,6 @@ fn ship(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     std::fs::rename(&tmp, path).with_context(|| format!("renaming into {}", path.display()))
 }
 
-/// `GET path` on a fresh connection: the head and body of a 200 response.
-fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(String, String)> {
-    let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nhost: bench\r\nconnection: close\r\n\r\n"
-    )?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp)?;
-    let text = String::from_utf8_lossy(&resp);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
-    Ok((head.to_owned(), body.to_owned()))
-}
-
-/// `GET path` on a fresh connection; the value of `header` in a 200 response.
-fn get_header(addr: SocketAddr, path: &str, header: &str) -> anyhow::Result<Option<String>> {
-    let (head, _) = get(addr, path)?;
-    Ok(head.lines().find_map(|l| {
-        let (k, v) = l.split_once(':')?;
-        k.trim()
-            .eq_ignore_ascii_case(header)
-            .then(|| v.trim().to_owned())
-    }))
-}
-
 const VERSION_HEADER: &str = "x-bff-plugin-versions";
 /// How often part 1 asks whether the new version serves.
 const POLL: Duration = Duration::from_millis(2);
@@ -332,7 +305,7 @@ fn swap_and_wait(
     ship(file, bytes)?;
     let settled = Instant::now();
     loop {
-        if get_header(proxy, "/v", VERSION_HEADER)?.as_deref() == Some(want.as_str()) {
+        if crate::http_get_header(proxy, "/v", VERSION_HEADER)?.as_deref() == Some(want.as_str()) {
             return Ok(settled.elapsed());
         }
         anyhow::ensure!(
@@ -352,7 +325,7 @@ fn until_optimized(admin: u16) -> anyhow::Result<Duration> {
     let started = Instant::now();
     let addr = SocketAddr::from(([127, 0, 0, 1], admin));
     loop {
-        let (_, body) = get(addr, "/admin/plugins")?;
+        let (_, body) = crate::http_get(addr, "/admin/plugins")?;
         if !body.contains(r#""tier":"baseline""#) {
             anyhow::ensure!(body.contains(r#""tier":"optimized""#), "no tier in {body}");
             return Ok(started.elapsed());
@@ -505,7 +478,7 @@ pub fn run(opts: &ReloadOptions, log: &mut dyn Write) -> anyhow::Result<ReloadRe
         let ready = started.elapsed();
         let last = format!("/r{}", n - 1);
         anyhow::ensure!(
-            get_header(proxy.addr(), &last, VERSION_HEADER)?.is_some(),
+            crate::http_get_header(proxy.addr(), &last, VERSION_HEADER)?.is_some(),
             "the last plugin serves"
         );
         // The compile cache holds optimized code only: a cold start fills it in the background.

@@ -32,7 +32,7 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 
-use crate::bff::{self, BffProxy};
+use crate::bff::BffProxy;
 use crate::cpu;
 use crate::load::{self, ClientShape, LoadSpec, Measurement, RotatingHeader, TlsClient};
 use crate::pin;
@@ -511,15 +511,12 @@ fn start_proxy(
     threads: &'static [&'static str],
     config: impl FnOnce(String) -> String,
 ) -> anyhow::Result<Target> {
-    let admin_port = crate::free_port().context("finding a port for the admin listener")?;
     let pool = opts.connections.max(64);
-    let text = config(bff::config_toml(upstream, admin_port, opts.workers, pool));
-    let name = threads[0];
-    let proxy = BffProxy::start_named(&text, opts.workers, pin, name, name)
-        .with_context(|| format!("starting bff-proxy ({name})"))?;
+    let (proxy, admin) =
+        BffProxy::start_edited(upstream, opts.workers, pool, pin, threads[0], config)?;
     Ok(Target {
         proxy,
-        admin: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+        admin,
         threads,
     })
 }
@@ -992,7 +989,7 @@ mod tests {
         let jwks = dir.path().join("jwks.json");
         std::fs::write(&jwks, json!({ "keys": [key.jwk] }).to_string()).expect("write JWKS");
         let up: SocketAddr = "127.0.0.1:9".parse().expect("addr");
-        let base = bff::config_toml(up, 9, 1, 64);
+        let base = crate::bff::config_toml(up, 9, 1, 64);
         let tls = tls_config(
             &base,
             &dir.path().join("server.crt"),

@@ -1,17 +1,20 @@
 //! The upstream every target ends at: an in-process hyper HTTP/1.1 server on loopback that
-//! answers every request with the same pre-built JSON body.
+//! answers every request with the same pre-built JSON body, optionally after a fixed delay and
+//! with extra response headers ([`Answer`]), and counts the requests it receives.
 //!
 //! It runs on its own Tokio runtime on its own OS thread, so it competes for the CPU exactly the
 //! same way in the direct, bff-proxy and nginx runs.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use http::{HeaderValue, Response, header};
+use http::{HeaderName, HeaderValue, Response, header};
 use http_body_util::Full;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -56,11 +59,23 @@ pub fn json_body(target_bytes: usize) -> Bytes {
 /// Name prefix of the upstream's threads (for CPU accounting).
 pub const THREAD_PREFIX: &str = "bench-upstream";
 
+/// How the upstream answers, beyond its body (the default: at once, `content-type` only).
+#[derive(Debug, Clone, Default)]
+pub struct Answer {
+    /// Wait this long before answering (a slow service; the wait is a timer, so concurrent
+    /// requests wait together).
+    pub delay: Duration,
+    /// Response headers added to `content-type: application/json`, e.g.
+    /// `cache-control: max-age=600`.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
+}
+
 /// A running upstream. Dropping it stops the server and joins its thread.
 #[derive(Debug)]
 pub struct Upstream {
     addr: SocketAddr,
     body_len: usize,
+    requests: Arc<AtomicU64>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -80,6 +95,20 @@ impl Upstream {
         worker_threads: usize,
         pin: Option<&str>,
     ) -> anyhow::Result<Self> {
+        let answer = Answer {
+            delay,
+            ..Answer::default()
+        };
+        Self::start_answering(body, answer, worker_threads, pin)
+    }
+
+    /// Like [`Upstream::start`], answering as `answer` says (delay, extra headers).
+    pub fn start_answering(
+        body: Bytes,
+        answer: Answer,
+        worker_threads: usize,
+        pin: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let mut builder = tokio::runtime::Builder::new_multi_thread();
         builder
             .worker_threads(worker_threads.max(1))
@@ -93,6 +122,8 @@ impl Upstream {
         std_listener.set_nonblocking(true)?;
         let addr = std_listener.local_addr()?;
         let body_len = body.len();
+        let requests = Arc::new(AtomicU64::new(0));
+        let counter = requests.clone();
         let (stop, stopped) = oneshot::channel();
         let thread = std::thread::Builder::new()
             .name("bench-upstream-main".into())
@@ -106,7 +137,7 @@ impl Upstream {
                             return;
                         }
                     };
-                    serve(listener, body, delay, stopped).await;
+                    serve(listener, body, answer, counter, stopped).await;
                 });
                 // Kills the keep-alive connections still open (the proxies' pools).
                 rt.shutdown_timeout(Duration::from_secs(1));
@@ -115,6 +146,7 @@ impl Upstream {
         Ok(Self {
             addr,
             body_len,
+            requests,
             stop: Some(stop),
             thread: Some(thread),
         })
@@ -128,6 +160,11 @@ impl Upstream {
     /// Length of the body it answers with, in bytes.
     pub fn body_len(&self) -> usize {
         self.body_len
+    }
+
+    /// Requests received so far (counted as each arrives, before any delay).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
     }
 }
 
@@ -145,10 +182,19 @@ impl Drop for Upstream {
 async fn serve(
     listener: tokio::net::TcpListener,
     body: Bytes,
-    delay: Duration,
+    answer: Answer,
+    requests: Arc<AtomicU64>,
     mut stopped: oneshot::Receiver<()>,
 ) {
-    let content_type = HeaderValue::from_static("application/json");
+    let mut headers = http::HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    for (name, value) in answer.headers {
+        headers.append(name, value);
+    }
+    let delay = answer.delay;
     loop {
         let (stream, _) = tokio::select! {
             _ = &mut stopped => return,
@@ -163,12 +209,13 @@ async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let body = body.clone();
-        let content_type = content_type.clone();
+        let headers = headers.clone();
+        let requests = requests.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |_req| {
+                requests.fetch_add(1, Ordering::Relaxed);
                 let mut resp = Response::new(Full::new(body.clone()));
-                resp.headers_mut()
-                    .insert(header::CONTENT_TYPE, content_type.clone());
+                *resp.headers_mut() = headers.clone();
                 async move {
                     if !delay.is_zero() {
                         tokio::time::sleep(delay).await;
