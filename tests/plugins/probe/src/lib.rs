@@ -216,9 +216,10 @@ impl exports::bff::plugin::hooks::Guest for Probe {
             }
             // A regression to roll back: the build with the configured version fails every
             // request; other builds behave like `version`.
-            "fail-on-version" if cfg["version"].as_str() == Some(version().as_str()) => Err(
-                err(ErrorKind::Internal, &format!("version {} fails", version())),
-            ),
+            "fail-on-version" if cfg["version"].as_str() == Some(version().as_str()) => Err(err(
+                ErrorKind::Internal,
+                &format!("version {} fails", version()),
+            )),
             "version" | "reject-on-version" | "fail-on-version" => {
                 // Both phases report the version that ran them: a request served half by one
                 // version and half by another would show two different values.
