@@ -1159,40 +1159,20 @@ async fn the_admin_api_rolls_back_on_request() {
     assert_eq!(rollback("probe").await.status, 409, "only one step back");
 }
 
-/// A route `/v` for clients `web` and `beta` (`x-client: beta`) running `probe` in
-/// `fail-on-version` mode (the build tagged `bad` fails), with `canary` as
-/// `[plugins.canary.probe]` and `rollback` as `[plugins.rollback]`.
+/// [`failing_version_route`] with a second client `beta` (`x-client: beta`) and `canary` as
+/// `[plugins.canary.probe]` (file `probe-next.wasm`).
 fn canary_route(upstream: &str, bad: char, canary: &str, rollback: &str) -> String {
+    let route = failing_version_route(upstream, bad, rollback);
     format!(
-        r#"
-[identity]
-default_client = "web"
-
-[services.up]
-urls = ["{upstream}"]
-
+        r#"{route}
 [[clients]]
 name = "beta"
 identify = [{{ header = "x-client", equals = "beta" }}]
 
-[[clients]]
-name = "web"
-identify = [{{ header = "x-client", equals = "web" }}]
-
-[[routes]]
-id = "v"
-path = "/v"
-service = "up"
-chain = [{{ plugin = "probe", config = {{ mode = "fail-on-version", version = "{bad}" }} }}]
-
 [plugins.canary.probe]
 file = "probe-next.wasm"
 {canary}
-
-[plugins.rollback]
-{rollback}
-"#,
-        bad = version_string(bad)
+"#
     )
 }
 
