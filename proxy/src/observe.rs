@@ -88,18 +88,22 @@ impl RequestStats {
 
     /// Marks an upstream call started; the returned guard marks it answered (or failed).
     pub(crate) fn upstream_call(self: &Arc<Self>) -> UpstreamCall {
-        self.upstream_wait(1)
+        self.waiting(true)
     }
 
     /// Marks a wait for an upstream answer (counted as upstream time) that is not a call of
     /// its own: a cache miss waiting for another request's fetch of the same resource.
-    pub(crate) fn upstream_wait(self: &Arc<Self>, calls: u32) -> UpstreamCall {
+    pub(crate) fn upstream_wait(self: &Arc<Self>) -> UpstreamCall {
+        self.waiting(false)
+    }
+
+    fn waiting(self: &Arc<Self>, call: bool) -> UpstreamCall {
         let mut c = lock(&self.upstream);
         if c.outstanding == 0 {
             c.since = Some(Instant::now());
         }
         c.outstanding += 1;
-        c.calls += calls;
+        c.calls += u32::from(call);
         UpstreamCall(self.clone())
     }
 

@@ -622,7 +622,7 @@ impl Service {
                 return Ok(stored(cache.serve(
                     &entry,
                     req.headers(),
-                    CacheOutcome::Hit,
+                    cache::Served::Hit,
                     started,
                 )));
             }
@@ -639,7 +639,7 @@ impl Service {
             Err(mut done) => {
                 // Another request is fetching it: wait for that (within this call's deadline),
                 // then use what it stored, or fetch independently.
-                let waiting = by.stats.upstream_wait(0);
+                let waiting = by.stats.upstream_wait();
                 let _ = tokio::time::timeout(deadline.min(self.timeout), done.changed()).await;
                 drop(waiting);
                 let now = Instant::now();
@@ -647,7 +647,7 @@ impl Service {
                     return Ok(stored(cache.serve(
                         &entry,
                         req.headers(),
-                        CacheOutcome::Collapsed,
+                        cache::Served::Collapsed,
                         now,
                     )));
                 }
@@ -670,7 +670,7 @@ impl Service {
             stale
                 .as_ref()
                 .filter(|e| failed && e.servable_on_error(now))
-                .map(|e| stored(cache.serve(e, facts.headers(), CacheOutcome::Stale, now)))
+                .map(|e| stored(cache.serve(e, facts.headers(), cache::Served::Stale, now)))
         };
         let resp = match result {
             Ok(resp) => resp,
@@ -687,7 +687,7 @@ impl Service {
             return Ok(stored(cache.serve(
                 &entry,
                 facts.headers(),
-                CacheOutcome::Revalidated,
+                cache::Served::Revalidated,
                 now,
             )));
         }

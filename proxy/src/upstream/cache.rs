@@ -157,6 +157,15 @@ pub(crate) enum Outcome {
     Bypass = 5,
 }
 
+/// Why a stored copy answers a call (the [`Outcome`]s [`Cache::serve`] records).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Served {
+    Hit,
+    Collapsed,
+    Revalidated,
+    Stale,
+}
+
 /// Every [`Outcome`] label, in discriminant order.
 pub(crate) const OUTCOMES: [&str; 6] =
     ["hit", "collapsed", "revalidated", "stale", "miss", "bypass"];
@@ -622,27 +631,32 @@ impl Cache {
         &self,
         entry: &Entry,
         request: &HeaderMap,
-        outcome: Outcome,
+        served: Served,
         now: Instant,
     ) -> Response<Bytes> {
-        self.series.count(outcome);
         let age = entry.age(now);
         let mut headers = entry.headers.clone();
         headers.insert(header::AGE, HeaderValue::from(age.as_secs()));
-        let status_text = match outcome {
-            Outcome::Hit => format!(
-                "{CACHE_NAME}; hit; ttl={}",
-                entry.fresh_for.saturating_sub(age).as_secs()
-            ),
-            Outcome::Collapsed => format!("{CACHE_NAME}; fwd=uri-miss; collapsed"),
-            Outcome::Revalidated => format!("{CACHE_NAME}; fwd=stale; fwd-status=304"),
-            Outcome::Stale => format!("{CACHE_NAME}; fwd=stale; detail=stale-if-error"),
-            Outcome::Miss | Outcome::Bypass => unreachable!("served from the wire"),
+        let status = match served {
+            Served::Hit => {
+                self.series.count(Outcome::Hit);
+                let ttl = entry.fresh_for.saturating_sub(age).as_secs();
+                HeaderValue::try_from(format!("{CACHE_NAME}; hit; ttl={ttl}")).expect("ASCII")
+            }
+            Served::Collapsed => {
+                self.series.count(Outcome::Collapsed);
+                HeaderValue::from_static("bff-proxy; fwd=uri-miss; collapsed")
+            }
+            Served::Revalidated => {
+                self.series.count(Outcome::Revalidated);
+                HeaderValue::from_static("bff-proxy; fwd=stale; fwd-status=304")
+            }
+            Served::Stale => {
+                self.series.count(Outcome::Stale);
+                HeaderValue::from_static("bff-proxy; fwd=stale; detail=stale-if-error")
+            }
         };
-        headers.append(
-            CACHE_STATUS.clone(),
-            HeaderValue::try_from(status_text).expect("ASCII"),
-        );
+        headers.append(CACHE_STATUS.clone(), status);
         let mut response = Response::new(entry.body.clone());
         if entry.status == StatusCode::OK && not_modified_for(request, &entry.headers) {
             *response.status_mut() = StatusCode::NOT_MODIFIED;
