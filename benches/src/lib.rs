@@ -254,12 +254,17 @@ fn is_switch(flag: &str) -> bool {
     )
 }
 
+/// `SECS` (fractions allowed, an optional `s`) or `MSms`.
 pub(crate) fn parse_secs(s: &str) -> anyhow::Result<Duration> {
     let s = s.trim();
     let d = if let Some(ms) = s.strip_suffix("ms") {
-        Duration::from_millis(ms.parse()?)
+        Duration::from_millis(ms.parse().with_context(|| format!("`{s}`"))?)
     } else {
-        Duration::from_secs_f64(s.trim_end_matches('s').parse()?)
+        Duration::from_secs_f64(
+            s.trim_end_matches('s')
+                .parse()
+                .with_context(|| format!("`{s}` is not a number of seconds"))?,
+        )
     };
     Ok(d)
 }

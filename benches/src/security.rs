@@ -155,7 +155,7 @@ impl SecurityOptions {
             o.quick();
         }
         if let Some(d) = env("BENCH_DURATION") {
-            o.duration = parse_secs(&d).context("BENCH_DURATION")?;
+            o.duration = crate::parse_secs(&d).context("BENCH_DURATION")?;
         }
         if let Some(r) = env("BENCH_ROUNDS") {
             o.rounds = r.parse().context("BENCH_ROUNDS")?;
@@ -168,8 +168,8 @@ impl SecurityOptions {
                 "--help" | "-h" => return Ok(None),
                 "--bench" => {}
                 "--quick" => o.quick(),
-                "--duration" => o.duration = parse_secs(&value("--duration")?)?,
-                "--warmup" => o.warmup = parse_secs(&value("--warmup")?)?,
+                "--duration" => o.duration = crate::parse_secs(&value("--duration")?)?,
+                "--warmup" => o.warmup = crate::parse_secs(&value("--warmup")?)?,
                 "--rounds" => o.rounds = value("--rounds")?.parse().context("--rounds")?,
                 "--connections" => {
                     o.connections = value("--connections")?.parse().context("--connections")?;
@@ -202,20 +202,6 @@ impl SecurityOptions {
         self.connections = 4;
         self.uncached_tokens = QUICK_UNCACHED_TOKENS;
     }
-}
-
-fn parse_secs(s: &str) -> anyhow::Result<Duration> {
-    let s = s.trim();
-    let d = if let Some(ms) = s.strip_suffix("ms") {
-        Duration::from_millis(ms.parse().with_context(|| format!("`{s}`"))?)
-    } else {
-        Duration::from_secs_f64(
-            s.trim_end_matches('s')
-                .parse()
-                .with_context(|| format!("`{s}` is not a number of seconds"))?,
-        )
-    };
-    Ok(d)
 }
 
 // === Tokens ===
