@@ -787,10 +787,14 @@ async fn load_all(
                 }),
             }
         };
+        let serving = |j: usize| {
+            let (_, plugin, caps) = &ready[&(i, j)];
+            (plugin.clone(), *caps)
+        };
         let stable: Vec<Step> = (0..r.chain.len())
             .map(|j| {
-                let (_, plugin, caps) = &ready[&(i, j)];
-                step(j, plugin.clone(), *caps)
+                let (plugin, caps) = serving(j);
+                step(j, plugin, caps)
             })
             .collect();
         // The chain as the canary cohort runs it: the candidate where the plugin has one.
@@ -798,12 +802,11 @@ async fn load_all(
             .find(|j| canary_ready.contains_key(&(i, *j)))
             .map(|with| {
                 let steps = (0..r.chain.len())
-                    .map(|j| match canary_ready.get(&(i, j)) {
-                        Some((plugin, caps)) => step(j, plugin.clone(), *caps),
-                        None => {
-                            let (_, plugin, caps) = &ready[&(i, j)];
-                            step(j, plugin.clone(), *caps)
-                        }
+                    .map(|j| {
+                        let (plugin, caps) = canary_ready
+                            .get(&(i, j))
+                            .map_or_else(|| serving(j), |(p, c)| (p.clone(), *c));
+                        step(j, plugin, caps)
                     })
                     .collect();
                 (steps, r.chain[with].plugin.as_str())
